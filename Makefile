@@ -1,0 +1,36 @@
+# Two commands on a fresh Debian machine with Python 3.11:
+#   make demo   - set up .venv and run the whole pipeline on a built-in sample
+#   make test   - set up .venv with the test tools and run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch first and pinned: a plain "torch" requirement may pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test check-system clean
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/genselfdiff demo --out out/demo
+
+test: $(VENV)/.installed-dev check-system
+	$(PY) -m pytest
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.created pyproject.toml
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.created pyproject.toml
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+check-system:
+	@sh .ci/check-system
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,41 @@
+"""genselfdiff: the headless engine of napari-genselfdiff.
+
+GenSelfDiff-HIS (Purma et al., IEEE TMI 2024): pretrain a diffusion U-Net on unannotated
+histopathology tiles, fine-tune it for segmentation from a few annotations, and segment
+whole slides lazily, tile by tile. The public API::
+
+    from genselfdiff import pretrain, finetune, segment, load_model, open_slide, evaluate
+
+Long-running functions take ``progress`` (called with :class:`~genselfdiff.progress.Progress`)
+and ``should_stop`` (returns True to stop cleanly) callbacks. Nothing here imports Qt or napari.
+"""
+
+from importlib import import_module
+
+from ._version import __version__
+from .errors import Cancelled, UserError
+from .progress import Progress
+
+# Heavy modules (torch, dask) load on first use, so ``import genselfdiff`` stays cheap.
+_LAZY = {
+    "load_model": ".model",
+    "Model": ".model",
+    "open_slide": ".slides",
+    "Slide": ".slides",
+    "PretrainConfig": ".config",
+    "pretrain": ".pretrain",
+    "sample_images": ".pretrain",
+    "FinetuneConfig": ".finetune",
+    "finetune": ".finetune",
+    "segment": ".segment",
+    "segment_tiles": ".segment",
+    "evaluate": ".evaluate",
+}
+
+__all__ = ["__version__", "UserError", "Cancelled", "Progress", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'genselfdiff' has no attribute {name!r}")

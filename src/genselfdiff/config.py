@@ -1,0 +1,126 @@
+"""Network and training configurations, and the named presets.
+
+``paper`` is GenSelfDiff-HIS as published (width 64, multipliers 1-2-4-8, 256-px
+patches, batch 8, Adam 1e-4). ``small`` and ``tiny`` shrink the same architecture for
+laptops and CPUs; every field can still be overridden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Shape of the diffusion U-Net (see :mod:`genselfdiff.unet`)."""
+
+    width: int = 64
+    mults: tuple = (1, 2, 4, 8)
+    in_channels: int = 3
+    out_channels: int = 3
+    groups: int = 8
+    heads: int = 4
+    head_dim: int = 32
+
+    @property
+    def downsampling(self) -> int:
+        """Input sides must be a multiple of this."""
+        return 2 ** (len(self.mults) - 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mults"] = list(self.mults)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "mults" in d:
+            d["mults"] = tuple(d["mults"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Preset:
+    net: NetConfig
+    patch: int
+    batch: int
+
+
+PRESETS = {
+    "paper": Preset(NetConfig(width=64, mults=(1, 2, 4, 8)), patch=256, batch=8),
+    "small": Preset(NetConfig(width=32, mults=(1, 2, 4, 8), heads=4, head_dim=16), patch=128, batch=8),
+    "tiny": Preset(NetConfig(width=16, mults=(1, 2, 4), heads=2, head_dim=16), patch=64, batch=8),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.") from None
+
+
+@dataclass
+class Resolution:
+    """Where patches are taken: a pyramid level, or a target µm/px when the file knows its scale."""
+
+    level: int = 0
+    mpp: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a pretraining run; stored in its checkpoints."""
+
+    preset: str = "paper"
+    net: NetConfig = field(default_factory=NetConfig)
+    patch: int = 256
+    batch: int = 8
+    lr: float = 1e-4
+    steps: Optional[int] = None
+    minutes: Optional[float] = None
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0
+    # Not in the paper; what a careful practitioner adds. 0 switches each off.
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    val_fraction: float = 0.1
+    val_every: int = 200
+    val_batches: int = 4
+    resolution: Resolution = field(default_factory=Resolution)
+    seed: int = 0
+    workers: int = 0
+    compile: bool = False
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "PretrainConfig":
+        p = get_preset(name)
+        cfg = cls(preset=name, net=p.net, patch=p.patch, batch=p.batch)
+        return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["net"] = self.net.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        d = dict(d)
+        d["net"] = NetConfig.from_dict(d.get("net", {}))
+        d["resolution"] = Resolution(**d.get("resolution", {}))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

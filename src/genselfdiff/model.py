@@ -1,0 +1,143 @@
+"""Loading a trained model for use, and the preprocessing that goes with it.
+
+Both training phases see pixels scaled to [-1, 1] (the official code used [-1, 1] for
+pretraining but [0, 1] for fine-tuning; one normalisation keeps the pretrained filters
+meaningful). :class:`Model` carries that scaling, the class names and colours and the
+resolution the model was trained at, so every caller segments the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import NetConfig, Resolution
+from .errors import UserError
+from .unet import SegmentationNet, UNet, to_segmentation
+
+DEFAULT_COLORS = [
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
+    (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60),
+]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' prefers CUDA, then Apple MPS, then the CPU; a named device must exist."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("CUDA was requested but no CUDA GPU is available; use --device cpu or auto.")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("MPS was requested but is not available on this machine; use --device cpu or auto.")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"Unknown device {name!r}; use auto, cpu, cuda or mps.") from None
+
+
+def available_devices() -> list:
+    out = ["auto"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        out.append("mps")
+    return out + ["cpu"]
+
+
+def default_colors(n: int) -> list:
+    return [list(DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i in range(n)]
+
+
+def to_input(rgb: np.ndarray, device) -> torch.Tensor:
+    """uint8 (N, H, W, 3) or (H, W, 3) -> float (N, 3, H, W) in [-1, 1] on ``device``."""
+    t = torch.from_numpy(np.ascontiguousarray(rgb))
+    if t.dim() == 3:
+        t = t[None]
+    t = t.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    return t / 127.5 - 1.0
+
+
+def build_unet(net: NetConfig, state_dict: Optional[dict] = None) -> UNet:
+    unet = UNet(net)
+    if state_dict is not None:
+        unet.load_state_dict(state_dict)
+    return unet
+
+
+@dataclass
+class Model:
+    """A network ready to run, with what is needed to use it correctly."""
+
+    net: torch.nn.Module  # SegmentationNet (kind 'segmentation') or UNet (kind 'pretrained')
+    kind: str
+    net_config: NetConfig
+    device: torch.device
+    classes: list = field(default_factory=list)  # names, index 0 = background
+    colors: list = field(default_factory=list)  # RGB per class
+    resolution: Resolution = field(default_factory=Resolution)
+    patch: int = 256
+    path: Optional[Path] = None
+    meta: dict = field(default_factory=dict)  # the checkpoint without weights or optimizer
+
+    @property
+    def multiple(self) -> int:
+        """Input sides must be a multiple of this."""
+        return self.net_config.downsampling
+
+    def require_segmentation(self) -> SegmentationNet:
+        if self.kind != "segmentation":
+            raise UserError(f"{self.path or 'This model'} is a pretrained diffusion model, not a segmentation "
+                            "model; fine-tune it first (genselfdiff finetune --model ...).")
+        return self.net
+
+    @torch.no_grad()
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, C, H, W) float32 for uint8 (N, H, W, 3); sides a multiple of ``multiple``."""
+        net = self.require_segmentation()
+        x = to_input(rgb, self.device)
+        with autocast(self.device):
+            logits = net(x)
+        return logits.float().softmax(1).cpu().numpy()
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def load_model(path, device="auto", use_ema: bool = True) -> Model:
+    """Load a genselfdiff checkpoint for inference (never executes code from the file)."""
+    ckpt = load_checkpoint(path)
+    dev = pick_device(device) if not isinstance(device, torch.device) else device
+    net_cfg = NetConfig.from_dict(ckpt["net"])
+    weights = ckpt.get("ema_state_dict") if use_ema and ckpt.get("ema_state_dict") else ckpt["state_dict"]
+    kind = ckpt.get("kind", "pretrained")
+    try:
+        if kind == "segmentation":
+            classes = list(ckpt.get("classes") or [])
+            net = to_segmentation(UNet(NetConfig.from_dict({**net_cfg.to_dict(), "out_channels": 3})), len(classes))
+            net.load_state_dict(weights)
+            net_cfg = net.unet.cfg
+        else:
+            net = build_unet(net_cfg, weights)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise UserError(f"{path} has weights that do not match its own network description ({e.__class__.__name__}).") from None
+    net.to(dev).eval()
+    classes = list(ckpt.get("classes") or [])
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "ema_state_dict", "optimizer", "rng")}
+    return Model(
+        net=net, kind=kind, net_config=net_cfg, device=dev, classes=classes,
+        colors=list(ckpt.get("colors") or default_colors(len(classes))),
+        resolution=Resolution(**ckpt.get("resolution", {})), patch=int(ckpt.get("config", {}).get("patch", 256)),
+        path=Path(path), meta=meta,
+    )

@@ -1,0 +1,45 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MONUSEG = ROOT.parent / "shared" / "data" / "monuseg" / "train"
+
+# Keep torch from fighting pytest for the 2 cores of a CI machine.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def synthetic_pair():
+    """A small H&E-like image with its nucleus mask (no download)."""
+    from genselfdiff.synthetic import synthetic_tissue
+
+    return synthetic_tissue((256, 256), seed=3, glass=0.15)
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide(tmp_path_factory, synthetic_pair):
+    """A pyramidal OME-TIFF of synthetic tissue, 1024 px wide, with its ground truth."""
+    from genselfdiff.synthetic import synthetic_tissue, write_pyramidal_tiff
+
+    rgb, labels = synthetic_tissue((1024, 1024), seed=7)
+    path = tmp_path_factory.mktemp("slides") / "synthetic.ome.tif"
+    write_pyramidal_tiff(path, rgb, mpp=0.5)
+    return path, rgb, labels
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
