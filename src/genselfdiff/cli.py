@@ -1,7 +1,7 @@
 """The ``genselfdiff`` command line: a thin layer over the engine.
 
-Each subcommand lives in :mod:`genselfdiff.commands` as a module with ``register(subparsers)``
-and ``run(args) -> int``. Exit status: 0 success, 1 some inputs of a batch failed,
+Each subcommand is a module in :mod:`genselfdiff.commands` with ``register(subparsers)``
+(which sets ``run`` as the parser's default) and an ``ORDER`` number for ``--help``. Exit status: 0 success, 1 some inputs of a batch failed,
 2 a usage or input error (one sentence on stderr, no traceback).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import signal
 import sys
 import time
@@ -16,8 +17,6 @@ import time
 from ._version import __version__
 from .errors import UserError
 from .progress import Progress
-
-COMMANDS = ["pretrain", "sample", "finetune", "segment", "evaluate", "export_geojson", "import_geojson", "demo"]
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
@@ -30,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        module = importlib.import_module(f".commands.{name}", __package__)
+    from . import commands
+
+    modules = [importlib.import_module(f"{commands.__name__}.{m.name}") for m in pkgutil.iter_modules(commands.__path__)]
+    for module in sorted(modules, key=lambda m: getattr(m, "ORDER", 100)):
         module.register(sub)
     return parser
 
