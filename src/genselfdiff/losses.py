@@ -1,0 +1,106 @@
+"""Segmentation losses: the paper's structural-similarity + focal loss, cross-entropy and Dice.
+
+Every loss takes raw ``logits`` (N, C, H, W) and integer class ``target`` (N, H, W), where
+``IGNORE`` (-1) marks unannotated pixels (sparse scribbles, padding, validation tiles).
+Ignored pixels contribute nothing, and receive exactly zero gradient: their prediction
+enters no sum, mean or standard deviation. Probabilities come from ``softmax`` and
+``log_softmax`` of the logits in float32, which is the official code's softmax output
+and ``log p`` without its risk of ``log 0``.
+
+Structural-similarity loss (Zhao et al. 2019, "Correlation maximized structural
+similarity loss"), as in the GenSelfDiff-HIS code, per image n and channel c:
+
+    e = |(y - mu_y + C) / (sigma_y + C) - (p - mu_p + C) / (sigma_p + C)|
+    f = [e > beta * max e]            (the hardest structural errors)
+    SS = sum(e * f * CE) / sum(f)
+
+with unbiased standard deviations as ``torch.std``. The official code multiplies by one
+scalar, the batch-mean cross-entropy; we use each pixel's own cross-entropy, as Zhao et
+al. define it: then ``e * f`` really weights the pixels whose local structure is wrong,
+instead of rescaling one global number (with a scalar CE the CE term's gradient is the
+same for every pixel, whatever e says). With an ignore mask the means and deviations
+are taken over the annotated pixels of each image only, so scribbles are compared with
+the prediction where they exist and nowhere else.
+
+Focal loss as in the official ``FLoss``: ``-sum_c (1 - p_c)^gamma y_c log p_c``
+averaged over (annotated) pixels; the sum over classes picks the true class's term.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -1
+LOSSES = ("paper", "ce", "dice")
+
+
+def _prepare(logits: torch.Tensor, target: torch.Tensor):
+    """float32 probabilities, log-probabilities, one-hot labels (0 where ignored) and the
+    annotated-pixel mask (N, 1, H, W) as float."""
+    if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
+    logits = logits.float()
+    valid = target >= 0
+    y = F.one_hot(target.clamp_min(0).long(), logits.shape[1]).permute(0, 3, 1, 2).float()
+    m = valid[:, None].float()
+    return logits.softmax(1), logits.log_softmax(1), y * m, m
+
+
+def pixel_ce(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per pixel, (N, 1, H, W); zero where ``y`` is all zero (ignored)."""
+    return -(y * logp).sum(1, keepdim=True)
+
+
+def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over annotated pixels."""
+    _, logp, y, m = _prepare(logits, target)
+    return pixel_ce(logp, y).sum() / m.sum().clamp_min(1.0)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """-mean over annotated pixels of sum_c (1 - p_c)^gamma y_c log p_c (official ``FLoss``)."""
+    p, logp, y, m = _prepare(logits, target)
+    return -((1 - p).pow(gamma) * y * logp).sum() / m.sum().clamp_min(1.0)
+
+
+def _masked_stats(x: torch.Tensor, m: torch.Tensor):
+    """Mean and unbiased std over the masked pixels of each image and channel (N, C, 1, 1)."""
+    n = m.sum((2, 3), keepdim=True)
+    mean = (x * m).sum((2, 3), keepdim=True) / n.clamp_min(1.0)
+    var = ((x - mean) ** 2 * m).sum((2, 3), keepdim=True) / (n - 1).clamp_min(1.0)
+    # sqrt has an infinite derivative at 0; a floor far below C keeps gradients finite.
+    return mean, var.clamp_min(1e-12).sqrt()
+
+
+def ss_loss(logits: torch.Tensor, target: torch.Tensor, beta: float = 0.1, c: float = 0.01) -> torch.Tensor:
+    """Structural-similarity loss (Zhao et al.), per-pixel cross-entropy; see the module doc."""
+    p, logp, y, m = _prepare(logits, target)
+    mu_y, sd_y = _masked_stats(y, m)
+    mu_p, sd_p = _masked_stats(p, m)
+    e = ((y - mu_y + c) / (sd_y + c) - (p - mu_p + c) / (sd_p + c)).abs() * m
+    e_max = e.flatten(2).amax(2)[..., None, None]
+    f = ((e > beta * e_max) & (m > 0)).float()
+    return (e * f * pixel_ce(logp, y)).sum() / f.sum().clamp_min(1.0)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice averaged over classes, each class pooled over the batch's annotated pixels."""
+    p, _, y, m = _prepare(logits, target)
+    inter = (p * y).sum((0, 2, 3))
+    total = (p * m).sum((0, 2, 3)) + y.sum((0, 2, 3))
+    return 1 - ((2 * inter + smooth) / (total + smooth)).mean()
+
+
+def make_loss(name: str = "paper", *, ss_weight: float = 1.0, focal_weight: float = 1.0,
+              beta: float = 0.1, c: float = 0.01, gamma: float = 2.0) -> Callable:
+    """``loss(logits, target) -> scalar``: "paper" (SS + focal, 1:1 by default), "ce" or "dice"."""
+    if name == "paper":
+        return lambda lo, t: ss_weight * ss_loss(lo, t, beta, c) + focal_weight * focal_loss(lo, t, gamma)
+    if name == "ce":
+        return ce_loss
+    if name == "dice":
+        return dice_loss
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")

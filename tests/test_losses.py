@@ -1,0 +1,106 @@
+"""The segmentation losses against hand-computed values, and the ignore mask."""
+
+import math
+
+import pytest
+import torch
+
+from genselfdiff.losses import IGNORE, ce_loss, dice_loss, focal_loss, make_loss, ss_loss
+
+# One image, two classes, 2 x 2 pixels. P1 is the probability of class 1 per pixel.
+P1 = [[0.9, 0.2], [0.6, 0.5]]
+TARGET = [[1, 0], [1, 0]]
+
+
+def _logits(p1):
+    p = torch.tensor(p1, dtype=torch.float64)
+    return torch.stack([torch.log(1 - p), torch.log(p)])[None]  # softmax gives back (1 - p, p)
+
+
+def _target(t):
+    return torch.tensor(t)[None]
+
+
+def _std(xs):
+    mu = sum(xs) / len(xs)
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _hand_ss(p1, target, beta=0.1, c=0.01):
+    """The official formula with per-pixel cross-entropy, in plain Python."""
+    pix = [(i, j) for i in range(len(p1)) for j in range(len(p1[0]))]
+    probs = {k: [1 - p1[i][j] if k == 0 else p1[i][j] for i, j in pix] for k in (0, 1)}
+    ys = {k: [1.0 if target[i][j] == k else 0.0 for i, j in pix] for k in (0, 1)}
+    ce = [-math.log(probs[target[i][j]][n]) for n, (i, j) in enumerate(pix)]
+    num = den = 0.0
+    for k in (0, 1):
+        y, p = ys[k], probs[k]
+        my, sy, mp, sp = sum(y) / len(y), _std(y), sum(p) / len(p), _std(p)
+        e = [abs((a - my + c) / (sy + c) - (b - mp + c) / (sp + c)) for a, b in zip(y, p)]
+        f = [1.0 if v > beta * max(e) else 0.0 for v in e]
+        num += sum(v * g * h for v, g, h in zip(e, f, ce))
+        den += sum(f)
+    return num / den
+
+
+def test_cross_entropy_and_focal_match_hand_values():
+    q = [0.9, 0.8, 0.6, 0.5]  # probability of the true class at each pixel
+    assert ce_loss(_logits(P1), _target(TARGET)).item() == pytest.approx(sum(-math.log(v) for v in q) / 4)
+    focal = sum(-(1 - v) ** 2 * math.log(v) for v in q) / 4
+    assert focal_loss(_logits(P1), _target(TARGET)).item() == pytest.approx(focal)
+    assert focal == pytest.approx(0.06625, abs=1e-5)  # (0.01*0.1054 + 0.04*0.2231 + 0.16*0.5108 + 0.25*0.6931) / 4
+
+
+def test_ss_loss_matches_the_official_formula_with_pixel_cross_entropy():
+    got = ss_loss(_logits(P1), _target(TARGET)).item()
+    assert got == pytest.approx(_hand_ss(P1, TARGET), rel=1e-5)
+    assert got > 0
+
+
+def test_dice_loss_hand_value():
+    p = torch.tensor(P1)
+    # class 1: inter 0.9+0.6, sums 2.2 (p) + 2 (y); class 0: inter 0.8+0.5, sums 1.8 + 2
+    want = 1 - ((2 * 1.5 + 1) / (4.2 + 1) + (2 * 1.3 + 1) / (3.8 + 1)) / 2
+    assert dice_loss(_logits(p.tolist()), _target(TARGET)).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_paper_loss_is_ss_plus_focal():
+    lo, t = _logits(P1), _target(TARGET)
+    assert make_loss("paper")(lo, t).item() == pytest.approx(ss_loss(lo, t).item() + focal_loss(lo, t).item())
+    with pytest.raises(ValueError):
+        make_loss("nope")
+
+
+@pytest.mark.parametrize("name", ["paper", "ce", "dice"])
+def test_ignored_pixels_get_zero_gradient_and_do_not_change_the_loss(name):
+    torch.manual_seed(0)
+    loss = make_loss(name)
+    logits = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 3, (2, 6, 6))
+    sparse = target.clone()
+    sparse[:, :, 3:] = IGNORE  # only the left half is annotated
+    value = loss(logits, sparse)
+    value.backward()
+    g = logits.grad
+    assert torch.all(g[:, :, :, 3:] == 0)
+    assert g[:, :, :, :3].abs().sum() > 0
+    # Same value as the annotated part alone: statistics are taken over annotated pixels only.
+    crop = loss(logits.detach()[:, :, :, :3], target[:, :, :3])
+    assert value.item() == pytest.approx(crop.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["paper", "ce", "dice"])
+def test_nothing_annotated_gives_finite_loss_and_gradient(name):
+    logits = torch.randn(1, 2, 4, 4, requires_grad=True)
+    target = torch.full((1, 4, 4), IGNORE)
+    value = make_loss(name)(logits, target)
+    value.backward()
+    assert torch.isfinite(value) and torch.all(logits.grad == 0)
+
+
+def test_losses_fall_as_the_prediction_improves():
+    t = _target(TARGET)
+    worse = _logits([[0.6, 0.4], [0.55, 0.45]])
+    better = _logits([[0.95, 0.05], [0.9, 0.1]])
+    for name in ("paper", "ce", "dice"):
+        assert make_loss(name)(better, t) < make_loss(name)(worse, t)
