@@ -1,0 +1,64 @@
+"""The long jobs the widgets start, as plain functions of a picklable ``spec``.
+
+They run in a spawned process (or a thread, see :mod:`napari_genselfdiff.workers`) and
+report through a queue, so this module imports neither Qt nor napari: a spawned child
+loads only the engine. Every job is ``job(spec, progress, should_stop) -> result``.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import numpy as np
+
+PAYLOAD_LIMIT = 16 * 2**20  # bytes; larger progress payloads are not sent to the UI
+
+
+def _budget(spec) -> dict:
+    return {spec["budget_unit"]: spec["budget"]} if spec.get("budget") else {}
+
+
+def pretrain_job(spec, progress, should_stop):
+    from genselfdiff.config import PretrainConfig
+    from genselfdiff.pretrain import pretrain
+
+    config = PretrainConfig.from_preset(spec["preset"], **_budget(spec))
+    return pretrain(spec["sources"], spec["out"], config, device=spec["device"],
+                    resume=spec.get("resume", False), progress=progress, should_stop=should_stop)
+
+
+def finetune_job(spec, progress, should_stop):
+    from genselfdiff.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig.from_preset(spec["preset"], sparse=spec["sparse"], class_names=spec["classes"],
+                                        **spec.get("overrides", {}), **_budget(spec))
+    return finetune(spec["images"], spec["labels"], spec["out"], config, pretrained=spec.get("pretrained"),
+                    device=spec["device"], progress=progress, should_stop=should_stop)
+
+
+def sample_job(spec, progress, should_stop):
+    from genselfdiff.pretrain import sample_images
+
+    return sample_images(spec["model"], spec["n"], device=spec["device"], seed=spec.get("seed", 0))
+
+
+JOBS = {"pretrain": pretrain_job, "finetune": finetune_job, "sample": sample_job}
+
+
+def run_job(name: str, spec: dict, queue, stop_event) -> None:
+    """Run one job, putting ``("progress", Progress)``, then ``("done", result)`` or
+    ``("error", message, is_user_error, traceback)`` on ``queue``."""
+    from genselfdiff.errors import UserError
+
+    def progress(p):
+        payload = p.payload if isinstance(p.payload, np.ndarray) and p.payload.nbytes <= PAYLOAD_LIMIT else None
+        queue.put(("progress", type(p)(p.stage, p.done, p.total, dict(p.metrics), payload)))
+
+    try:
+        result = JOBS[name](spec, progress, stop_event.is_set)
+    except UserError as e:
+        queue.put(("error", str(e), True, ""))
+    except BaseException as e:  # a bug: the UI shows it in plain words and logs the traceback
+        queue.put(("error", f"{type(e).__name__}: {e}", False, traceback.format_exc()))
+    else:
+        queue.put(("done", result))

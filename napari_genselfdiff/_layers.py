@@ -1,0 +1,215 @@
+"""Geometry between napari layers and pyramid levels, and the label arrays the widgets fill.
+
+A Labels layer made for level ``l`` of an image has ``scale = image.scale * d`` (``d`` the
+level's downsample) and is shifted by ``(d - 1) / 2`` level-0 pixels, so its pixels sit
+exactly over the level-0 pixels they stand for. The same rule, inverted, tells which level
+and window of an image a Labels layer covers, so painted labels and the pixels under them
+are read together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+META = "genselfdiff"  # key of our entry in layer.metadata
+SPARSE_BACKGROUND = (0, 160, 255)  # colour of painted "background" strokes (label 1)
+IN_MEMORY_LIMIT = 2**28  # label pixels per level kept in a numpy array; larger goes to zarr
+
+
+# --- images and their levels -------------------------------------------------------------
+
+def image_levels(layer) -> list:
+    return list(layer.data) if layer.multiscale else [layer.data]
+
+
+def downsamples(levels) -> list:
+    return [levels[0].shape[1] / lv.shape[1] for lv in levels]
+
+
+def layer_mpp(layer) -> Optional[float]:
+    return (layer.metadata.get(META) or {}).get("mpp")
+
+
+def level_transform(image_layer, level: int, origin=(0, 0)):
+    """``(scale, translate)`` for a 2-D array at ``level`` of ``image_layer`` whose first pixel
+    is ``origin`` (in that level's pixels)."""
+    d = downsamples(image_levels(image_layer))[level]
+    scale = np.asarray(image_layer.scale[-2:], float)
+    base = np.asarray(image_layer.translate[-2:], float)
+    translate = base + (np.asarray(origin, float) * d + (d - 1) / 2) * scale
+    return tuple(scale * d), tuple(translate)
+
+
+def placement(image_layer, level: int, origin=(0, 0)) -> dict:
+    """Where a level-``level`` array starting at ``origin`` lies in level-0 pixels (kept in the
+    layer's metadata, so a writer can put the labels back on the slide: QuPath wants level 0)."""
+    d = downsamples(image_levels(image_layer))[level]
+    return {"downsample": d, "offset": [float(origin[0] * d), float(origin[1] * d)]}
+
+
+def covered_window(image_layer, labels_layer):
+    """``(level, y0, x0)``: the pyramid level and first pixel of ``image_layer`` under
+    ``labels_layer`` (found from their scales and offsets)."""
+    ds = downsamples(image_levels(image_layer))
+    scale = np.asarray(image_layer.scale[-2:], float)
+    ratio = float(np.mean(np.asarray(labels_layer.scale[-2:], float) / scale))
+    level = int(np.argmin([abs(math.log(ratio / d)) for d in ds]))
+    if abs(math.log(ratio / ds[level])) > 0.05:
+        raise ValueError("scale")
+    d = ds[level]
+    offset = (np.asarray(labels_layer.translate[-2:], float) - np.asarray(image_layer.translate[-2:], float)) / scale
+    y0, x0 = np.round((offset - (d - 1) / 2) / d).astype(int)
+    return level, int(y0), int(x0)
+
+
+def visible_box(viewer, image_layer, level: int = 0):
+    """The part of ``image_layer`` on screen, ``(y0, x0, y1, x1)`` in pixels of ``level``,
+    clipped to the image; None when the image is not in view."""
+    size = np.asarray(getattr(getattr(viewer, "canvas", None), "size", None) or viewer._canvas_size, float)
+    center = np.asarray(viewer.camera.center[-2:], float)
+    half = size / viewer.camera.zoom / 2
+    d = downsamples(image_levels(image_layer))[level]
+    scale = np.asarray(image_layer.scale[-2:], float) * d
+    base = np.asarray(image_layer.translate[-2:], float)
+    lo = np.floor((center - half - base) / scale).astype(int)
+    hi = np.ceil((center + half - base) / scale).astype(int)
+    shape = image_levels(image_layer)[level].shape[:2]
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, shape)
+    if np.any(hi <= lo):
+        return None
+    return int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])
+
+
+def read_window(array, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """``array[y0:y0+h, x0:x0+w]`` as numpy; the caller keeps the window inside the array."""
+    return np.asarray(array[y0 : y0 + h, x0 : x0 + w])
+
+
+# --- colours ------------------------------------------------------------------------------
+
+def label_colormap(colors: dict):
+    """A napari colour map: label value -> RGB 0-255; 0 and unknown values transparent."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    color_dict = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
+    for value, rgb in colors.items():
+        if int(value) != 0:
+            color_dict[int(value)] = tuple(np.asarray(rgb[:3], float) / 255) + (1.0,)
+    return DirectLabelColormap(color_dict=color_dict)
+
+
+def class_labels(classes: list, colors: list, sparse: bool) -> tuple:
+    """Names and colours per label value for class lists (index 0 = background).
+
+    Dense: value k = class k. Sparse (painted scribbles): 0 = unlabelled, value k = class k-1.
+    """
+    if not sparse:
+        return list(classes), [list(c) for c in colors]
+    colors = [list(SPARSE_BACKGROUND)] + [list(c) for c in colors[1:]]
+    return ["unlabelled"] + list(classes), [[0, 0, 0]] + colors
+
+
+def labels_metadata(names: list, colors: list, **extra) -> dict:
+    return {META: {"label_names": list(names), "label_colors": [list(c) for c in colors], **extra}}
+
+
+def labels_kwargs(names: list, colors: list, **extra) -> dict:
+    """Layer keyword arguments for labels whose value v is called ``names[v]``."""
+    return {
+        "colormap": label_colormap(dict(enumerate(colors))),
+        "metadata": labels_metadata(names, colors, **extra),
+    }
+
+
+# --- labels that fill in while a model runs ----------------------------------------------
+
+class LabelPyramid:
+    """Class labels for one image level plus nearest-neighbour halvings, written tile by tile.
+
+    Every write goes to all levels at once, so a multiscale Labels layer over these arrays
+    shows each finished tile at every zoom. Levels larger than ``IN_MEMORY_LIMIT`` pixels are
+    in-memory zarr arrays (compressed chunks: a whole-slide label image of mostly background
+    stays small).
+    """
+
+    def __init__(self, shape, min_side: int = 1024):
+        h, w = int(shape[0]), int(shape[1])
+        self.levels = [self._allocate((h, w))]
+        s = 1
+        while max(math.ceil(h / s), math.ceil(w / s)) > min_side:
+            s *= 2
+            self.levels.append(self._allocate((math.ceil(h / s), math.ceil(w / s))))
+
+    @staticmethod
+    def _allocate(shape):
+        if shape[0] * shape[1] <= IN_MEMORY_LIMIT:
+            return np.zeros(shape, np.uint8)
+        import zarr
+
+        return zarr.create_array(zarr.storage.MemoryStore(), shape=shape, chunks=(2048, 2048),
+                                 dtype="uint8", fill_value=0)
+
+    @property
+    def data(self):
+        """What a Labels layer takes: one array, or the list of levels."""
+        return self.levels[0] if len(self.levels) == 1 else self.levels
+
+    def write(self, y: int, x: int, tile: np.ndarray) -> None:
+        for k, level in enumerate(self.levels):
+            s = 2**k
+            oy, ox = (-y) % s, (-x) % s
+            sub = tile[oy::s, ox::s]
+            if sub.size:
+                Y, X = (y + oy) // s, (x + ox) // s
+                sub = sub[: level.shape[0] - Y, : level.shape[1] - X]
+                level[Y : Y + sub.shape[0], X : X + sub.shape[1]] = sub
+
+
+# --- annotation layers --------------------------------------------------------------------
+
+def new_annotation_layer(viewer, image_layer, level: int, region: str, classes: list, colors: list,
+                         max_side: int = 4096):
+    """An empty, paintable Labels layer over the current view (``region='view'``) or the whole
+    image (``'image'``) at pyramid ``level``, coloured for scribbles (1 = background, 2 = first
+    class ...). napari cannot paint multiscale labels, hence one level and a bounded size."""
+    shape = image_levels(image_layer)[level].shape[:2]
+    box = visible_box(viewer, image_layer, level) if region == "view" else (0, 0, shape[0], shape[1])
+    if box is None:
+        raise ValueError(f"{image_layer.name} is not in view; pan to the region to annotate.")
+    h, w = box[2] - box[0], box[3] - box[1]
+    if max(h, w) > max_side:
+        raise ValueError(f"That region is {h}×{w} pixels at this level; zoom in (or annotate at a coarser "
+                         f"level) so that it is at most {max_side}×{max_side}.")
+    scale, translate = level_transform(image_layer, level, box[:2])
+    names, cols = class_labels(classes, colors, sparse=True)
+    layer = viewer.add_labels(np.zeros((h, w), np.uint8), name=f"{image_layer.name} annotation", scale=scale,
+                              translate=translate, **labels_kwargs(names, cols, annotates=image_layer.name,
+                                                                   **placement(image_layer, level, box[:2])))
+    layer.selected_label = 2
+    layer.brush_size = 10
+    layer.mode = "paint"
+    return layer
+
+
+def annotation_arrays(image_layer, labels_layer):
+    """``(rgb, labels, level)``: the painted labels and the image pixels under them, read at the
+    pyramid level the labels were drawn at (parts outside the image are dropped)."""
+    try:
+        level, y0, x0 = covered_window(image_layer, labels_layer)
+    except ValueError:
+        raise ValueError(f"{labels_layer.name} does not lie on a pyramid level of {image_layer.name}; "
+                         "make it with 'New annotation layer'.") from None
+    labels = labels_layer.data[0] if labels_layer.multiscale else labels_layer.data
+    image = image_levels(image_layer)[level]
+    H, W = image.shape[:2]
+    h, w = labels.shape[-2:]
+    ty, tx = max(y0, 0), max(x0, 0)
+    by, bx = min(y0 + h, H), min(x0 + w, W)
+    if by <= ty or bx <= tx:
+        raise ValueError(f"{labels_layer.name} does not overlap {image_layer.name}.")
+    rgb = read_window(image, ty, tx, by - ty, bx - tx)
+    lab = np.asarray(labels[ty - y0 : by - y0, tx - x0 : bx - x0])
+    return rgb, lab, level

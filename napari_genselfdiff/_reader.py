@@ -1,0 +1,188 @@
+"""napari readers: slides and images as lazy multiscale Image layers, genselfdiff label
+outputs (OME-Zarr) as multiscale Labels layers, QuPath GeoJSON as Labels.
+
+Pixels come from :func:`genselfdiff.slides.open_slide` (the engine's own reader), so napari
+shows exactly the arrays the engine segments: one dask array per pyramid level, nothing
+decoded until napari draws it, ``scale`` in µm when the file states its pixel size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ._layers import META, labels_kwargs
+
+GEOJSON_MAX_SIDE = 8192
+SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".zarr", ".png", ".jpg", ".jpeg")
+
+
+def get_reader(path):
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    p = Path(path)
+    name = p.name.lower()
+    if p.is_dir():
+        is_zarr = name.endswith(".zarr") or (p / "zarr.json").exists() or (p / ".zattrs").exists()
+        return read if is_zarr else None
+    return read if name.endswith(SUFFIXES) else None
+
+
+def read(path) -> list:
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    path = Path(path)
+    attrs = _zarr_attrs(path) if path.is_dir() else None
+    if attrs is not None and "image-label" in attrs:
+        return [read_label_image(path, attrs)]
+    layers = [read_image(path)]
+    if attrs is not None and (path / "labels").is_dir():  # NGFF: labels stored beside the image
+        for name in _label_names(path / "labels"):
+            sub = path / "labels" / name
+            sub_attrs = _zarr_attrs(sub)
+            if sub_attrs and "image-label" in sub_attrs:
+                layers.append(read_label_image(sub, sub_attrs))
+    return layers
+
+
+def read_image(path) -> tuple:
+    from genselfdiff.slides import open_slide
+
+    slide = open_slide(path)
+    mpp = slide.mpp
+    meta = {
+        "name": slide.name,
+        "rgb": True,
+        "multiscale": len(slide.levels) > 1,
+        "scale": (mpp, mpp) if mpp else (1.0, 1.0),
+        "metadata": {META: {"path": str(path), "mpp": mpp}},
+        "contrast_limits": (0, 255),
+    }
+    data = slide.levels if len(slide.levels) > 1 else slide.levels[0]
+    return data, meta, "image"
+
+
+def read_label_image(path, attrs: dict) -> tuple:
+    """An NGFF label image as a (multiscale) Labels layer with its class names and colours."""
+    import dask.array as da
+    import zarr
+
+    group = zarr.open_group(path, mode="r")
+    ms = attrs["multiscales"][0]
+    levels = [da.from_zarr(group[ds["path"]]) for ds in ms["datasets"]]
+    ndim = levels[0].ndim
+    levels = [lv[(0,) * (ndim - 2)] for lv in levels]  # a label image is 2-D here; drop leading axes
+    scale, translate = [1.0, 1.0], [0.0, 0.0]
+    for t in ms["datasets"][0].get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            scale = [float(v) for v in t["scale"][-2:]]
+        elif t.get("type") == "translation":
+            translate = [float(v) for v in t["translation"][-2:]]
+    info = attrs["image-label"]
+    top = max([int(c["label-value"]) for c in info.get("colors", [])] + [0])
+    colors = [[0, 0, 0] for _ in range(top + 1)]
+    for c in info.get("colors", []):
+        colors[int(c["label-value"])] = [int(v) for v in c["rgba"][:3]]
+    names = [f"class {v}" for v in range(top + 1)]
+    for prop in info.get("properties", []):
+        value = int(prop.get("label-value", -1))
+        if 0 <= value <= top:
+            names[value] = str(prop.get("class") or prop.get("name") or names[value])
+    stem = path.name[: -len(".ome.zarr")] if path.name.lower().endswith(".ome.zarr") else path.stem
+    meta = {
+        "name": stem,
+        "multiscale": len(levels) > 1,
+        "scale": scale,
+        "translate": translate,
+        **labels_kwargs(names, colors, path=str(path)),
+    }
+    return (levels if len(levels) > 1 else levels[0]), meta, "labels"
+
+
+def _zarr_attrs(path: Path):
+    """The OME attributes of a zarr group (v3 ``ome`` key or v2 top level), or None."""
+    for name in ("zarr.json", ".zattrs"):
+        f = path / name
+        if f.exists():
+            try:
+                data = json.loads(f.read_text())
+            except ValueError:
+                return None
+            attrs = data.get("attributes", {}) if name == "zarr.json" else data
+            return attrs.get("ome", attrs)
+    return None
+
+
+def _label_names(labels_dir: Path) -> list:
+    attrs = _zarr_attrs(labels_dir) or {}
+    return list(attrs.get("labels", [])) or sorted(p.name for p in labels_dir.iterdir() if p.is_dir())
+
+
+# --- QuPath GeoJSON ---------------------------------------------------------------------
+
+def get_geojson_reader(path):
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    return read_geojson if str(path).lower().endswith(".geojson") else None
+
+
+def read_geojson(path) -> list:
+    """QuPath GeoJSON (level-0 pixel coordinates) as a Labels layer.
+
+    The label image needs a size: the slide beside the file with the same name
+    (``slide.geojson`` next to ``slide.svs``) gives it, with its µm/px, so the labels overlay
+    the slide; otherwise the objects' bounding box from (0, 0) does, in pixel units. Large
+    slides are rasterised at the finest pyramid level of at most ``GEOJSON_MAX_SIDE`` pixels.
+    """
+    import math
+    import warnings
+
+    from genselfdiff.geojson import read_geojson as parse
+    from genselfdiff.geojson import read_geojson_labels
+    from genselfdiff.model import default_colors
+
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    path = Path(path)
+    objects, _ = parse(path)
+    slide = _sibling_slide(path)
+    if slide is not None:
+        level = next((i for i, lv in enumerate(slide.levels) if max(lv.shape[:2]) <= GEOJSON_MAX_SIDE),
+                     len(slide.levels) - 1)
+        shape, ds, mpp = slide.levels[level].shape[:2], slide.downsample(level), slide.mpp or 1.0
+    else:
+        rings = [ring for obj in objects for poly in obj.polygons for ring in poly]
+        if not rings:
+            from genselfdiff.errors import UserError
+
+            raise UserError(f"{path} holds no area objects to turn into labels.")
+        extent = (math.ceil(max(float(r[:, 1].max()) for r in rings)), math.ceil(max(float(r[:, 0].max()) for r in rings)))
+        ds = float(2 ** max(0, math.ceil(math.log2(max(extent) / GEOJSON_MAX_SIDE))))
+        shape, mpp = (math.ceil(extent[0] / ds), math.ceil(extent[1] / ds)), 1.0
+    labels, names, warns = read_geojson_labels(path, shape, downsample=ds)
+    for text in warns[:5]:
+        warnings.warn(text)
+    colors = default_colors(len(names))
+    for obj in objects:
+        if obj.color is not None and obj.name in names:
+            colors[names.index(obj.name)] = obj.color
+    meta = {"name": path.stem, "scale": (mpp * ds, mpp * ds), "translate": ((ds - 1) / 2 * mpp,) * 2,
+            **labels_kwargs(names, colors, path=str(path), downsample=ds, offset=[0, 0])}
+    return [(labels, meta, "labels")]
+
+
+def _sibling_slide(path: Path):
+    from genselfdiff.errors import UserError
+    from genselfdiff.slides import IMAGE_SUFFIXES, image_stem, open_slide
+
+    for candidate in sorted(path.parent.iterdir()):
+        if candidate != path and candidate.name.lower().endswith(IMAGE_SUFFIXES) and image_stem(candidate) == path.stem:
+            try:
+                return open_slide(candidate)
+            except UserError:
+                continue
+    return None

@@ -1,0 +1,1 @@
+"""The three dock widgets: Pretrain, Fine-tune, Segment."""

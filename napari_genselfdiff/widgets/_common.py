@@ -1,0 +1,148 @@
+"""Small Qt pieces the three widgets share: path fields, layer pickers, device and budget
+choosers, and how results and errors are told to the user."""
+
+from __future__ import annotations
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QWidget,
+)
+
+from ..settings import settings
+
+PRESETS = ["tiny", "small", "paper"]
+
+
+class PathEdit(QWidget):
+    """A path field with a browse button; ``mode`` is 'open', 'save' or 'dir'."""
+
+    changed = Signal(str)
+
+    def __init__(self, mode: str = "open", filter: str = "", placeholder: str = "", parent=None):
+        super().__init__(parent)
+        self.mode, self.filter = mode, filter
+        self.edit = QLineEdit()
+        self.edit.setPlaceholderText(placeholder)
+        self.edit.textChanged.connect(self.changed)
+        button = QPushButton("…")
+        button.setFixedWidth(30)
+        button.setToolTip("Browse")
+        button.clicked.connect(self._browse)
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.edit)
+        row.addWidget(button)
+
+    def text(self) -> str:
+        return self.edit.text().strip()
+
+    def setText(self, text) -> None:
+        self.edit.setText(str(text or ""))
+
+    def _browse(self):
+        if self.mode == "dir":
+            path = QFileDialog.getExistingDirectory(self, "Choose a folder", self.text())
+        elif self.mode == "save":
+            path, _ = QFileDialog.getSaveFileName(self, "Save as", self.text(), self.filter)
+        else:
+            path, _ = QFileDialog.getOpenFileName(self, "Open", self.text(), self.filter)
+        if path:
+            self.setText(path)
+
+
+class DeviceBox(QComboBox):
+    """auto / cuda / mps / cpu. The list needs torch, so it is filled when first opened:
+    docking a widget must not import torch."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._filled = False
+        current = settings.get("device", "auto")
+        self.addItems(["auto", "cpu"] if current in ("auto", "cpu") else ["auto", current, "cpu"])
+        self.setCurrentText(current)
+        self.currentTextChanged.connect(lambda name: settings.set("device", name))
+
+    def showPopup(self):
+        if not self._filled:
+            from genselfdiff.model import available_devices
+
+            current = self.currentText()
+            self.blockSignals(True)
+            self.clear()
+            self.addItems(available_devices())
+            self.setCurrentText(current if current in available_devices() else "auto")
+            self.blockSignals(False)
+            self._filled = True
+        super().showPopup()
+
+
+class BudgetEdit(QWidget):
+    """How long to train: a number of steps or of minutes."""
+
+    def __init__(self, steps: int, parent=None):
+        super().__init__(parent)
+        self.amount = QSpinBox()
+        self.amount.setRange(1, 10_000_000)
+        self.amount.setValue(steps)
+        self.unit = QComboBox()
+        self.unit.addItems(["steps", "minutes"])
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.amount, 1)
+        row.addWidget(self.unit)
+
+    def spec(self) -> dict:
+        return {"budget_unit": self.unit.currentText(), "budget": self.amount.value()}
+
+
+class LayerBox(QComboBox):
+    """The viewer's layers of one kind ('image' or 'labels'), kept in sync with the viewer."""
+
+    def __init__(self, viewer, kind: str, parent=None):
+        super().__init__(parent)
+        self.viewer, self.kind = viewer, kind
+        for event in ("inserted", "removed", "moved", "changed"):
+            getattr(viewer.layers.events, event).connect(self.refresh)
+        self.refresh()
+
+    def layers(self) -> list:
+        return [layer for layer in self.viewer.layers if type(layer).__name__.lower() == self.kind]
+
+    def refresh(self, *_):
+        current = self.currentText()
+        names = [layer.name for layer in self.layers()]
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(names)
+        if current in names:
+            self.setCurrentText(current)
+        self.blockSignals(False)
+        if self.currentText() != current:
+            self.currentTextChanged.emit(self.currentText())
+
+    def layer(self):
+        name = self.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+
+def progress_row():
+    """A progress bar and the line of text under it."""
+    bar = QProgressBar()
+    bar.setRange(0, 1)
+    bar.setValue(0)
+    label = QLabel("")
+    label.setWordWrap(True)
+    return bar, label
+
+
+def tell_error(text: str, is_user: bool = True, what: str = "The job") -> None:
+    """A napari notification in plain words; bugs say so (their traceback is in the log)."""
+    from napari.utils.notifications import show_error
+
+    show_error(text if is_user else f"{what} failed because of a bug: {text}")
+
+
+def tell(text: str) -> None:
+    from napari.utils.notifications import show_info
+
+    show_info(text)

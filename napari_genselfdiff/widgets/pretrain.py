@@ -1,0 +1,178 @@
+"""Pretrain widget: teach a diffusion U-Net what tissue looks like from a folder of
+unannotated slides, watch its loss fall, and look at images it draws."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
+
+from ..settings import settings
+from ..workers import JobRunner, ProgressView
+from ._common import PRESETS, BudgetEdit, DeviceBox, PathEdit, progress_row, tell, tell_error
+
+
+class LossPlot(QWidget):
+    """The training loss as it comes in (matplotlib, drawn at most every few updates)."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(3, 1.8), layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(150)
+        self.axes = self.figure.add_subplot()
+        self.steps, self.losses = [], []
+        (self.line,) = self.axes.plot([], [], lw=1)
+        self.axes.set_xlabel("step", fontsize=8)
+        self.axes.set_ylabel("loss", fontsize=8)
+        self.axes.tick_params(labelsize=7)
+        QVBoxLayout(self).addWidget(self.canvas)
+        self.layout().setContentsMargins(0, 0, 0, 0)
+
+    def clear(self):
+        self.steps, self.losses = [], []
+        self.redraw()
+
+    def add(self, step: int, loss: float):
+        self.steps.append(step)
+        self.losses.append(loss)
+        if len(self.steps) % 5 == 1:
+            self.redraw()
+
+    def redraw(self):
+        self.line.set_data(self.steps, self.losses)
+        self.axes.relim()
+        self.axes.autoscale_view()
+        self.canvas.draw_idle()
+
+
+class PretrainWidget(QWidget):
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.folder = PathEdit("dir", placeholder="folder of slides or images")
+        self.folder.setText(settings.get("pretrain_folder", ""))
+        self.out = PathEdit("save", "Checkpoints (*.pt)", "where to save the model (.pt)")
+        self.out.setText(settings.get("pretrain_out", ""))
+        self.preset = QComboBox()
+        self.preset.addItems(PRESETS)
+        self.preset.setCurrentText(settings.get("pretrain_preset", "small"))
+        self.preset.setToolTip("tiny: quick try on a CPU; small: a laptop GPU; paper: the published model")
+        self.budget = BudgetEdit(2000)
+        self.device = DeviceBox()
+        self.resume = QCheckBox("continue from the saved model")
+        self.start_button, self.stop_button = QPushButton("Start"), QPushButton("Stop")
+        self.start_button.clicked.connect(self.start)
+        self.stop_button.clicked.connect(self.stop)
+        self.stop_button.setEnabled(False)
+        self.bar, self.status = progress_row()
+        self.plot = LossPlot()
+        self.n_samples = QSpinBox()
+        self.n_samples.setRange(1, 64)
+        self.n_samples.setValue(4)
+        self.sample_button = QPushButton("Draw images from the model")
+        self.sample_button.clicked.connect(self.draw_samples)
+
+        form = QFormLayout()
+        form.addRow("Slides", self.folder)
+        form.addRow("Save as", self.out)
+        form.addRow("Preset", self.preset)
+        form.addRow("Train for", self.budget)
+        form.addRow("Device", self.device)
+        form.addRow("", self.resume)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button)
+        buttons.addWidget(self.stop_button)
+        samples = QHBoxLayout()
+        samples.addWidget(self.sample_button, 1)
+        samples.addWidget(self.n_samples)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.bar)
+        layout.addWidget(self.status)
+        layout.addWidget(self.plot)
+        layout.addLayout(samples)
+        layout.addStretch(1)
+
+        self.progress = ProgressView(self.bar, self.status)
+        self.runner = JobRunner(self)
+        self.runner.progressed.connect(self._on_progress)
+        self.runner.finished.connect(self._on_finished)
+        self.runner.failed.connect(self._on_failed)
+        self.result = None  # the last PretrainResult
+
+    def spec(self) -> dict:
+        folder, out = self.folder.text(), self.out.text()
+        if not folder:
+            raise ValueError("Choose the folder of slides to pretrain on.")
+        if not out:
+            out = str(Path(folder) / "pretrained.pt")
+            self.out.setText(out)
+        return {"sources": [folder], "out": out, "preset": self.preset.currentText(),
+                "device": self.device.currentText(), "resume": self.resume.isChecked(), **self.budget.spec()}
+
+    def start(self):
+        try:
+            spec = self.spec()
+        except ValueError as e:
+            return tell_error(str(e))
+        settings.set("pretrain_folder", spec["sources"][0])
+        settings.set("pretrain_out", spec["out"])
+        settings.set("pretrain_preset", spec["preset"])
+        self.plot.clear()
+        self._job = "pretrain"
+        self.runner.start("pretrain", spec)
+        self.progress.start("Pretraining (starting)…")
+        self._set_running(True)
+
+    def stop(self):
+        self.runner.stop()
+        self.status.setText("Stopping: saving a checkpoint…")
+
+    def draw_samples(self):
+        model = self.out.text()
+        if not model or not Path(model).exists():
+            return tell_error("Pretrain a model first (or choose a saved one under 'Save as').")
+        self._job = "sample"
+        self.runner.start("sample", {"model": model, "n": self.n_samples.value(), "device": self.device.currentText()})
+        self.progress.start("Drawing images from the model…")
+        self._set_running(True)
+
+    def _set_running(self, running: bool):
+        self.start_button.setEnabled(not running)
+        self.sample_button.setEnabled(not running)
+        self.stop_button.setEnabled(running)
+
+    def _on_progress(self, p):
+        loss = p.metrics.get("loss")
+        text = f"{p.stage}: step {p.done}" + (f" / {p.total}" if p.total else "")
+        if loss is not None:
+            self.plot.add(p.done, float(loss))
+            text += f" · loss {float(loss):.4f}"
+        self.progress.update(p, text)
+
+    def _on_finished(self, result):
+        self._set_running(False)
+        if self._job == "sample":
+            self.progress.close("")
+            self.viewer.add_image(result, rgb=True, name=f"drawn by {Path(self.out.text()).stem}")
+            return
+        self.result = result
+        self.plot.redraw()
+        how = "stopped" if result.stopped else "finished"
+        self.progress.close(f"Pretraining {how} after {result.steps} steps; saved {result.path}.")
+        settings.set("pretrained", str(result.path))
+        tell(f"Pretraining {how}: {result.path}")
+
+    def _on_failed(self, text: str, is_user: bool):
+        self._set_running(False)
+        self.progress.close("")
+        tell_error(text, is_user, "Pretraining" if self._job == "pretrain" else "Drawing images")
+
+    def closeEvent(self, event):
+        self.runner.shutdown()
+        super().closeEvent(event)

@@ -1,0 +1,198 @@
+"""Segment widget: run a model over the selected image or every open image.
+
+Tiles come from the engine's tiled inference in a thread worker; each finished tile is
+written into a Labels layer named after its image, at the scale of the level the model
+works at, so the result fills in over the slide while it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
+from superqt import QCollapsible
+
+from .. import _layers
+from ..settings import settings
+from ..workers import ProgressView, segment_worker
+from ._common import DeviceBox, PathEdit, progress_row, tell, tell_error
+
+SELECTED, ALL = "the selected image", "every open image"
+REFRESH_SECONDS = 0.3
+
+
+class SegmentWidget(QWidget):
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.model = PathEdit("open", "Checkpoints (*.pt)", "a fine-tuned model (.pt)")
+        self.model.setText(settings.get("model", ""))
+        self.targets = QComboBox()
+        self.targets.addItems([SELECTED, ALL])
+        self.visible_only = QCheckBox("visible region only (a quick look)")
+        self.out = PathEdit("dir", placeholder="optional: folder for OME-Zarr results")
+        self.out.setText(settings.get("segment_out", ""))
+        self.tile = QSpinBox()
+        self.tile.setRange(64, 8192)
+        self.tile.setSingleStep(64)
+        self.tile.setValue(int(settings.get("tile", 512)))
+        self.overlap = QSpinBox()
+        self.overlap.setRange(0, 1024)
+        self.overlap.setValue(int(settings.get("overlap", 64)))
+        self.batch = QSpinBox()
+        self.batch.setRange(1, 256)
+        self.batch.setValue(4)
+        self.device = DeviceBox()
+        advanced = QFormLayout()
+        advanced.addRow("Tile (px)", self.tile)
+        advanced.addRow("Overlap (px)", self.overlap)
+        advanced.addRow("Batch", self.batch)
+        advanced.addRow("Device", self.device)
+        box = QWidget()
+        box.setLayout(advanced)
+        self.advanced = QCollapsible("Advanced")
+        self.advanced.addWidget(box)
+        self.run_button, self.stop_button = QPushButton("Segment"), QPushButton("Stop")
+        self.run_button.clicked.connect(self.start)
+        self.stop_button.clicked.connect(self.stop)
+        self.stop_button.setEnabled(False)
+        self.bar, self.status = progress_row()
+
+        form = QFormLayout()
+        form.addRow("Model", self.model)
+        form.addRow("Segment", self.targets)
+        form.addRow("", self.visible_only)
+        form.addRow("Save to", self.out)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button, 1)
+        buttons.addWidget(self.stop_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.advanced)
+        layout.addLayout(buttons)
+        layout.addWidget(self.bar)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.progress = ProgressView(self.bar, self.status)
+        self.worker = None
+        self.results = {}  # image name -> {"layer", "pyramid", ...} of the current run
+        settings.changed.connect(self._on_setting)
+
+    def _on_setting(self, key, value):
+        try:
+            if key == "model":
+                self.model.setText(value)
+        except RuntimeError:  # this widget was closed
+            settings.changed.disconnect(self._on_setting)
+
+    def image_layers(self) -> list:
+        images = [layer for layer in self.viewer.layers if type(layer).__name__ == "Image" and layer.rgb]
+        if self.targets.currentText() == ALL:
+            return images
+        selected = self.viewer.layers.selection.active
+        if selected in images:
+            return [selected]
+        return images[-1:]  # nothing suitable selected: the top image
+
+    def items(self) -> list:
+        from genselfdiff.slides import Slide
+
+        items = []
+        for layer in self.image_layers():
+            meta = layer.metadata.get(_layers.META) or {}
+            image = Slide(Path(meta.get("path") or layer.name), _layers.image_levels(layer), meta.get("mpp"))
+            region = None
+            if self.visible_only.isChecked():
+                box = _layers.visible_box(self.viewer, layer)
+                if box is None:
+                    continue
+                region = (box[0], box[1], box[2] - box[0], box[3] - box[1])
+            items.append({"key": layer.name, "image": image, "region": region, "layer": layer})
+        return items
+
+    def start(self):
+        model = self.model.text()
+        if not model:
+            return tell_error("Choose a model: fine-tune one with the Fine-tune widget, or open a saved .pt file.")
+        items = self.items()
+        if not items:
+            return tell_error("Open an RGB image to segment (or pan it into view for 'visible region only').")
+        settings.set("model", model)
+        settings.set("segment_out", self.out.text())
+        settings.set("tile", self.tile.value())
+        settings.set("overlap", self.overlap.value())
+        self.results = {item["key"]: {"image_layer": item.pop("layer")} for item in items}
+        options = {"tile": self.tile.value(), "overlap": self.overlap.value(), "batch": self.batch.value()}
+        self.worker = segment_worker(model, self.device.currentText(), items, options)
+        self.worker.yielded.connect(self._on_yield)
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self.progress.start("Loading the model…")
+        self._set_running(True)
+        self.worker.start()
+
+    def stop(self):
+        if self.worker is not None:
+            self.worker.quit()
+            self.status.setText("Stopping after the current tile…")
+
+    def _set_running(self, running: bool):
+        self.run_button.setEnabled(not running)
+        self.stop_button.setEnabled(running)
+
+    def _on_yield(self, message):
+        kind = message[0]
+        if kind == "model":
+            self.classes, self.colors = message[1].classes, message[1].colors
+        elif kind == "tile":
+            self._add_tile(message[1], message[2])
+        elif kind == "end":
+            entry = self.results[message[1]]
+            if "layer" in entry:
+                entry["layer"].refresh()
+
+    def _add_tile(self, key: str, tile):
+        entry = self.results[key]
+        if "layer" not in entry:
+            entry["layer"], entry["pyramid"] = self._result_layer(entry["image_layer"], tile)
+            entry["refreshed"] = time.monotonic()
+        entry["pyramid"].write(tile.y, tile.x, tile.labels)
+        if time.monotonic() - entry["refreshed"] > REFRESH_SECONDS or tile.done == tile.total:
+            entry["layer"].refresh()
+            entry["refreshed"] = time.monotonic()
+        p = type("P", (), {"stage": f"Segmenting {key}", "done": tile.done, "total": tile.total})
+        self.progress.update(p, f"{key}: tile {tile.done} / {tile.total}")
+
+    def _result_layer(self, image_layer, tile):
+        """A Labels layer for the processing level, replacing the last run's for this image."""
+        level_shape = _layers.image_levels(image_layer)[tile.level].shape[:2]
+        pyramid = _layers.LabelPyramid(level_shape)
+        scale, translate = _layers.level_transform(image_layer, tile.level)
+        name = f"{image_layer.name} labels"
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        layer = self.viewer.add_labels(
+            pyramid.data, name=name, scale=scale, translate=translate, multiscale=len(pyramid.levels) > 1,
+            opacity=0.6, **_layers.labels_kwargs(self.classes, self.colors, segmented=image_layer.name,
+                                   **_layers.placement(image_layer, tile.level)))
+        return layer, pyramid
+
+    def _on_error(self, error):
+        from genselfdiff.errors import UserError
+
+        self.progress.close("")
+        tell_error(str(error), isinstance(error, UserError), "Segmentation")
+
+    def _on_finished(self):
+        self._set_running(False)
+        done = [k for k, e in self.results.items() if "layer" in e]
+        self.progress.close(f"Segmented {len(done)} image(s)." if done else "")
+        self.worker = None
+        if done:
+            tell(f"Segmented {', '.join(done)}.")
+
+    def closeEvent(self, event):
+        self.stop()
+        super().closeEvent(event)

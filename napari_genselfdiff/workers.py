@@ -1,0 +1,188 @@
+"""Running engine work without blocking napari, and showing its progress.
+
+Training runs in a spawned process (:class:`JobRunner`): GPU memory comes back when it
+ends, a crash cannot take napari down, and Stop sets a ``multiprocessing.Event`` that the
+engine's ``should_stop`` reads, so it saves a valid checkpoint and returns. Updates come
+back through a queue that a Qt timer drains. ``GENSELFDIFF_NAPARI_WORKER=thread`` runs
+the same jobs in a thread instead (for environments where spawning fails).
+
+Segmentation runs in napari's thread worker (:func:`segment_worker`): it yields each
+finished tile, which the widget writes into a Labels layer on the main thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue as queue_module
+import threading
+import weakref
+
+from qtpy.QtCore import QObject, QTimer, Signal
+
+from ._jobs import run_job
+
+log = logging.getLogger(__name__)
+POLL_MS = 100
+_RUNNERS = weakref.WeakSet()
+
+
+class JobRunner(QObject):
+    """One job at a time in a child process (or thread), reporting through Qt signals."""
+
+    progressed = Signal(object)  # genselfdiff.progress.Progress
+    finished = Signal(object)  # the job's result
+    failed = Signal(str, bool)  # message, whether it is the user's to fix
+
+    def __init__(self, parent=None, mode=None):
+        super().__init__(parent)
+        self.mode = mode or os.environ.get("GENSELFDIFF_NAPARI_WORKER", "process")
+        self._worker = self._queue = self._stop = None
+        self._timer = QTimer(self)
+        self._timer.setInterval(POLL_MS)
+        self._timer.timeout.connect(self._poll)
+        _RUNNERS.add(self)
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def start(self, name: str, spec: dict) -> None:
+        if self.running:
+            raise RuntimeError("a job is already running")
+        if self.mode == "thread":
+            self._queue, self._stop = queue_module.Queue(), threading.Event()
+            worker = threading.Thread(target=run_job, args=(name, spec, self._queue, self._stop),
+                                      name=f"genselfdiff-{name}", daemon=True)
+        else:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")
+            self._queue, self._stop = ctx.Queue(), ctx.Event()
+            # Not a daemon: the engine may start data-loader processes of its own.
+            worker = ctx.Process(target=run_job, args=(name, spec, self._queue, self._stop),
+                                 name=f"genselfdiff-{name}")
+        worker.start()
+        self._worker = worker
+        self._timer.start()
+
+    def stop(self) -> None:
+        """Ask the job to stop; it saves what it has and finishes normally."""
+        if self._stop is not None:
+            self._stop.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop and wait; a process that does not end in ``timeout`` seconds is killed."""
+        if not self.running:
+            return
+        self.stop()
+        self._worker.join(timeout)
+        if self.mode != "thread" and self._worker.is_alive():
+            self._worker.terminate()
+            self._worker.join(5)
+        self._finish()
+
+    def _poll(self) -> None:
+        alive = self._worker.is_alive()  # read before draining: a message put before exit is queued
+        while True:
+            try:
+                message = self._queue.get_nowait()
+            except queue_module.Empty:
+                break
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "progress":
+                self.progressed.emit(message[1])
+            elif kind == "done":
+                self._finish()
+                self.finished.emit(message[1])
+                return
+            elif kind == "error":
+                _, text, is_user, trace = message
+                if trace:
+                    log.error("genselfdiff job failed:\n%s", trace)
+                self._finish()
+                self.failed.emit(text, is_user)
+                return
+        if not alive:
+            code = getattr(self._worker, "exitcode", None)
+            self._finish()
+            self.failed.emit(f"The worker process ended unexpectedly (exit code {code}); "
+                             "it may have run out of memory.", False)
+
+    def _finish(self) -> None:
+        self._timer.stop()
+        if self.mode != "thread" and self._worker is not None:
+            self._worker.join(5)
+        self._worker = None
+
+
+@atexit.register
+def _stop_all_jobs():
+    """Closing napari mid-training stops the job (saving a checkpoint) instead of hanging."""
+    for runner in list(_RUNNERS):
+        try:
+            runner.shutdown(timeout=30)
+        except RuntimeError:  # the Qt object is already deleted
+            pass
+
+
+class ProgressView:
+    """A job's progress in the widget's QProgressBar/QLabel and in napari's activity bar."""
+
+    def __init__(self, bar, label):
+        self.bar, self.label, self._napari = bar, label, None
+
+    def start(self, description: str) -> None:
+        from napari.utils import progress
+
+        self.close()
+        self._napari = progress(total=0, desc=description)
+        self.bar.setRange(0, 0)  # busy until the first update says how much there is
+        self.bar.setVisible(True)
+        self.label.setText(description)
+
+    def update(self, p, text: str = "") -> None:
+        total = int(p.total or 0)
+        self.bar.setRange(0, total)
+        self.bar.setValue(min(int(p.done), total) if total else 0)
+        self.label.setText(text or f"{p.stage}: {p.done}" + (f" / {total}" if total else ""))
+        if self._napari is not None:
+            if total and self._napari.total != total:
+                self._napari.total = total
+            self._napari.set_description(p.stage)
+            self._napari.update(int(p.done) - self._napari.n)
+
+    def close(self, text: str = None) -> None:
+        if self._napari is not None:
+            self._napari.close()
+            self._napari = None
+        self.bar.setRange(0, 1)
+        self.bar.setValue(0)
+        if text is not None:
+            self.label.setText(text)
+
+
+def segment_worker(model_path: str, device: str, items: list, options: dict):
+    """A napari thread worker segmenting ``items`` (dicts with ``key`` and ``image``) one
+    after the other. It yields ``("model", Model)``, then per item ``("start", key)``,
+    ``("tile", key, TileResult)`` ... and ``("end", key, result_or_None)``."""
+    from napari.qt.threading import thread_worker
+
+    @thread_worker
+    def work():
+        from genselfdiff.model import load_model
+        from genselfdiff.segment import segment_tiles
+
+        model = load_model(model_path, device)
+        model.require_segmentation()
+        yield ("model", model)
+        for item in items:
+            yield ("start", item["key"])
+            for tile in segment_tiles(model, item["image"], region=item.get("region"), **options):
+                yield ("tile", item["key"], tile)
+            yield ("end", item["key"], None)
+
+    return work()
