@@ -28,9 +28,11 @@ def pretrain_job(spec, progress, should_stop):
 
 
 def finetune_job(spec, progress, should_stop):
+    from genselfdiff.config import Resolution
     from genselfdiff.finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig.from_preset(spec["preset"], sparse=spec["sparse"], class_names=spec["classes"],
+                                        resolution=Resolution(**spec.get("resolution", {})),
                                         **spec.get("overrides", {}), **_budget(spec))
     return finetune(spec["images"], spec["labels"], spec["out"], config, pretrained=spec.get("pretrained"),
                     device=spec["device"], progress=progress, should_stop=should_stop)

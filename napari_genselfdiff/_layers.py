@@ -69,8 +69,9 @@ def visible_box(viewer, image_layer, level: int = 0):
     """The part of ``image_layer`` on screen, ``(y0, x0, y1, x1)`` in pixels of ``level``,
     clipped to the image; None when the image is not in view."""
     size = np.asarray(getattr(getattr(viewer, "canvas", None), "size", None) or viewer._canvas_size, float)
-    center = np.asarray(viewer.camera.center[-2:], float)
-    half = size / viewer.camera.zoom / 2
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 / older
+    center = np.asarray(camera.center[-2:], float)
+    half = size / camera.zoom / 2
     d = downsamples(image_levels(image_layer))[level]
     scale = np.asarray(image_layer.scale[-2:], float) * d
     base = np.asarray(image_layer.translate[-2:], float)

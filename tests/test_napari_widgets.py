@@ -33,3 +33,131 @@ def test_widget_docks(make_napari_viewer, name):
     dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
     assert dock.isAncestorOf(widget)
     assert name in dock.name
+
+
+def test_viewer_opens_a_slide_as_a_multiscale_image_with_its_scale(make_napari_viewer, synthetic_slide):
+    path, _, _ = synthetic_slide
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(path), plugin=PLUGIN)
+    assert layer.multiscale and layer.rgb and len(layer.data) == 3
+    assert tuple(layer.scale) == (0.5, 0.5)
+
+
+def test_annotation_layer_sits_on_a_pyramid_level_and_reads_the_pixels_under_it(make_napari_viewer, synthetic_slide):
+    from napari_genselfdiff import _layers
+
+    path, rgb, _ = synthetic_slide
+    viewer = make_napari_viewer()
+    [image] = viewer.open(str(path), plugin=PLUGIN)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    widget.image.setCurrentText(image.name)
+    assert widget.level.count() == 3 and "1.00 µm/px" in widget.level.itemText(1)
+
+    # Zoom onto a window of the slide and annotate the view at level 1 (half resolution).
+    viewer.scene.camera.center = (0, 200.0, 300.0)  # µm
+    viewer.scene.camera.zoom = 4.0  # screen px per µm
+    widget.level.setCurrentIndex(1)
+    widget.region.setCurrentIndex(0)
+    widget.new_annotation_layer()
+    layer = viewer.layers[-1]
+    assert layer.name == f"{image.name} annotation" and widget.labels.currentText() == layer.name
+    h, w = viewer.canvas.size
+    assert layer.data.shape == pytest.approx((h / 4 + 1, w / 4 + 1), abs=2)  # µm at 1 µm/px
+    assert tuple(layer.scale) == (1.0, 1.0) and layer.selected_label == 2
+    layer.data[5:9, 10:30] = 2
+    rgb_under, labels, level = _layers.annotation_arrays(image, layer)
+    assert level == 1 and labels.shape == layer.data.shape and labels.sum() == 2 * 4 * 20
+    _, y0, x0 = _layers.covered_window(image, layer)
+    assert (y0, x0) == pytest.approx((200 - h / 8, 300 - w / 8), abs=2)
+    np.testing.assert_array_equal(rgb_under, np.asarray(image.data[1][y0 : y0 + labels.shape[0], x0 : x0 + labels.shape[1]]))
+
+    # The whole image at full resolution: level 0, same grid as the image.
+    widget.level.setCurrentIndex(0)
+    widget.region.setCurrentIndex(1)
+    widget.new_annotation_layer()
+    assert viewer.layers[-1].data.shape == (1024, 1024)
+    assert _layers.covered_window(image, viewer.layers[-1]) == (0, 0, 0)
+
+
+def _open_sample(viewer, shape=(256, 256), seed=0, name=None):
+    """The plugin's sample data (smaller than the menu's, to keep the test fast)."""
+    from napari_genselfdiff._sample_data import make_sample
+
+    layers = [getattr(viewer, f"add_{kind}")(data, **meta) for data, meta, kind in make_sample(shape, seed)]
+    if name:
+        layers[0].name = name
+    return layers[0]
+
+
+def test_sample_data_opens_from_the_menu_command(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "tissue")
+    assert [type(layer).__name__ for layer in viewer.layers] == ["Image", "Labels"]
+    assert viewer.layers[0].data.shape[:2] == viewer.layers[1].data.shape
+
+
+def _paint_strokes(layer, truth):
+    """What a pathologist does with the brush: a few strokes on nuclei (2) and on background (1)."""
+    from scipy import ndimage as ndi
+
+    strokes = np.zeros(truth.shape, np.uint8)
+    band = slice(0, truth.shape[0] // 2)
+    strokes[band][ndi.binary_erosion(truth[band] > 0, iterations=1)] = 2
+    background = ~ndi.binary_dilation(truth > 0, iterations=3)
+    rows = (np.arange(truth.shape[0]) % 16 < 3)[:, None]
+    strokes[band][(background & rows)[band]] = 1
+    layer.data = strokes
+
+
+def _finetune(qtbot, viewer, widget, image, steps=6, **overrides):
+    widget.image.setCurrentText(image.name)
+    widget.region.setCurrentText("whole image")
+    widget.new_annotation_layer()
+    layer = viewer.layers[-1]
+    truth = next(lay for lay in viewer.layers if lay.name == "ground truth").data
+    _paint_strokes(layer, truth)
+    widget.preset.setCurrentText("tiny")
+    widget.budget.amount.setValue(steps)
+    widget.base.setText("")
+    spec = widget.spec()
+    assert spec["sparse"] and spec["labels"][0].max() == 2 and spec["classes"] == ["background", "nucleus"]
+    widget.start()
+    assert widget.runner.running
+    return spec
+
+
+def test_full_flow_paint_finetune_segment(make_napari_viewer, qtbot, tmp_path):
+    from napari_genselfdiff.settings import settings
+
+    viewer = make_napari_viewer()
+    image = _open_sample(viewer)
+    _, finetune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    finetune.out.setText(str(tmp_path / "segmenter.pt"))
+    _finetune(qtbot, viewer, finetune, image, steps=6)
+    qtbot.waitUntil(lambda: not finetune.runner.running, timeout=180_000)
+    result = finetune.result
+    assert result is not None and result.steps == 6 and not result.stopped
+    assert settings.get("model") == str(tmp_path / "segmenter.pt") == segment.model.text()
+
+
+def test_stop_ends_finetuning_within_seconds_with_a_loadable_model(make_napari_viewer, qtbot, tmp_path):
+    import time
+
+    from genselfdiff.model import load_model
+
+    viewer = make_napari_viewer()
+    image = _open_sample(viewer)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    widget.out.setText(str(tmp_path / "stopped.pt"))
+    steps_seen = []
+    widget.runner.progressed.connect(lambda p: steps_seen.append(p.done) if p.stage == "finetune" else None)
+    _finetune(qtbot, viewer, widget, image, steps=100_000)
+    qtbot.waitUntil(lambda: len(steps_seen) >= 2, timeout=120_000)
+    clicked = time.monotonic()
+    widget.stop_button.click()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=30_000)
+    assert time.monotonic() - clicked < 15
+    assert widget.result.stopped and widget.result.steps < 1000
+    model = load_model(tmp_path / "stopped.pt", "cpu")
+    assert model.kind == "segmentation" and model.classes == ["background", "nucleus"]

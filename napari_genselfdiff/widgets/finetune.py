@@ -152,7 +152,7 @@ class FinetuneWidget(QWidget):
             "images": [rgb], "labels": [lab], "out": out, "classes": self.class_names(),
             "sparse": self.mode.currentText() == SPARSE, "pretrained": self.base.text() or None,
             "preset": self.preset.currentText(), "device": self.device.currentText(),
-            "overrides": {"resolution": {"level": level, "mpp": mpp * d if mpp else None}},
+            "resolution": {"level": level, "mpp": mpp * d if mpp else None},
             **self.budget.spec(),
         }
 
@@ -182,8 +182,9 @@ class FinetuneWidget(QWidget):
         text = f"{p.stage}: step {p.done}" + (f" / {p.total}" if p.total else "")
         if "loss" in p.metrics:
             text += f" · loss {float(p.metrics['loss']):.4f}"
-        if "dice" in p.metrics:
-            self.dice.setText(f"Validation Dice: {float(p.metrics['dice']):.3f}")
+        dice = p.metrics.get("val_dice")
+        if dice is not None and dice == dice:  # NaN until the first validation
+            self.dice.setText(f"Validation Dice: {float(dice):.3f}")
         self.progress.update(p, text)
 
     def _on_finished(self, result):
