@@ -1,0 +1,250 @@
+"""Scoring predicted label images against ground truth, image by image and on average.
+
+Predictions (PNG/TIFF or OME-Zarr, level 0) and truths (PNG/TIFF) are paired by file stem
+(:func:`genselfdiff.slides.image_stem`: ``a/b.ome.zarr`` and ``c/b.png`` are both ``b``).
+Masks saved as 0/255 count as 0/1. A truth with more than ``INSTANCE_MIN_IDS`` distinct ids
+is taken for an instance map (MoNuSeg style): Dice, IoU and HD95 then compare foreground,
+and AJI compares instances, the predicted ones being the connected components of the
+predicted foreground unless the prediction is itself an instance map.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import UserError
+from .metrics import aji, instances_from_mask, segmentation_scores
+from .progress import Progress, resolve
+
+INSTANCE_MIN_IDS = 16  # more distinct ids than this: an instance map, not a class map
+
+
+@dataclass
+class EvaluationReport:
+    """Per-image rows (``image`` plus metrics), their means, and what could not be scored."""
+
+    rows: list = field(default_factory=list)
+    mean: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)  # [(image, sentence)]
+    missing_truth: list = field(default_factory=list)  # prediction stems without a truth
+    missing_prediction: list = field(default_factory=list)  # truth stems without a prediction
+    scale_um: Optional[float] = None
+
+    @property
+    def complete(self) -> bool:
+        """True when every prediction and every truth was paired and scored."""
+        return not (self.failures or self.missing_truth or self.missing_prediction)
+
+    def columns(self) -> list:
+        cols = ["image"]
+        for row in self.rows:
+            cols += [k for k in row if k not in cols]
+        return cols
+
+    def to_csv(self, path) -> Path:
+        """One row per image and a last row ``mean``; empty cells for undefined values."""
+        cols = self.columns()
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(cols)
+        for row in self.rows + [{"image": "mean", **self.mean}]:
+            writer.writerow([_csv_value(row.get(c)) for c in cols])
+        return _write_atomic(path, buf.getvalue())
+
+    def to_json(self, path) -> Path:
+        """Rows, means, unpaired files and failures; undefined values are ``null``."""
+        doc = {
+            "images": len(self.rows),
+            "scale_um": self.scale_um,
+            "mean": _finite(self.mean),
+            "rows": [_finite(r) for r in self.rows],
+            "missing_truth": self.missing_truth,
+            "missing_prediction": self.missing_prediction,
+            "failures": [{"image": n, "error": e} for n, e in self.failures],
+        }
+        return _write_atomic(path, json.dumps(doc, indent=2) + "\n")
+
+    def table(self) -> str:
+        """A plain-text table: one line per image, then the mean."""
+        cols = self.columns()
+        lines = [[c for c in cols]]
+        for row in self.rows:
+            lines.append([_cell(row.get(c)) for c in cols])
+        if self.rows:
+            lines.append([_cell({"image": "mean", **self.mean}.get(c)) for c in cols])
+        widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
+        fmt = lambda line: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
+        out = [fmt(lines[0]), "  ".join("-" * w for w in widths)]
+        out += [fmt(line) for line in lines[1:-1]]
+        if self.rows:
+            out += ["  ".join("-" * w for w in widths), fmt(lines[-1])]
+        return "\n".join(out)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def _csv_value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return ""
+    return "" if v is None else v
+
+
+def _finite(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def _write_atomic(path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --- pairing and reading ----------------------------------------------------------------
+
+def _index(source: Path, role: str) -> dict:
+    """stem -> candidate files (OME-Zarr first), for a file or a folder."""
+    from .slides import find_images, image_stem
+
+    if not source.exists():
+        raise UserError(f"The {role} path {source} does not exist.")
+    files = find_images([source])
+    out: dict = {}
+    for f in files:
+        out.setdefault(image_stem(f), []).append(f)
+    for stem in out:
+        out[stem].sort(key=lambda p: (not p.name.lower().endswith(".zarr"), p.name))
+    return out
+
+
+def _read(path: Path) -> tuple:
+    """(2-D label array, class names or None)."""
+    from .geojson import open_label_image
+
+    img = open_label_image(path)
+    arr = np.asarray(img.array)
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        if not np.all(np.mod(arr, 1) == 0):
+            raise UserError(f"{path} holds fractional values; save class or instance ids, not probabilities.")
+        arr = arr.astype(np.int64)
+    if arr.size and arr.max() == 255 and set(np.unique(arr).tolist()) <= {0, 255}:
+        arr = (arr > 0).astype(np.uint8)  # a 0/255 binary mask
+    return arr, img.class_names
+
+
+def looks_like_instances(labels: np.ndarray) -> bool:
+    """More distinct non-zero ids than a class map would have."""
+    return np.unique(labels).size - (1 if (labels == 0).any() else 0) > INSTANCE_MIN_IDS
+
+
+def score_pair(pred: np.ndarray, truth: np.ndarray, *, scale_um=None, instances=None,
+               class_names: Optional[Sequence[str]] = None) -> dict:
+    """Metrics for one prediction/truth pair of equal shape (see the module docstring)."""
+    truth_instances = instances if instances is not None else looks_like_instances(truth)
+    row = {}
+    if truth_instances:
+        scores = segmentation_scores(pred > 0, truth > 0, classes=[1], spacing=scale_um)
+    else:
+        scores = segmentation_scores(pred, truth, spacing=scale_um)
+    row.update({k: v for k, v in scores.items() if k != "per_class"})
+    if truth_instances:
+        p_inst = pred if looks_like_instances(pred) else instances_from_mask(pred > 0)
+        t_inst = truth if looks_like_instances(truth) else instances_from_mask(truth > 0)
+        row["aji"] = aji(p_inst, t_inst)
+    elif len(scores["per_class"]) > 1:
+        for k, vals in scores["per_class"].items():
+            name = class_names[k] if class_names is not None and k < len(class_names) else str(k)
+            for key, v in vals.items():
+                row[f"{key}[{name}]"] = v
+    return row
+
+
+def evaluate(pred, truth, *, scale_um=None, instances=None, progress=None, class_names=None) -> EvaluationReport:
+    """Score predictions against truths; both are a label image or a folder of them.
+
+    ``scale_um`` (µm per pixel) adds HD95 in µm. ``instances``: None decides from each truth
+    (instance map or not), True treats every truth as instances (connected components if it
+    is a class map) and adds AJI, False never computes AJI. Unpaired files and images that
+    cannot be scored are listed in the report; a single pair that cannot be scored raises
+    :class:`UserError`.
+    """
+    progress, _ = resolve(progress, None)
+    pred, truth = Path(pred), Path(truth)
+    preds, truths = _index(pred, "prediction"), _index(truth, "truth")
+    single = not pred.is_dir() or pred.name.lower().endswith(".zarr")
+    single = single and (not truth.is_dir() or truth.name.lower().endswith(".zarr"))
+    if single:  # two files: pair them whatever their names
+        preds = {next(iter(preds)): next(iter(preds.values()))}
+        truths = {next(iter(preds)): next(iter(truths.values()))}
+    report = EvaluationReport(scale_um=scale_um)
+    report.missing_truth = sorted(set(preds) - set(truths))
+    report.missing_prediction = sorted(set(truths) - set(preds))
+    stems = sorted(set(preds) & set(truths))
+    if not stems:
+        raise UserError(f"No prediction in {pred} has a truth of the same name in {truth} "
+                        "(files are paired by name without extension).")
+    for i, stem in enumerate(stems):
+        try:
+            row = _score_stem(stem, preds[stem], truths[stem][0], scale_um, instances, class_names)
+        except UserError as e:
+            if single:
+                raise
+            report.failures.append((stem, str(e)))
+        else:
+            report.rows.append(row)
+            progress(Progress("evaluate", i + 1, len(stems), {k: row[k] for k in ("dice",) if k in row}))
+    report.mean = _means(report.rows)
+    return report
+
+
+def _score_stem(stem, pred_files, truth_file, scale_um, instances, class_names) -> dict:
+    truth, _ = _read(truth_file)
+    shapes = []
+    for f in pred_files:
+        pred, names = _read(f)
+        if pred.shape == truth.shape:
+            row = {"image": stem}
+            row.update(score_pair(pred, truth, scale_um=scale_um, instances=instances,
+                                  class_names=class_names if class_names is not None else names))
+            return row
+        shapes.append((f, pred.shape))
+    f, shape = shapes[0]
+    raise UserError(f"{f} is {shape[1]} x {shape[0]} pixels but its truth {truth_file} is "
+                    f"{truth.shape[1]} x {truth.shape[0]}; compare predictions at the truth's resolution.")
+
+
+def _means(rows: list) -> dict:
+    keys = []
+    for row in rows:
+        keys += [k for k in row if k != "image" and k not in keys]
+    mean = {}
+    for k in keys:
+        vals = [r[k] for r in rows if isinstance(r.get(k), (int, float)) and not math.isnan(r[k])]
+        mean[k] = float(np.mean(vals)) if vals else math.nan
+    return mean
