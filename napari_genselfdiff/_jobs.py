@@ -7,6 +7,7 @@ loads only the engine. Every job is ``job(spec, progress, should_stop) -> result
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 
 import numpy as np
@@ -41,7 +42,8 @@ def finetune_job(spec, progress, should_stop):
 def sample_job(spec, progress, should_stop):
     from genselfdiff.pretrain import sample_images
 
-    return sample_images(spec["model"], spec["n"], device=spec["device"], seed=spec.get("seed", 0))
+    return sample_images(spec["model"], spec["n"], device=spec["device"], seed=spec.get("seed", 0),
+                         timesteps=spec.get("timesteps"), progress=progress, should_stop=should_stop)
 
 
 JOBS = {"pretrain": pretrain_job, "finetune": finetune_job, "sample": sample_job}
@@ -63,4 +65,12 @@ def run_job(name: str, spec: dict, queue, stop_event) -> None:
     except BaseException as e:  # a bug: the UI shows it in plain words and logs the traceback
         queue.put(("error", f"{type(e).__name__}: {e}", False, traceback.format_exc()))
     else:
-        queue.put(("done", result))
+        queue.put(("done", _without_networks(result)))
+
+
+def _without_networks(result):
+    """Results may carry the trained network; the UI needs the file, not a copy of the weights."""
+    if dataclasses.is_dataclass(result):
+        heavy = {f.name: None for f in dataclasses.fields(result) if hasattr(getattr(result, f.name), "state_dict")}
+        return dataclasses.replace(result, **heavy) if heavy else result
+    return result

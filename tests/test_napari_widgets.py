@@ -161,3 +161,34 @@ def test_stop_ends_finetuning_within_seconds_with_a_loadable_model(make_napari_v
     assert widget.result.stopped and widget.result.steps < 1000
     model = load_model(tmp_path / "stopped.pt", "cpu")
     assert model.kind == "segmentation" and model.classes == ["background", "nucleus"]
+
+
+def test_pretrain_stops_within_seconds_then_draws_images(make_napari_viewer, qtbot, tmp_path, synthetic_pair):
+    import time
+
+    from genselfdiff.model import load_model
+    from genselfdiff.synthetic import write_pyramidal_tiff
+
+    (tmp_path / "slides").mkdir()
+    write_pyramidal_tiff(tmp_path / "slides" / "a.ome.tif", synthetic_pair[0], mpp=0.5)
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Pretrain")
+    widget.folder.setText(str(tmp_path / "slides"))
+    widget.out.setText(str(tmp_path / "pretrained.pt"))
+    widget.preset.setCurrentText("tiny")
+    widget.budget.amount.setValue(100_000)
+    widget.start()
+    qtbot.waitUntil(lambda: len(widget.plot.steps) >= 3, timeout=120_000)
+    clicked = time.monotonic()
+    widget.stop_button.click()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=30_000)
+    assert time.monotonic() - clicked < 15
+    assert widget.result.stopped and 3 <= widget.result.steps < 1000
+    assert load_model(tmp_path / "pretrained.pt", "cpu").kind == "pretrained"
+    assert widget.plot.isVisible() or not widget.isVisible()
+
+    widget.n_samples.setValue(2)
+    widget.draw_samples()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
+    drawn = viewer.layers["drawn by pretrained"]
+    assert drawn.rgb and drawn.data.shape == (2, 64, 64, 3) and drawn.data.dtype == np.uint8

@@ -11,32 +11,41 @@ from ..settings import settings
 from ..workers import JobRunner, ProgressView
 from ._common import PRESETS, BudgetEdit, DeviceBox, PathEdit, progress_row, tell, tell_error
 
+SAMPLING_STEPS = 50  # a strided reverse process: a quick look, not the full 1000 steps
+
 
 class LossPlot(QWidget):
     """The training loss as it comes in (matplotlib, drawn at most every few updates)."""
 
-    def __init__(self, parent=None):
+    def __init__(self, theme: str = "dark", parent=None):
         super().__init__(parent)
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
+        from napari.utils.theme import get_theme
 
-        self.figure = Figure(figsize=(3, 1.8), layout="constrained")
+        colors = get_theme(theme)
+        text, line = colors.text.as_hex(), colors.highlight.as_hex()
+        self.figure = Figure(figsize=(3, 1.8), layout="constrained", facecolor=colors.background.as_hex())
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(150)
-        self.axes = self.figure.add_subplot()
+        self.axes = self.figure.add_subplot(facecolor=colors.background.as_hex())
         self.steps, self.losses = [], []
-        (self.line,) = self.axes.plot([], [], lw=1)
-        self.axes.set_xlabel("step", fontsize=8)
-        self.axes.set_ylabel("loss", fontsize=8)
-        self.axes.tick_params(labelsize=7)
+        (self.line,) = self.axes.plot([], [], lw=1.2, color=line)
+        self.axes.set_xlabel("step", fontsize=8, color=text)
+        self.axes.set_ylabel("loss", fontsize=8, color=text)
+        self.axes.tick_params(labelsize=7, colors=text)
+        for spine in self.axes.spines.values():
+            spine.set_color(text)
         QVBoxLayout(self).addWidget(self.canvas)
         self.layout().setContentsMargins(0, 0, 0, 0)
+        self.setVisible(False)  # shown from the first loss on
 
     def clear(self):
         self.steps, self.losses = [], []
         self.redraw()
 
     def add(self, step: int, loss: float):
+        self.setVisible(True)
         self.steps.append(step)
         self.losses.append(loss)
         if len(self.steps) % 5 == 1:
@@ -69,7 +78,7 @@ class PretrainWidget(QWidget):
         self.stop_button.clicked.connect(self.stop)
         self.stop_button.setEnabled(False)
         self.bar, self.status = progress_row()
-        self.plot = LossPlot()
+        self.plot = LossPlot(napari_viewer.theme)
         self.n_samples = QSpinBox()
         self.n_samples.setRange(1, 64)
         self.n_samples.setValue(4)
@@ -104,6 +113,7 @@ class PretrainWidget(QWidget):
         self.runner.finished.connect(self._on_finished)
         self.runner.failed.connect(self._on_failed)
         self.result = None  # the last PretrainResult
+        self._job, self._samples = None, None
 
     def spec(self) -> dict:
         folder, out = self.folder.text(), self.out.text()
@@ -138,7 +148,9 @@ class PretrainWidget(QWidget):
         if not model or not Path(model).exists():
             return tell_error("Pretrain a model first (or choose a saved one under 'Save as').")
         self._job = "sample"
-        self.runner.start("sample", {"model": model, "n": self.n_samples.value(), "device": self.device.currentText()})
+        self._samples = None
+        self.runner.start("sample", {"model": model, "n": self.n_samples.value(), "device": self.device.currentText(),
+                                     "timesteps": SAMPLING_STEPS})
         self.progress.start("Drawing images from the model…")
         self._set_running(True)
 
@@ -148,6 +160,10 @@ class PretrainWidget(QWidget):
         self.stop_button.setEnabled(running)
 
     def _on_progress(self, p):
+        if self._job == "sample":
+            if p.payload is not None:  # the model's current guess, sharpening as the noise goes
+                self._show_samples(p.payload)
+            return self.progress.update(p, f"Drawing images: step {p.done} / {p.total}")
         loss = p.metrics.get("loss")
         text = f"{p.stage}: step {p.done}" + (f" / {p.total}" if p.total else "")
         if loss is not None:
@@ -158,8 +174,8 @@ class PretrainWidget(QWidget):
     def _on_finished(self, result):
         self._set_running(False)
         if self._job == "sample":
-            self.progress.close("")
-            self.viewer.add_image(result, rgb=True, name=f"drawn by {Path(self.out.text()).stem}")
+            self.progress.close(f"Drew {len(result)} images from {Path(self.out.text()).name}.")
+            self._show_samples(result)
             return
         self.result = result
         self.plot.redraw()
@@ -167,6 +183,12 @@ class PretrainWidget(QWidget):
         self.progress.close(f"Pretraining {how} after {result.steps} steps; saved {result.path}.")
         settings.set("pretrained", str(result.path))
         tell(f"Pretraining {how}: {result.path}")
+
+    def _show_samples(self, images):
+        if self._samples is None or self._samples not in self.viewer.layers:
+            self._samples = self.viewer.add_image(images, rgb=True, name=f"drawn by {Path(self.out.text()).stem}")
+        else:
+            self._samples.data = images
 
     def _on_failed(self, text: str, is_user: bool):
         self._set_running(False)
