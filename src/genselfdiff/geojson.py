@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import uuid
 import warnings as _warnings
 from dataclasses import dataclass, field
@@ -103,25 +102,30 @@ def _trace(x: np.ndarray, y: np.ndarray, d: np.ndarray) -> list:
 
 def _shoelace(pts: np.ndarray) -> float:
     """Signed area of a ring given as (N, 2) x, y (closing point optional); shells > 0 here."""
-    xs, ys = pts[:, 0], pts[:, 1]
-    return 0.5 * float(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1)))
+    x, y = pts[:, 0], pts[:, 1]
+    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(y[:-1], x[1:]) + x[-1] * y[0] - y[-1] * x[0])
 
 
 def _canonical(pts: np.ndarray) -> np.ndarray:
     """Rotate a ring to start at its smallest (y, x) vertex, so tiling does not change the result."""
     i = np.lexsort((pts[:, 0], pts[:, 1]))[0]
-    return np.roll(pts, -i, axis=0)
+    return np.concatenate([pts[i:], pts[:i]]) if i else pts
 
 
 def _ring_geometry(idx: np.ndarray, x, y, d):
     """Exact corner polygon and midpoint polygon of one traced ring (both open, canonical)."""
     dd = d[idx]
-    prev_d = np.roll(dd, 1)
-    next_d = np.roll(dd, -1)
+    prev_d = np.concatenate([dd[-1:], dd[:-1]])
+    next_d = np.concatenate([dd[1:], dd[:1]])
     corner = dd != prev_d
     exact = np.stack([x[idx][corner], y[idx][corner]], 1).astype(np.float64)
     keep = corner | (dd != next_d)
     mid = np.stack([x[idx][keep] + 0.5 * _DX[dd[keep]], y[idx][keep] + 0.5 * _DY[dd[keep]]], 1)
+    # Midpoints along a diagonal staircase are collinear: dropping them changes no shape.
+    prev, nxt = np.concatenate([mid[-1:], mid[:-1]]), np.concatenate([mid[1:], mid[:1]])
+    cross = (mid[:, 0] - prev[:, 0]) * (nxt[:, 1] - mid[:, 1]) - (mid[:, 1] - prev[:, 1]) * (nxt[:, 0] - mid[:, 0])
+    if np.count_nonzero(cross) >= 3:
+        mid = mid[cross != 0]
     return _canonical(exact), _canonical(mid.astype(np.float64))
 
 
@@ -140,27 +144,42 @@ def _simplify(ring: np.ndarray, tolerance: float) -> np.ndarray:
 
 
 def _douglas_peucker(pts: list, tol: float) -> list:
-    """Indices kept by Douglas-Peucker, with skimage's distance rule, in plain Python.
+    """Indices kept by Douglas-Peucker, with skimage's distance rule.
 
-    Rings here have tens of vertices, where numpy's per-call overhead dominates.
+    Long spans are measured with numpy, short ones in plain Python, where numpy's per-call
+    overhead would dominate (rings here mostly have tens of vertices).
     """
+    arr = None
     keep = [False] * len(pts)
     keep[0] = keep[-1] = True
     stack = [(0, len(pts) - 1)]
     while stack:
         a, b = stack.pop()
+        if b - a < 2:
+            continue
         (x0, y0), (x1, y1) = pts[a], pts[b]
         dx, dy = x1 - x0, y1 - y0
         norm = math.hypot(dx, dy)
-        best, far = tol, -1
-        for i in range(a + 1, b):
-            px, py = pts[i]
-            if (px - x0) * dx + (py - y0) * dy > 0 and (px - x1) * -dx + (py - y1) * -dy > 0:
-                dist = abs((px - x0) * dy - (py - y0) * dx) / norm
-            else:
-                dist = min(math.hypot(px - x0, py - y0), math.hypot(px - x1, py - y1))
-            if dist > best:
-                best, far = dist, i
+        if b - a > 48:
+            if arr is None:
+                arr = np.asarray(pts)
+            px, py = arr[a + 1:b, 0], arr[a + 1:b, 1]
+            perp = ((px - x0) * dx + (py - y0) * dy > 0) & ((px - x1) * -dx + (py - y1) * -dy > 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dist = np.where(perp, np.abs((px - x0) * dy - (py - y0) * dx) / norm,
+                                np.minimum(np.hypot(px - x0, py - y0), np.hypot(px - x1, py - y1)))
+            j = int(np.argmax(dist))
+            far = a + 1 + j if dist[j] > tol else -1
+        else:
+            best, far = tol, -1
+            for i in range(a + 1, b):
+                px, py = pts[i]
+                if (px - x0) * dx + (py - y0) * dy > 0 and (px - x1) * -dx + (py - y1) * -dy > 0:
+                    dist = abs((px - x0) * dy - (py - y0) * dx) / norm
+                else:
+                    dist = min(math.hypot(px - x0, py - y0), math.hypot(px - x1, py - y1))
+                if dist > best:
+                    best, far = dist, i
         if far >= 0:
             keep[far] = True
             stack.append((far, b))
@@ -200,6 +219,12 @@ def _region_polygons(reg: _Region, tolerance: float) -> list:
     Tries the requested tolerance, then smaller ones, and keeps the first whose area is
     within 1 % of the raster's; the exact pixel outline is the last resort (tiny regions).
     """
+    # Ring order follows edge order, which depends on the tiling: sort by first vertex.
+    first = lambda ring: (ring[0][0][1], ring[0][0][0])
+    order = sorted(range(len(reg.holes)), key=lambda i: first(reg.holes[i]))
+    reg.holes = [reg.holes[i] for i in order]
+    reg.hole_points = [reg.hole_points[i] for i in order]
+    reg.shells.sort(key=first)
     exact_area = sum(_shoelace(e) for e, _ in reg.shells + reg.holes)
     tries = [t for t in (tolerance, tolerance / 2) if t > 0] + [0.0]
     for t in tries:
@@ -519,11 +544,11 @@ def export_geojson(labels_source, out, *, class_names=None, colors=None, tile=40
     grid = [(y, x) for y in range(0, H, tile) for x in range(0, W, tile)]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same folder, so the rename is atomic
     count = 0
     sep = "\n" if pretty else ""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write('{"type": "FeatureCollection", "features": [' + sep)
 
             def write(features):

@@ -62,7 +62,6 @@ def run(args) -> int:
 def write_mask(path, labels):
     """Write a label mask as PNG or TIFF through a temporary file in the same folder."""
     import os
-    import tempfile
     from pathlib import Path
 
     from ..errors import UserError
@@ -72,8 +71,7 @@ def write_mask(path, labels):
     if suffix not in (".png", ".tif", ".tiff"):
         raise UserError(f"{path}: write the mask as .png, .tif or .tiff.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{suffix}")  # same folder: the rename is atomic
     try:
         if suffix == ".png":
             from skimage.io import imsave
