@@ -35,11 +35,11 @@ class TissueMap:
     def __init__(self, slide: Slide, max_side: int = 2048):
         self.slide = slide
         self.level = slide.thumbnail_level(max_side)
-        thumb = np.asarray(slide.levels[self.level])
-        if max(thumb.shape[:2]) > max_side:  # no small level: subsample (lazy, strided)
+        thumb = slide.levels[self.level]
+        if max(thumb.shape[:2]) > max_side:  # no small level: subsample (lazy, strided) before reading
             step = int(np.ceil(max(thumb.shape[:2]) / max_side))
             thumb = thumb[::step, ::step]
-        self.mask = tissue_mask(thumb)
+        self.mask = tissue_mask(np.asarray(thumb))
         self.scale = slide.levels[0].shape[0] / self.mask.shape[0]  # level-0 pixels per mask pixel
 
     @property
