@@ -1,0 +1,406 @@
+"""Self-supervised diffusion pretraining (the pretext task of GenSelfDiff-HIS), and sampling from it.
+
+The network learns to predict the noise added to unlabelled tissue patches: x0 in [-1, 1],
+t uniform over the T = 1000 steps of the quadratic schedule, x_t = sqrt(abar_t) x0 +
+sqrt(1 - abar_t) eps, loss = lambda_t * |eps - eps_theta(x_t, t)|^2 with the P2 weights
+lambda_t = 1 / (1 + SNR_t). Adam at 1e-4 as in the paper; EMA of the weights, gradient
+clipping and a linear warm-up are our additions (each off at 0). The checkpoint kept at
+``out`` is the best by the loss on fixed validation patches, timesteps and noise.
+
+Everything random in step ``s`` (patches, flips, timesteps, noise) derives from
+(seed, rank, s), so ``<out>.last.pt`` (weights, EMA, Adam state, step, history) is all
+``resume`` needs to continue the exact run.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import distributed
+from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .config import PretrainConfig
+from .errors import UserError
+from .model import autocast, pick_device, to_input
+from .patches import PatchStream, batches, plan_data, val_noise
+from .progress import Progress, resolve
+from .schedule import Schedule, p2_loss, q_sample
+from .unet import UNet
+
+# Fields a resumed run takes from the caller rather than from the checkpoint: they change
+# how long and how fast it runs, not what it computes.
+RUNTIME_FIELDS = ("steps", "minutes", "workers", "compile", "val_every", "amp", "channels_last")
+
+
+@dataclass
+class PretrainResult:
+    path: Path  # the best checkpoint by validation loss
+    steps: int
+    history: list  # {step, loss, patches_per_s, lr[, val_loss]}
+    stopped: bool
+    skipped: list  # (path, reason)
+    best_val_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    last_path: Optional[Path] = None  # resume state of the final step
+    seconds: float = 0.0
+    validation: str = ""  # "held-out files", "held-out regions" or "in-sample"
+    net: Optional[torch.nn.Module] = field(default=None, repr=False)  # trained network (EMA weights if on)
+
+
+def last_path(out) -> Path:
+    """Where the resume state of ``out`` lives: ``model.pt`` -> ``model.last.pt``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.last{out.suffix}") if out.suffix else out.with_name(out.name + ".last")
+
+
+def schedule_of(config: PretrainConfig) -> Schedule:
+    return Schedule.quadratic(config.timesteps, config.beta_start, config.beta_end)
+
+
+def check_config(cfg: PretrainConfig) -> None:
+    """One sentence per impossible setting, before any work starts."""
+    d = cfg.net.downsampling
+    if cfg.patch < d or cfg.patch % d:
+        raise UserError(f"Patch size {cfg.patch} must be a positive multiple of {d} for this network.")
+    if cfg.net.width % cfg.net.groups or cfg.net.width < cfg.net.groups:
+        raise UserError(f"Network width {cfg.net.width} must be a multiple of {cfg.net.groups} (GroupNorm groups).")
+    if cfg.batch < 1 or cfg.lr <= 0:
+        raise UserError("Batch size must be at least 1 and the learning rate positive.")
+    if (cfg.steps is not None and cfg.steps < 0) or (cfg.minutes is not None and cfg.minutes < 0):
+        raise UserError("--steps and --minutes cannot be negative.")
+    if not 0 <= cfg.ema_decay < 1 or cfg.grad_clip < 0 or cfg.warmup_steps < 0 or cfg.workers < 0:
+        raise UserError("EMA decay must be in [0, 1); clipping, warm-up and workers cannot be negative.")
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError("The validation fraction must be in [0, 1).")
+
+
+def pretrain(sources, out, config: PretrainConfig, *, device="auto", resume: bool = False, progress=None,
+             should_stop=None, log_every: Optional[int] = None) -> PretrainResult:
+    """Pretrain the diffusion U-Net on unlabelled slides; returns where the best checkpoint is.
+
+    ``sources``: image files and/or folders (searched recursively). ``out``: the best checkpoint
+    (by validation loss); the state of the last step goes to :func:`last_path` (``out``).
+    ``resume=True`` continues that state (the config comes from the checkpoint except
+    :data:`RUNTIME_FIELDS`). The run ends after ``config.steps`` steps or ``config.minutes``
+    minutes (whichever first; neither: until ``should_stop``). On stop it saves both files and
+    returns with ``stopped=True``. Under ``torchrun`` it trains data-parallel (see
+    :mod:`genselfdiff.distributed`). ``log_every``: steps per history entry (default 1 on the
+    CPU, 10 on a GPU, where reading the loss waits for the device).
+    """
+    t0 = time.perf_counter()
+    progress, should_stop = resolve(progress, should_stop)
+    out = Path(out)
+    ctx = distributed.setup(pick_device(device))
+    try:
+        trainer = _Trainer(sources, out, config, ctx, resume, log_every)
+        return trainer.run(progress if ctx.is_main else resolve(None, None)[0], should_stop, t0)
+    finally:
+        distributed.teardown(ctx)
+
+
+class _Trainer:
+    def __init__(self, sources, out: Path, config: PretrainConfig, ctx, resume: bool, log_every):
+        self.sources, self.out, self.last, self.ctx = list(sources), out, last_path(out), ctx
+        self.device = ctx.device
+        ckpt = self._load_resume_state(config) if resume else None
+        cfg = self.cfg = config if ckpt is None else self._resumed_config(config, ckpt)
+        check_config(cfg)
+        self.schedule = schedule_of(cfg)
+        self.log_every = log_every or (1 if self.device.type == "cpu" else 10)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+        with torch.random.fork_rng(devices=[]):  # same initial weights for a seed, caller's RNG untouched
+            torch.manual_seed(cfg.seed)
+            self.net = UNet(cfg.net)
+        self.net.to(self.device, memory_format=self.memory_format)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False) if cfg.ema_decay > 0 else None
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, fused=self.device.type == "cuda" or None)
+        self.step, self.history = 0, []
+        self.best_val, self.best_step, self.last_val = None, None, None
+        # Whether ``out`` holds this run's best (a file left by an unrelated earlier run does not count).
+        self.best_written = ckpt is not None and out.exists()
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.model = distributed.wrap(self.net, ctx)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+
+    # --- resume ---------------------------------------------------------------------
+    def _load_resume_state(self, config) -> dict:
+        if not self.last.exists():
+            raise UserError(f"Nothing to resume: {self.last} does not exist (it is written next to --out "
+                            "during training); start without --resume.")
+        ckpt = load_checkpoint(self.last)
+        if ckpt.get("kind") != "pretrained" or "optimizer" not in ckpt:
+            raise UserError(f"{self.last} is not the resume state of a pretraining run.")
+        return ckpt
+
+    @staticmethod
+    def _resumed_config(config: PretrainConfig, ckpt: dict) -> PretrainConfig:
+        saved = PretrainConfig.from_dict(ckpt["config"])
+        runtime = {k: getattr(config, k) for k in RUNTIME_FIELDS}
+        if config.steps is None and config.minutes is None:  # continue to the original target
+            runtime.update(steps=saved.steps, minutes=saved.minutes)
+        return replace(saved, **runtime)
+
+    def _restore(self, ckpt: dict) -> None:
+        self.net.load_state_dict(ckpt["state_dict"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt.get("ema_state_dict") or ckpt["state_dict"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+        self.history = list(ckpt.get("history", []))
+        self.best_val, self.best_step = ckpt.get("best_val_loss"), ckpt.get("best_step")
+        if ckpt.get("rng"):
+            restore_rng(ckpt["rng"])
+        self.resumed_data = ckpt.get("data", {})
+
+    # --- the loop -------------------------------------------------------------------
+    def run(self, progress, should_stop, t0: float) -> PretrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        progress(Progress("pretrain", self.step, cfg.steps, {"status": "reading slides"}))
+        plan = plan_data(self.sources, cfg.patch, cfg.resolution, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                         val_patches=cfg.val_batches * cfg.batch)
+        self.plan, self.provenance = plan, plan.provenance(self.sources)
+        if getattr(self, "resumed_data", {}).get("files", self.provenance["files"]) != self.provenance["files"]:
+            warnings.warn("The slides differ from those of the run being resumed; the data stream will differ.")
+        self.skipped = dict(plan.skipped)
+        self.val = (plan.val_patches, *val_noise(len(plan.val_windows), cfg.patch, cfg.timesteps, cfg.seed))
+
+        stream = PatchStream(plan.files, plan.train, cfg.patch, cfg.batch, cfg.resolution, seed=cfg.seed,
+                             rank=ctx.rank, start=self.step, exclude=plan.exclude, bad=plan.bad)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                                             prefetch_factor=4 if cfg.workers else None)
+        batches_in = iter(loader)
+        gen = torch.Generator(self.device)
+        loss_sum, n_sum = torch.zeros((), device=self.device), 0
+        window_t, window_steps = time.perf_counter(), 0
+        last_loss, last_pps, stopped = None, None, False
+        start_step = self.step
+        self.net.train()
+        try:
+            while True:
+                over_time = cfg.minutes is not None and time.perf_counter() - t0 >= 60 * cfg.minutes
+                done = cfg.steps is not None and self.step >= cfg.steps
+                stop = distributed.any_rank(bool(should_stop()) and not done, ctx)
+                if done or over_time or stop:
+                    stopped = stop
+                    break
+                batch, bad = next(batches_in)
+                self.skipped.update(dict(bad))
+                loss = self._train_step(batch.numpy(), gen)
+                self.step += 1
+                loss_sum += loss.detach()
+                n_sum += 1
+                window_steps += 1
+                val_due = cfg.val_every > 0 and self.step % cfg.val_every == 0
+                finishing = cfg.steps is not None and self.step >= cfg.steps
+                if self.step % self.log_every == 0 or val_due or finishing:
+                    mean = distributed.all_sum(loss_sum / n_sum, ctx) / ctx.world_size
+                    last_loss = float(mean)
+                    elapsed = time.perf_counter() - window_t
+                    last_pps = window_steps * cfg.batch * ctx.world_size / max(elapsed, 1e-9)
+                    self.history.append({"step": self.step, "loss": last_loss, "patches_per_s": last_pps,
+                                         "lr": self._lr(self.step - 1)})
+                    loss_sum.zero_()
+                    n_sum = 0
+                    if val_due:
+                        self._validate_and_save()
+                    window_t, window_steps = time.perf_counter(), 0
+                metrics = {"loss": last_loss, "patches/s": last_pps, "val_loss": self.last_val}
+                progress(Progress("pretrain", self.step, cfg.steps, {k: v for k, v in metrics.items() if v is not None}))
+        finally:
+            del batches_in  # stops the loader's workers
+
+        if n_sum:  # steps since the last history entry
+            mean = distributed.all_sum(loss_sum / n_sum, ctx) / ctx.world_size
+            self.history.append({"step": self.step, "loss": float(mean), "patches_per_s": last_pps or 0.0,
+                                 "lr": self._lr(self.step - 1)})
+        if not stopped and self.step > start_step and not self.history[-1].get("val_loss"):
+            self._validate_and_save()  # the final weights compete for best too
+        else:
+            self._save_last()
+            if not self.best_written and ctx.is_main:  # stopped before any validation: keep what we have
+                save_checkpoint(self.out, self._payload(resume_state=False))
+                self.best_written = True
+        if not distributed.weights_agree(self.net, ctx):
+            raise RuntimeError("DDP ranks ended with different weights; this is a bug, please report it.")
+        distributed.barrier(ctx)
+        return PretrainResult(
+            path=self.out, steps=self.step, history=self.history, stopped=stopped,
+            skipped=sorted(self.skipped.items()), best_val_loss=self.best_val, best_step=self.best_step,
+            last_path=self.last, seconds=time.perf_counter() - t0, validation=plan.validation,
+            net=self.ema if self.ema is not None else self.net)
+
+    def _lr(self, step: int) -> float:
+        """Linear warm-up over ``warmup_steps`` (0: none), then constant as in the paper."""
+        w = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, (step + 1) / w) if w > 0 else self.cfg.lr
+
+    def _train_step(self, batch: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        gen.manual_seed(_seed(cfg.seed, self.ctx.rank, self.step))
+        x0 = to_input(batch, self.device).contiguous(memory_format=self.memory_format)
+        t = torch.randint(0, cfg.timesteps, (x0.shape[0],), generator=gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=gen, device=self.device).contiguous(memory_format=self.memory_format)
+        with autocast(self.device, cfg.amp):
+            eps = self.model(q_sample(self.schedule, x0, t, noise), t)
+        loss = p2_loss(self.schedule, eps, noise, t, cfg.p2_k, cfg.p2_gamma)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+        for group in self.opt.param_groups:
+            group["lr"] = self._lr(self.step)
+        self.opt.step()
+        if self.ema is not None:
+            # Bias-corrected ramp (as in timm/diffusers), so short runs get a usable average.
+            d = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - d)
+        return loss
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """P2 loss of the EMA weights (or the raw ones) on fixed patches, timesteps and noise."""
+        net = self.ema if self.ema is not None else self.net
+        net.eval()
+        patches, ts, noise = self.val
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for k, sl in enumerate(batches(len(patches), self.cfg.batch)):
+            if k % self.ctx.world_size != self.ctx.rank:
+                continue
+            x0 = to_input(patches[sl], self.device).contiguous(memory_format=self.memory_format)
+            t, eps = ts[sl].to(self.device), noise[sl].to(self.device)
+            with autocast(self.device, self.cfg.amp):
+                pred = net(q_sample(self.schedule, x0, t, eps), t)
+            total += torch.stack([p2_loss(self.schedule, pred, eps, t, self.cfg.p2_k, self.cfg.p2_gamma).double()
+                                  * len(t), torch.tensor(len(t), dtype=torch.float64, device=self.device)])
+        net.train()
+        distributed.all_sum(total, self.ctx)
+        return float(total[0] / total[1])
+
+    def _validate_and_save(self) -> None:
+        val = self.validate()
+        if not self.history or self.history[-1]["step"] != self.step:
+            self.history.append({"step": self.step})
+        self.history[-1]["val_loss"] = self.last_val = val
+        if self.best_val is None or val < self.best_val or not self.best_written:
+            self.best_val, self.best_step = val, self.step
+            if self.ctx.is_main:
+                save_checkpoint(self.out, self._payload(resume_state=False))
+            self.best_written = True
+        self._save_last()
+
+    def _save_last(self) -> None:
+        if self.ctx.is_main:
+            save_checkpoint(self.last, self._payload(resume_state=True))
+
+    def _payload(self, resume_state: bool) -> dict:
+        cfg = self.cfg
+        d = {"kind": "pretrained", "net": cfg.net.to_dict(), "state_dict": self.net.state_dict(),
+             "config": cfg.to_dict(), "schedule": self.schedule.to_dict(), "step": self.step,
+             "data": {**self.provenance, "skipped": [list(s) for s in sorted(self.skipped.items())],
+                      "world_size": self.ctx.world_size},
+             "resolution": cfg.resolution.to_dict(), "normalization": "[-1, 1]", "history": self.history,
+             "best_val_loss": self.best_val, "best_step": self.best_step}
+        if self.ema is not None:
+            d["ema_state_dict"] = self.ema.state_dict()
+        if resume_state:
+            d["optimizer"] = self.opt.state_dict()
+            d["rng"] = capture_rng()
+        return d
+
+
+def _seed(*keys: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+# --- sampling -----------------------------------------------------------------------------
+
+def respace(schedule: Schedule, steps: Optional[int] = None) -> tuple:
+    """(timesteps, betas) of a strided DDPM over ``steps`` of the T timesteps (Nichol & Dhariwal 2021).
+
+    The kept timesteps are spread evenly over 0..T-1 and the new betas are chosen so that
+    abar at each kept timestep is unchanged: beta'_i = 1 - abar_{t_i} / abar_{t_{i-1}}.
+    ``steps`` None or >= T gives back the full schedule.
+    """
+    T = schedule.timesteps
+    steps = T if steps is None else max(1, min(int(steps), T))
+    ts = np.unique(np.round(np.linspace(0, T - 1, steps)).astype(int))
+    abar = schedule.alphas_cumprod[torch.from_numpy(ts)]
+    prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+    return [int(t) for t in ts], 1.0 - abar / prev
+
+
+@torch.no_grad()
+def sample_images(model, n: int = 4, *, device="auto", seed: int = 0, timesteps: Optional[int] = None,
+                  size: Optional[int] = None, progress=None, should_stop=None) -> np.ndarray:
+    """Draw ``n`` images from a pretrained model by the reverse process: uint8 (n, H, W, 3).
+
+    ``model``: a checkpoint path or a loaded :class:`~genselfdiff.model.Model` of kind
+    "pretrained" (then its own device is used). ``timesteps``: run a strided (respaced)
+    DDPM over that many of the T steps instead of all T, e.g. 50 for a quick look; each
+    step uses the posterior variance and clips the predicted x0 to [-1, 1]. ``size``: side in
+    pixels (default: the training patch). On ``should_stop`` it returns the current
+    estimate of the clean images. Progress payloads carry that estimate every 10 % of steps.
+    """
+    from .model import Model, load_model
+
+    progress, should_stop = resolve(progress, should_stop)
+    m = model if isinstance(model, Model) else load_model(model, device)
+    if m.kind != "pretrained":
+        raise UserError(f"{m.path or 'This model'} is a segmentation model; sampling needs a pretrained "
+                        "diffusion model (genselfdiff pretrain).")
+    size = int(size or m.patch)
+    if size % m.multiple:
+        raise UserError(f"Sample size {size} must be a multiple of {m.multiple} for this network.")
+    s = m.meta.get("schedule", {})
+    schedule = Schedule.quadratic(int(s.get("timesteps", 1000)), float(s.get("beta_start", 1e-4)),
+                                  float(s.get("beta_end", 0.02)))
+    ts, betas = respace(schedule, timesteps)
+    abar = schedule.alphas_cumprod[torch.tensor(ts)]
+    abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+    g = torch.Generator().manual_seed(int(seed))
+    x = torch.randn((n, 3, size, size), generator=g).to(m.device)
+    x0 = x
+    net, dev = m.net, m.device
+    every = max(1, len(ts) // 10)
+    for i in reversed(range(len(ts))):
+        tt = torch.full((n,), ts[i], device=dev, dtype=torch.long)
+        with autocast(dev):
+            eps = net(x, tt).float()
+        a, ap, b = float(abar[i]), float(abar_prev[i]), float(betas[i])
+        x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
+        done = len(ts) - i
+        if should_stop():
+            break
+        if i > 0:
+            # Posterior q(x_{t-1} | x_t, x0): mean and variance beta * (1 - abar_prev) / (1 - abar).
+            mean = (ap**0.5 * b / (1 - a)) * x0 + ((1 - b) ** 0.5 * (1 - ap) / (1 - a)) * x
+            noise = torch.randn(x.shape, generator=g).to(dev)
+            x = mean + (b * (1 - ap) / (1 - a)) ** 0.5 * noise
+        progress(Progress("sample", done, len(ts), payload=_to_uint8(x0) if done % every == 0 else None))
+    return _to_uint8(x0)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: np.ndarray, gap: int = 2) -> np.ndarray:
+    """Tile uint8 (n, H, W, 3) images into one near-square grid with white gaps."""
+    n, h, w, _ = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = img
+    return grid
