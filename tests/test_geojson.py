@@ -212,6 +212,15 @@ def test_legacy_qupath_array_with_packed_colours():
     assert names == ["background", "Tumor", "Stroma"] and np.bincount(labels.ravel()).tolist() == [2800 - 600, 400, 200]
 
 
+def test_zipped_export_reads_like_the_plain_file(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "objects.zip", "w") as z:
+        z.write(FIXTURES / "qupath_v02_annotations.geojson", "objects.geojson")
+    objects, _ = read_geojson(tmp_path / "objects.zip")
+    assert [o.name for o in objects] == ["Tumor", "Stroma"]
+
+
 def _write(tmp_path, features):
     path = tmp_path / "objects.geojson"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import uuid
+import zipfile
 import warnings as _warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -514,7 +515,7 @@ def _label_metadata(info: dict):
 
 # --- export ------------------------------------------------------------------------------
 
-def export_geojson(labels_source, out, *, class_names=None, colors=None, tile=4096, object_type="annotation",
+def export_geojson(labels_source, out, *, class_names=None, colors=None, tile=2048, object_type="annotation",
                    simplify=0.35, scale=1.0, offset=(0, 0), pretty=False, progress=None, should_stop=None) -> int:
     """Write a QuPath-ready GeoJSON FeatureCollection of the regions of a label image.
 
@@ -608,12 +609,11 @@ def read_geojson(path) -> tuple:
     if not path.exists():
         raise UserError(f"{path} does not exist.")
     try:
-        with open(path, "r", encoding="utf-8-sig") as f:
-            data = json.load(f)
+        data = json.loads(_geojson_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
                         "export it again from QuPath (File > Export objects as GeoJSON).") from None
-    except (UnicodeDecodeError, OSError) as e:
+    except (UnicodeDecodeError, OSError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} could not be read as GeoJSON text ({e}).") from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         features = data.get("features")
@@ -641,6 +641,17 @@ def read_geojson(path) -> tuple:
         if obj is not None:
             objects.append(obj)
     return objects, warns
+
+
+def _geojson_text(path: Path) -> str:
+    """The file's text; for QuPath's "Compress data (zip)" export, its first .geojson/.json member."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.lower().endswith((".geojson", ".json"))]
+            if not names:
+                raise UserError(f"{path} is a zip file without a .geojson or .json file inside.")
+            return z.read(names[0]).decode("utf-8-sig")
+    return path.read_text(encoding="utf-8-sig")
 
 
 class FeatureWarning(str):

@@ -18,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="FILE.geojson", help="GeoJSON file to write")
     p.add_argument("--detections", action="store_true",
                    help="write QuPath detections (light, for many nuclei) instead of annotations (editable)")
-    p.add_argument("--tile", type=int, default=4096, metavar="N",
+    p.add_argument("--tile", type=int, default=2048, metavar="N",
                    help="read the labels N x N pixels at a time (default: %(default)s)")
     p.add_argument("--simplify", type=float, default=0.35, metavar="PX",
                    help="largest outline deviation in label pixels; 0 = exact pixel outlines (default: %(default)s)")
