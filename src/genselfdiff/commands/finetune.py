@@ -1,0 +1,198 @@
+"""``genselfdiff finetune``: train a segmentation model from images and their masks or GeoJSON."""
+
+from __future__ import annotations
+
+import sys
+
+ORDER = 20
+
+
+def register(sub) -> None:
+    from ..cli import add_device_argument
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune a (pretrained) diffusion U-Net for segmentation from masks or scribbles",
+        description="Fine-tune the whole diffusion U-Net with a new output head (t = 0) on labelled images, "
+                    "with the paper's structural-similarity + focal loss. Masks are matched to images by file "
+                    "stem (a.svs <- a.png, a_mask.tif, a_labels.png, ...). Dense masks: 0 = background, "
+                    "1..K = classes. --sparse scribbles: 0 = unlabelled (ignored), 1 = background, 2.. = classes. "
+                    "Without --model the preset's network starts from random weights (the supervised baseline). "
+                    "Ctrl-C stops after the current step and keeps a valid checkpoint.")
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
+    ann = p.add_mutually_exclusive_group(required=True)
+    ann.add_argument("--masks", nargs="+", metavar="PATH", help="mask images (files or folders), matched by stem")
+    ann.add_argument("--annotations", nargs="+", metavar="FILE.geojson",
+                     help="QuPath GeoJSON exports (files or a folder), one per image, matched by stem")
+    p.add_argument("--out", required=True, metavar="MODEL.pt", help="segmentation checkpoint to write")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--model", metavar="PRETRAINED.pt", help="pretrained (or segmentation) checkpoint to start from")
+    start.add_argument("--preset", choices=["tiny", "small", "paper"],
+                       help="network for random initialisation (default: paper; with --model: the model's)")
+    p.add_argument("--sparse", action="store_true", help="labels are scribbles: 0 unlabelled, k = class k-1")
+    cls = p.add_mutually_exclusive_group()
+    cls.add_argument("--classes", type=int, metavar="N", help="number of classes including background")
+    cls.add_argument("--class-names", metavar="A,B,...", help="class names, background first")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, metavar="N")
+    budget.add_argument("--steps", type=int, metavar="N")
+    budget.add_argument("--minutes", type=float, metavar="M")
+    p.add_argument("--patch", type=int, help="patch side in pixels (default: the preset's)")
+    p.add_argument("--batch", type=int, help="patches per step (default: the preset's)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4)")
+    p.add_argument("--loss", choices=["paper", "ce", "dice"], help="paper = structural similarity + focal (default)")
+    p.add_argument("--steps-per-epoch", type=int, metavar="N", help="default: about one pass over the annotated tiles")
+    p.add_argument("--val-fraction", type=float, metavar="F", help="share of annotated tiles held out (default 0.1)")
+    p.add_argument("--patience", type=int, metavar="N", help="epochs without improvement before stopping (default 10)")
+    res = p.add_mutually_exclusive_group()
+    res.add_argument("--level", type=int, metavar="N", help="pyramid level to train at (default 0)")
+    res.add_argument("--mpp", type=float, metavar="UM", help="train at the level nearest this many µm per pixel")
+    p.add_argument("--no-augment", action="store_true", help="switch off flips, rotations, blur, colour and elastic")
+    p.add_argument("--workers", type=int, help="threads preparing batches (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    add_device_argument(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..annotations import image_paths, match_by_stem
+    from ..augment import Augment
+    from ..cli import ProgressBar, StopOnInterrupt
+    from ..config import Resolution
+    from ..errors import UserError
+    from ..finetune import FinetuneConfig, finetune
+
+    images = image_paths(args.images)
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    if names is not None and (len(names) < 2 or not all(names)):
+        raise UserError("--class-names needs at least two non-empty names, background first (e.g. background,nucleus).")
+    resolution = Resolution(level=args.level or 0, mpp=args.mpp)
+    if args.masks:
+        pairs, unmatched, unused = match_by_stem(images, args.masks)
+        kind = "mask"
+    else:
+        pairs, unmatched, unused = match_by_stem(images, args.annotations, suffixes=(".geojson", ".json"))
+        kind = "GeoJSON file"
+    _report_matching(pairs, unmatched, unused, kind)
+    if not pairs:
+        raise UserError(f"No {kind} matches any of the {len(images)} image(s) by file name; name them after their "
+                        "images (a.svs -> a.png or a_mask.png).")
+    colors = None
+    if args.annotations:
+        labels, names, colors = _rasterise(pairs, resolution, names, args.sparse)
+    else:
+        labels = [m for _, m in pairs]
+
+    preset = args.preset or (_preset_of(args.model) if args.model else None) or "paper"
+    overrides = dict(patch=args.patch, batch=args.batch, lr=args.lr, loss=args.loss, epochs=args.epochs,
+                     steps=args.steps, minutes=args.minutes, steps_per_epoch=args.steps_per_epoch,
+                     val_fraction=args.val_fraction, patience=args.patience, classes=args.classes,
+                     class_names=names, colors=colors, workers=args.workers, seed=args.seed, sparse=args.sparse,
+                     resolution=resolution)
+    if args.no_augment:
+        overrides["augment"] = Augment.off()
+    cfg = FinetuneConfig.from_preset(preset, **overrides)
+    print(f"Fine-tuning {'from ' + args.model if args.model else 'the ' + preset + ' network from random weights'} "
+          f"on {len(pairs)} image(s), {'sparse' if cfg.sparse else 'dense'} labels, {cfg.patch}-px patches, "
+          f"batch {cfg.batch}, loss {cfg.loss}.", file=sys.stderr)
+    with StopOnInterrupt() as stop, ProgressBar() as bar:
+        result = finetune([i for i, _ in pairs], labels, args.out, cfg, pretrained=args.model, device=args.device,
+                          progress=_EpochPrinter(bar), should_stop=stop, resume=args.resume)
+    _summary(result)
+    return 0
+
+
+class _EpochPrinter:
+    """The progress bar, plus one line per epoch with the per-class validation Dice."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, p) -> None:
+        self.bar(p)
+        if isinstance(p.payload, dict) and "epoch" in p.payload:
+            from tqdm import tqdm
+
+            d = p.payload
+            per = ", ".join(f"{n} {_f(v)}" for n, v in zip(d["classes"], d["per_class_dice"]))
+            tqdm.write(f"epoch {d['epoch']:3d}  step {p.done:6d}  loss {p.metrics.get('loss', float('nan')):.4f}  "
+                       f"val Dice {_f(d['val_dice'])}{' (best)' if d['improved'] else ''}  [{per}]", file=sys.stderr)
+
+
+def _f(v) -> str:
+    return "  n/a" if v != v else f"{v:.3f}"
+
+
+def _report_matching(pairs, unmatched, unused, kind: str) -> None:
+    if unmatched:
+        shown = ", ".join(p.name for p in unmatched[:10]) + (f" and {len(unmatched) - 10} more" if len(unmatched) > 10 else "")
+        print(f"warning: {len(unmatched)} image(s) have no {kind} and are left out: {shown} "
+              f"({kind}s are matched by file stem, e.g. a.svs <- a.png or a_mask.png).", file=sys.stderr)
+    if unused:
+        shown = ", ".join(p.name for p in unused[:10]) + (f" and {len(unused) - 10} more" if len(unused) > 10 else "")
+        print(f"note: {len(unused)} {kind}(s) match no image: {shown}.", file=sys.stderr)
+
+
+def _preset_of(model) -> str | None:
+    from ..checkpoint import load_checkpoint
+
+    return (load_checkpoint(model).get("config") or {}).get("preset")
+
+
+def _rasterise(pairs, resolution, names, sparse: bool):
+    """GeoJSON -> label arrays at the training level, one class numbering for all images.
+
+    Dense: 0 = no object = background. Sparse: 0 = unlabelled and class k is label k + 1;
+    a QuPath class called "background" (any case) becomes class 0. Without --class-names
+    the classes are those of the files in order of appearance; unclassified objects are
+    left out. Returns ``(labels, class_names, colors or None)``.
+    """
+    from ..errors import UserError
+    from ..model import default_colors
+    from ..slides import open_slide
+
+    try:
+        from ..geojson import read_geojson, read_geojson_labels
+    except ImportError:
+        raise UserError("GeoJSON import is not available in this installation; export masks instead.") from None
+    colors = None
+    if names is None:
+        found, color_of = [], {}
+        for _, path in pairs:
+            for obj in read_geojson(path)[0]:
+                if obj.name is not None and obj.name not in found:
+                    found.append(obj.name)
+                    color_of[obj.name] = obj.color
+        if not found:
+            raise UserError(f"{pairs[0][1]} holds no classified object to train on; set classes in QuPath.")
+        bg = next((n for n in found if n.lower() == "background"), None)
+        others = [n for n in found if n != bg]
+        if sparse:
+            names = [bg] + others if bg else others
+            if bg is None:
+                print(f"warning: no QuPath class is called 'background'; {names[0]!r} becomes class 0, which "
+                      "segmentation shows as background. Pass --class-names to choose.", file=sys.stderr)
+        else:
+            names = [bg or "background"] + others
+        fallback = default_colors(len(names))
+        colors = [list(color_of.get(n) or fallback[k]) if k else fallback[0] for k, n in enumerate(names)]
+    wanted = ["unlabelled"] + names if sparse else names
+    labels = []
+    for image, path in pairs:
+        slide = open_slide(image)
+        level = slide.level_for(resolution)
+        lab, _, warns = read_geojson_labels(path, slide.levels[level].shape[:2], downsample=slide.downsample(level),
+                                            class_names=wanted)
+        for w in warns:
+            print(f"warning: {path}: {w}", file=sys.stderr)
+        labels.append(lab)
+    return labels, names, colors
+
+
+def _summary(result) -> None:
+    what = "stopped by request" if result.stopped else ("stopped early (no improvement)" if result.early_stopped else "finished")
+    print(f"\nFine-tuning {what} after {result.steps} steps in {result.seconds / 60:.1f} min.", file=sys.stderr)
+    print(f"Best validation Dice {_f(result.best_dice)} at step {result.best_step}:", file=sys.stderr)
+    for name, v in zip(result.classes, result.per_class_dice):
+        print(f"  {name:<24} {_f(v)}", file=sys.stderr)
+    print(f"Model: {result.path}")

@@ -1,0 +1,526 @@
+"""Fine-tuning a (pretrained) diffusion U-Net into a segmentation network.
+
+As in GenSelfDiff-HIS the whole pretrained U-Net is kept and trained end to end; only
+the 1x1 output head is new (one logit per class) and the timestep is fixed at 0
+(:func:`genselfdiff.unet.to_segmentation`). Loss: structural similarity + focal, 1:1
+(:mod:`genselfdiff.losses`); Adam, lr 1e-4, betas (0.5, 0.999), batch 8; patches drawn
+around annotated pixels (:mod:`genselfdiff.annotations`) and augmented consistently
+(:mod:`genselfdiff.augment`). Pixels are scaled to [-1, 1] exactly as in pretraining
+(:func:`genselfdiff.model.to_input`), so the pretrained filters see what they learnt on.
+
+An epoch is a fixed number of steps (by default about one pass over the annotated
+tiles); after each one the held-out tiles are scored, the best network by mean Dice
+of the object classes is kept, and training stops early after ``patience`` epochs
+without improvement. The checkpoint is rewritten atomically after every epoch and on
+stop, holding the best weights plus what is needed to resume.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .annotations import (LabelledImage, PatchSampler, ValidationSet, default_class_names, open_labelled, scan,
+                          split_tiles, validation_set)
+from .augment import Augment, augment
+from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .config import NetConfig, Resolution, get_preset
+from .errors import UserError
+from .losses import IGNORE, LOSSES, make_loss
+from .model import autocast, default_colors, pick_device, to_input
+from .progress import Progress, resolve
+from .unet import SegmentationNet, UNet, to_segmentation
+
+NORMALIZATION = "rgb / 127.5 - 1 (uint8 -> [-1, 1]), as in pretraining"
+DEFAULT_EPOCHS = 50  # when no budget is given; early stopping usually ends sooner
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that defines a fine-tuning run; stored in its checkpoint."""
+
+    preset: str = "paper"
+    net: NetConfig = field(default_factory=NetConfig)
+    patch: int = 256
+    batch: int = 8
+    lr: float = 1e-4
+    betas: tuple = (0.5, 0.999)
+    loss: str = "paper"  # "paper" (SS + focal), "ce" or "dice"
+    ss_weight: float = 1.0
+    focal_weight: float = 1.0
+    ss_beta: float = 0.1
+    ss_c: float = 0.01
+    focal_gamma: float = 2.0
+    # Budget: whichever comes first; none given means DEFAULT_EPOCHS (early stopping still applies).
+    epochs: Optional[int] = None
+    steps: Optional[int] = None
+    minutes: Optional[float] = None
+    steps_per_epoch: Optional[int] = None  # default: about one pass over the annotated tiles
+    val_fraction: float = 0.1
+    val_max_tiles: int = 64
+    patience: int = 10  # epochs without a better validation Dice before stopping; 0 = never
+    sparse: bool = False
+    classes: Optional[int] = None  # number of classes incl. background; default from names or labels
+    class_names: Optional[list] = None  # index 0 = background
+    colors: Optional[list] = None
+    balance: Optional[float] = None  # share of class-balanced patches; default 1 sparse, 0 dense
+    augment: Augment = field(default_factory=Augment)
+    grad_clip: float = 0.0  # not in the paper; 0 = off
+    resolution: Resolution = field(default_factory=Resolution)
+    seed: int = 0
+    workers: int = 0  # threads preparing batches ahead of the network
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    log_every: int = 10
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "FinetuneConfig":
+        p = get_preset(name)
+        net = overrides.pop("net", None)
+        if isinstance(net, dict):
+            net = NetConfig.from_dict({**p.net.to_dict(), **net})
+        cfg = cls(preset=name, net=net or p.net, patch=p.patch, batch=p.batch)
+        return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["net"] = self.net.to_dict()
+        d["betas"] = list(self.betas)
+        d["augment"] = self.augment.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        d = dict(d)
+        d["net"] = NetConfig.from_dict(d.get("net", {}))
+        d["resolution"] = Resolution(**d.get("resolution", {}))
+        d["augment"] = Augment.from_dict(d.get("augment", {}))
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class FinetuneResult:
+    path: Path
+    best_dice: float
+    per_class_dice: list
+    history: list
+    stopped: bool
+    steps: int
+    classes: list = field(default_factory=list)
+    early_stopped: bool = False
+    best_step: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Start:
+    """Where the network's weights come from."""
+
+    net_cfg: NetConfig
+    weights: Optional[dict] = None
+    kind: Optional[str] = None  # "pretrained", "segmentation" or None (random init)
+    classes: Optional[list] = None
+    colors: Optional[list] = None
+    provenance: Optional[dict] = None
+
+
+def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *, pretrained=None,
+             device="auto", progress=None, should_stop=None, resume: bool = False) -> FinetuneResult:
+    """Train a segmentation network from ``images`` and their ``labels``; see the module doc.
+
+    ``images``: paths, :class:`~genselfdiff.slides.Slide` objects or uint8 (H, W, 3)
+    arrays (numpy or dask); ``labels``: mask paths or integer (H, W) arrays of the same
+    size as their image at ``config.resolution``. ``pretrained``: a pretrained (or
+    segmentation, to continue) checkpoint; None trains from random initialisation.
+    ``resume``: continue the run saved at ``out``.
+    """
+    progress, should_stop = resolve(progress, should_stop)
+    cfg = replace(config)
+    out = Path(out)
+    images, labels = list(images), list(labels)
+    if not images:
+        raise UserError("No images to fine-tune on.")
+    if len(images) != len(labels):
+        raise UserError(f"Got {len(images)} images but {len(labels)} label images; give one mask per image.")
+    if cfg.loss not in LOSSES:
+        raise UserError(f"Unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}.")
+    dev = pick_device(device) if not isinstance(device, torch.device) else device
+
+    start = _load_start(pretrained, cfg) if pretrained is not None else _Start(cfg.net)
+    if start.kind:  # the network is the checkpoint's, whatever the preset says
+        cfg.net = start.net_cfg
+    mult = cfg.net.downsampling
+    if cfg.patch % mult or cfg.patch < 2 * mult:
+        raise UserError(f"Patch size {cfg.patch} must be a multiple of {mult} (and at least {2 * mult}) for this network.")
+
+    progress(Progress("finetune: reading annotations", 0, len(images)))
+    items = []
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        items.append(open_labelled(im, lab, cfg.resolution, index=i))
+        scan(items[-1], sparse=cfg.sparse, tile=cfg.patch, seed=cfg.seed + i)
+        progress(Progress("finetune: reading annotations", i + 1, len(images)))
+    names = _check_classes(items, cfg, start)
+    n_classes = len(names)
+    cfg.class_names, cfg.classes = names, n_classes
+    colors = [list(c) for c in (cfg.colors or (start.colors if start.classes == names else None) or default_colors(n_classes))]
+    if len(colors) < n_classes:
+        raise UserError(f"{len(colors)} colours given for {n_classes} classes.")
+
+    split = split_tiles(items, cfg.val_fraction, seed=cfg.seed)
+    balance = cfg.balance if cfg.balance is not None else (1.0 if cfg.sparse else 0.0)
+    sampler = PatchSampler(items, cfg.patch, cfg.patch, cfg.sparse, balance)
+    margin = max(mult, cfg.patch // 4 // mult * mult)
+    val = validation_set(items, cfg.patch, margin, cfg.sparse, on_train=not split, max_tiles=cfg.val_max_tiles, seed=cfg.seed)
+    spe = cfg.steps_per_epoch or _default_steps_per_epoch(items, cfg)
+
+    torch.manual_seed(cfg.seed)
+    net = _build_net(start, n_classes, cfg).to(dev)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    loss_fn = make_loss(cfg.loss, ss_weight=cfg.ss_weight, focal_weight=cfg.focal_weight, beta=cfg.ss_beta,
+                        c=cfg.ss_c, gamma=cfg.focal_gamma)
+
+    run = _Run(cfg=cfg, net=net, optimizer=optimizer, out=out, names=names, colors=colors, start=start,
+               items=items, val=val, spe=spe)
+    if resume and out.exists():
+        run.resume(load_checkpoint(out))
+    else:
+        run.validate(dev)  # the untrained start, as a baseline and a first "best"
+    return run.train(sampler, loss_fn, dev, progress, should_stop)
+
+
+# --- setting up ----------------------------------------------------------------------------
+
+def _load_start(pretrained, cfg: FinetuneConfig) -> _Start:
+    path = Path(pretrained)
+    ckpt = load_checkpoint(path)
+    kind = ckpt.get("kind")
+    if kind not in ("pretrained", "segmentation") or "net" not in ckpt or "state_dict" not in ckpt:
+        raise UserError(f"{path} is neither a pretrained nor a segmentation genselfdiff model.")
+    try:
+        net_cfg = NetConfig.from_dict(ckpt["net"])
+    except (TypeError, ValueError):
+        raise UserError(f"{path} describes a network this version cannot build.") from None
+    if net_cfg.in_channels != 3:
+        raise UserError(f"{path} was trained on {net_cfg.in_channels}-channel images; fine-tuning needs an RGB model.")
+    classes = list(ckpt.get("classes") or []) if kind == "segmentation" else None
+    # A pretrained model's EMA weights, when it has them, are its better weights (as for sampling).
+    weights = (ckpt.get("ema_state_dict") if kind == "pretrained" else None) or ckpt["state_dict"]
+    try:  # build once to fail early, naming the file, if the weights do not fit
+        _build_net(_Start(net_cfg, weights, kind, classes), len(classes) if classes else 2, cfg)
+    except (RuntimeError, KeyError, ValueError, TypeError):
+        raise UserError(f"{path} holds weights of another architecture than the genselfdiff U-Net it describes; "
+                        "use a model pretrained with this version of genselfdiff.") from None
+    provenance = {"path": str(path.resolve()), "kind": kind, "step": ckpt.get("step"),
+                  "preset": (ckpt.get("config") or {}).get("preset"), "data": ckpt.get("data"),
+                  "package_version": ckpt.get("package_version"),
+                  "pretrained_from": ckpt.get("pretrained_from") if kind == "segmentation" else None}
+    return _Start(net_cfg, weights, kind, classes, ckpt.get("colors"), provenance)
+
+
+def _build_net(start: _Start, n_classes: int, cfg: FinetuneConfig) -> SegmentationNet:
+    if start.kind == "segmentation":
+        net = to_segmentation(UNet(replace(start.net_cfg, out_channels=3)), len(start.classes))
+        net.load_state_dict(start.weights)
+        if len(start.classes) != n_classes:
+            net = to_segmentation(net.unet, n_classes)
+        return net
+    unet = UNet(start.net_cfg if start.kind else cfg.net)
+    if start.weights is not None:
+        unet.load_state_dict(start.weights)
+    return to_segmentation(unet, n_classes)
+
+
+def _check_classes(items: list, cfg: FinetuneConfig, start: _Start) -> list:
+    """Class names (index 0 = background), after checking every label file against them."""
+    sparse = cfg.sparse
+    offset = 1 if sparse else 0  # label value = class index + offset
+    for it in items:
+        annotated = it.counts[1:].sum() if sparse else it.counts.sum()
+        if sparse and annotated == 0:
+            raise UserError(f"{it.label_source} has no annotated pixel (all 0 = unlabelled); paint at least a few "
+                            "strokes, or leave this image out.")
+    present = sorted({int(v) for it in items for v in np.nonzero(it.counts)[0] if v >= offset})
+    if not sparse and present == [0]:
+        where = items[0].label_source if len(items) == 1 else "every mask"
+        raise UserError(f"{where} contains only background (0): there is nothing to learn; "
+                        "label the objects with 1, 2, ...")
+    if cfg.class_names:
+        names = [str(n) for n in cfg.class_names]
+        if cfg.classes is not None and cfg.classes != len(names):
+            raise UserError(f"{cfg.classes} classes requested but {len(names)} class names given.")
+    elif cfg.classes is not None:
+        names = default_class_names(cfg.classes)
+    else:
+        inferred = max(2, present[-1] + 1 - offset)
+        # A segmentation model is continued only if the labels use exactly its classes
+        # (give the number of classes to continue with a subset of them annotated).
+        names = list(start.classes) if start.classes and inferred == len(start.classes) else default_class_names(inferred)
+    k = len(names)
+    if start.kind == "segmentation" and len(start.classes) != k:
+        raise UserError(f"{start.provenance['path']} segments {len(start.classes)} classes ({', '.join(start.classes)}) "
+                        f"but the annotations have {k}; fine-tune from its pretrained model instead, or use matching classes.")
+    if k < 2:
+        raise UserError("A segmentation model needs at least two classes (background and one object class).")
+    for it in items:
+        top = int(np.nonzero(it.counts)[0].max())
+        if top - offset >= k:
+            convention = (f"sparse labels: 1 = {names[0]} ... {k} = {names[-1]}, 0 = unlabelled" if sparse
+                          else f"dense labels: 0 = {names[0]} ... {k - 1} = {names[-1]}")
+            hint = " (a 0/255 mask? divide it by 255)" if top == 255 else ""
+            raise UserError(f"{it.label_source} contains label {top}, beyond the {k} classes ({convention}){hint}; "
+                            "set the number of classes or fix the mask.")
+    if len(present) < 2:
+        label = names[present[0] - offset] if present else "?"
+        raise UserError(f"The annotations contain only the class {label!r}; annotate at least one more class "
+                        f"(e.g. background{' = 1' if sparse else ' = 0'}).")
+    return names
+
+
+def _default_steps_per_epoch(items: list, cfg: FinetuneConfig) -> int:
+    tiles = sum(int((it.tile_counts > 0).sum() - it.val_tiles.sum()) for it in items)
+    return int(min(250, max(10, math.ceil(tiles / cfg.batch))))
+
+
+# --- the training run --------------------------------------------------------------------
+
+class _Run:
+    def __init__(self, *, cfg, net, optimizer, out, names, colors, start, items, val, spe):
+        self.cfg, self.net, self.optimizer, self.out = cfg, net, optimizer, out
+        self.names, self.colors, self.start, self.items, self.val, self.spe = names, colors, start, items, val, spe
+        self.step = self.epoch = self.since_best = 0
+        self.history: list = []
+        self.best = {"dice": -1.0, "per_class": [], "step": 0, "state": None}
+        self.last_val_step = -1
+        self.seconds = 0.0
+
+    # validation
+    @torch.no_grad()
+    def validate(self, dev) -> tuple:
+        val: ValidationSet = self.val
+        k = len(self.names)
+        conf = np.zeros((k, k), np.int64)
+        self.net.eval()
+        for b in range(0, len(val.images), self.cfg.batch):
+            x = to_input(val.images[b : b + self.cfg.batch], dev)
+            with autocast(dev, self.cfg.amp):
+                pred = self.net(x).float().argmax(1).cpu().numpy()
+            t = val.targets[b : b + self.cfg.batch]
+            sel = t != IGNORE
+            conf += np.bincount(t[sel] * k + pred[sel], minlength=k * k).reshape(k, k)
+        self.net.train()
+        tp = np.diag(conf).astype(float)
+        denom = conf.sum(0) + conf.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class = np.where(denom > 0, 2 * tp / denom, np.nan)
+        mean = _mean_dice(per_class)
+        self.last_val_step = self.step
+        entry = {"step": self.step, "epoch": self.epoch, "val_dice": mean,
+                 "per_class_dice": [float(v) for v in per_class]}
+        self.history.append(entry)
+        improved = mean > self.best["dice"] + 1e-4
+        if improved:
+            self.best = {"dice": mean, "per_class": entry["per_class_dice"], "step": self.step,
+                         "state": {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}}
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        return mean, improved
+
+    # resume
+    def resume(self, ckpt: dict) -> None:
+        if ckpt.get("kind") != "segmentation" or "train_state" not in ckpt:
+            raise UserError(f"{self.out} is not a fine-tuning run that can be resumed.")
+        if list(ckpt.get("classes") or []) != self.names or NetConfig.from_dict(ckpt["net"]) != self.net.unet.cfg:
+            raise UserError(f"{self.out} was trained with other classes or another network; "
+                            "resume with the same settings, or choose a new --out.")
+        self.net.load_state_dict(ckpt.get("last_state_dict") or ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        st = ckpt["train_state"]
+        self.step, self.epoch, self.since_best = int(ckpt["step"]), int(st["epoch"]), int(st["since_best"])
+        self.best = {"dice": float(st["best_dice"]), "per_class": list(st["per_class_dice"]),
+                     "step": int(st["best_step"]), "state": ckpt["state_dict"]}
+        self.history = list(ckpt.get("history") or [])
+        self.seconds = float(st.get("seconds", 0.0))
+        if ckpt.get("rng"):
+            restore_rng(ckpt["rng"])
+
+    # training
+    def _batches(self, sampler: PatchSampler):
+        cfg = self.cfg
+
+        def make(step):
+            rng = np.random.default_rng([cfg.seed, step])  # the same batches however many threads
+            pairs = [augment(*sampler.sample(rng), rng, cfg.augment) for _ in range(cfg.batch)]
+            return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+        step = self.step
+        if cfg.workers <= 0:
+            while True:
+                yield make(step)
+                step += 1
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(cfg.workers)
+        try:
+            ahead = deque(pool.submit(make, s) for s in range(step, step + 2 * cfg.workers))
+            step += 2 * cfg.workers
+            while True:
+                batch = ahead.popleft().result()
+                ahead.append(pool.submit(make, step))
+                step += 1
+                yield batch
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _max_epochs(self) -> Optional[int]:
+        cfg = self.cfg
+        if cfg.epochs is not None:
+            return cfg.epochs
+        return None if (cfg.steps is not None or cfg.minutes is not None) else DEFAULT_EPOCHS
+
+    def _total(self, elapsed: float) -> Optional[int]:
+        cfg, totals = self.cfg, []
+        if cfg.steps is not None:
+            totals.append(cfg.steps)
+        if self._max_epochs() is not None:
+            totals.append(self._max_epochs() * self.spe)
+        if cfg.minutes is not None and self.step > 0 and elapsed > 0:
+            totals.append(int(self.step / elapsed * cfg.minutes * 60))
+        return min(totals) if totals else None
+
+    def train(self, sampler, loss_fn, dev, progress, should_stop) -> FinetuneResult:
+        cfg = self.cfg
+        max_epochs = self._max_epochs()
+        t0 = time.perf_counter() - self.seconds
+        losses: deque = deque(maxlen=max(1, cfg.log_every))
+        window: list = []
+        stopped = early = False
+        batches = self._batches(sampler)
+        self.net.train()
+        try:
+            while True:
+                elapsed = time.perf_counter() - t0
+                if (cfg.steps is not None and self.step >= cfg.steps) or (max_epochs is not None and self.epoch >= max_epochs) \
+                        or (cfg.minutes is not None and elapsed >= cfg.minutes * 60):
+                    break
+                if should_stop():
+                    stopped = True
+                    break
+                imgs, tgts = next(batches)
+                x, y = to_input(imgs, dev), torch.from_numpy(tgts).to(dev)
+                with autocast(dev, cfg.amp):
+                    logits = self.net(x)
+                loss = loss_fn(logits, y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                self.step += 1
+                losses.append(loss.item())
+                window.append(losses[-1])
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f"fine-tuning loss became {losses[-1]} at step {self.step}")
+                if self.step % cfg.log_every == 0:
+                    self.history.append({"step": self.step, "loss": float(np.mean(window))})
+                    window = []
+                metrics = {"loss": float(np.mean(losses)), "val_dice": self.history_val()}
+                progress(Progress("finetune", self.step, self._total(time.perf_counter() - t0), metrics))
+                if self.step % self.spe == 0:
+                    self.epoch += 1
+                    dice, improved = self.validate(dev)
+                    self.history[-1]["train_loss"] = float(np.mean(losses))
+                    self.seconds = time.perf_counter() - t0
+                    self.save()
+                    progress(Progress("finetune", self.step, self._total(self.seconds),
+                                      {"loss": float(np.mean(losses)), "val_dice": dice},
+                                      payload={"epoch": self.epoch, "val_dice": dice, "improved": improved,
+                                               "per_class_dice": self.history[-1]["per_class_dice"],
+                                               "classes": self.names}))
+                    if cfg.patience and self.since_best >= cfg.patience:
+                        early = True
+                        break
+        finally:
+            batches.close()
+        if self.last_val_step != self.step:
+            self.validate(dev)
+        self.seconds = time.perf_counter() - t0
+        self.save(final=True)
+        return FinetuneResult(path=self.out, best_dice=float(self.best["dice"]), per_class_dice=self.best["per_class"],
+                              history=self.history, stopped=stopped, steps=self.step, classes=self.names,
+                              early_stopped=early, best_step=self.best["step"], seconds=self.seconds)
+
+    def history_val(self) -> float:
+        for h in reversed(self.history):
+            if "val_dice" in h:
+                return h["val_dice"]
+        return float("nan")
+
+    def save(self, final: bool = False) -> Path:
+        cfg = self.cfg
+        last = {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}
+        data = {"images": [it.image_source or it.name for it in self.items],
+                "labels": [it.label_source for it in self.items],
+                "annotated_pixels": _pixels_per_class(self.items, cfg.sparse, len(self.names)),
+                "sparse": cfg.sparse, "val_tiles": int(len(self.val.images)), "val_on_train": self.val.on_train}
+        payload = {
+            "kind": "segmentation",
+            "net": self.net.unet.cfg.to_dict(),
+            "state_dict": self.best["state"] if self.best["state"] is not None else last,
+            "classes": list(self.names),
+            "colors": [list(map(int, c)) for c in self.colors[: len(self.names)]],
+            "config": cfg.to_dict(),
+            "resolution": _resolution(self.items, cfg).to_dict(),
+            "normalization": NORMALIZATION,
+            "pretrained_from": self.start.provenance,
+            "data": data,
+            "history": self.history,
+            "step": self.step,
+            "best_step": self.best["step"],
+            "best_dice": float(self.best["dice"]),
+            "per_class_dice": list(self.best["per_class"]),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": capture_rng(),
+            "train_state": {"epoch": self.epoch, "since_best": self.since_best, "best_dice": float(self.best["dice"]),
+                            "best_step": self.best["step"], "per_class_dice": list(self.best["per_class"]),
+                            "seconds": self.seconds, "finished": final},
+        }
+        if self.best["step"] != self.step:
+            payload["last_state_dict"] = last
+        return save_checkpoint(self.out, payload)
+
+
+def _mean_dice(per_class: np.ndarray) -> float:
+    """Mean Dice of the object classes (background excluded, as usual); falls back to all classes."""
+    for values in (per_class[1:], per_class):
+        values = values[~np.isnan(values)]
+        if len(values):
+            return float(values.mean())
+    return 0.0
+
+
+def _pixels_per_class(items: list, sparse: bool, k: int) -> list:
+    total = np.zeros(k + 1, np.int64)
+    for it in items:
+        c = it.counts[: k + 1]
+        total[: len(c)] += c
+    return (total[1 : k + 1] if sparse else total[:k]).tolist()
+
+
+def _resolution(items: list, cfg: FinetuneConfig) -> Resolution:
+    """The scale the model learnt at: the requested µm/px, else the images' own when they agree."""
+    if cfg.resolution.mpp is not None:
+        return Resolution(cfg.resolution.level, cfg.resolution.mpp)
+    mpps = [it.mpp for it in items]
+    if all(m is not None for m in mpps) and max(mpps) <= 1.1 * min(mpps):
+        return Resolution(cfg.resolution.level, float(np.mean(mpps)))
+    return Resolution(cfg.resolution.level, None)

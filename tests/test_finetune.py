@@ -1,0 +1,347 @@
+"""Fine-tuning: annotations, augmentation, the training run, its checkpoint and the CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage.io import imsave
+
+from genselfdiff.annotations import (PatchSampler, WindowReader, match_by_stem, open_labelled, scan, split_tiles,
+                                     to_targets)
+from genselfdiff.augment import Augment, augment
+from genselfdiff.checkpoint import save_checkpoint
+from genselfdiff.cli import main
+from genselfdiff.config import NetConfig, Resolution, get_preset
+from genselfdiff.errors import UserError
+from genselfdiff.finetune import FinetuneConfig, finetune
+from genselfdiff.losses import IGNORE
+from genselfdiff.model import load_model
+from genselfdiff.unet import UNet
+
+TINY = NetConfig.from_dict(get_preset("tiny").net.to_dict())
+
+
+def _cfg(**kw):
+    base = dict(patch=64, batch=4, steps=16, steps_per_epoch=8, lr=3e-4, seed=0)
+    return FinetuneConfig.from_preset("tiny", **{**base, **kw})
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+def _strokes(truth):
+    """A few horizontal brush strokes, 3 px thick: 2 inside nuclei, 1 on clear background."""
+    from scipy import ndimage as ndi
+
+    inside = ndi.binary_erosion(truth == 1)
+    outside = ~ndi.binary_dilation(truth == 1, iterations=3)
+    sparse = np.zeros(truth.shape, np.uint8)
+    for r in (40, 100, 160, 220):
+        band = np.zeros(truth.shape, bool)
+        band[r : r + 3] = True
+        sparse[band & outside] = 1
+        sparse[band & inside] = 2
+    return sparse
+
+
+def _pretrained(path, seed=123, ema=False):
+    torch.manual_seed(seed)
+    unet = UNet(TINY)
+    payload = {"kind": "pretrained", "net": TINY.to_dict(), "state_dict": unet.state_dict(),
+               "config": {"preset": "tiny", "patch": 64}, "data": {"files": ["somewhere.svs"]}, "step": 7}
+    if ema:
+        torch.manual_seed(seed + 1)
+        payload["ema_state_dict"] = UNet(TINY).state_dict()
+    save_checkpoint(path, payload)
+    return payload
+
+
+# --- annotations and augmentation --------------------------------------------------------
+
+def test_geometry_moves_image_and_labels_together(rng):
+    lab = np.zeros((64, 64), np.int64)
+    lab[10:30, 5:25] = 1
+    lab[40:60, 30:50] = IGNORE
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[..., 0] = np.where(lab == 1, 200, 0)
+    img[..., 1] = np.where(lab == IGNORE, 200, 0)
+    cfg = Augment(blur=0, color=0, elastic=1.0, elastic_px=2.0)
+    for _ in range(10):
+        a, b = augment(img, lab, rng, cfg)
+        assert a.shape == img.shape and a.dtype == np.uint8 and b.dtype == lab.dtype
+        assert set(np.unique(b)) <= {IGNORE, 0, 1}
+        agree = ((a[..., 0] > 100) == (b == 1)).mean(), ((a[..., 1] > 100) == (b == IGNORE)).mean()
+        assert min(agree) > 0.97  # only interpolated edge pixels may differ
+    flips = Augment(blur=0, color=0, elastic=0)
+    for _ in range(10):
+        a, b = augment(img, lab, rng, flips)
+        assert np.array_equal(a[..., 0] > 100, b == 1)  # flips and 90-degree turns are exact
+
+
+def test_photometric_changes_leave_labels_alone(rng, synthetic_pair):
+    img, lab = synthetic_pair
+    a, b = augment(img, lab.astype(np.int64), rng, Augment(flips=False, rotate90=False, blur=1, color=1, elastic=0))
+    assert np.array_equal(b, lab) and not np.array_equal(a, img)
+
+
+def test_masks_are_matched_by_stem(tmp_path):
+    for name in ("a.png", "a_mask.png", "b.png", "c.ome.tif"):
+        (tmp_path / name).touch()
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "c_labels.png").touch()
+    (masks / "zzz.png").touch()
+    images = sorted(tmp_path.glob("*.*"))
+    pairs, unmatched, unused = match_by_stem(images, [tmp_path / "a_mask.png", masks])
+    assert [(i.name, m.name) for i, m in pairs] == [("a.png", "a_mask.png"), ("c.ome.tif", "c_labels.png")]
+    assert [p.name for p in unmatched] == ["b.png"]  # a_mask.png is a mask, not an unmatched image
+    assert [p.name for p in unused] == ["zzz.png"]
+
+
+def test_strokes_on_a_lazy_slide_sample_only_near_the_strokes(synthetic_slide):
+    path, rgb, truth = synthetic_slide
+    import dask.array as da
+
+    sparse = np.zeros(truth.shape, np.uint8)
+    sparse[900:903, 700:760] = 1
+    sparse[905:908, 700:760] = 2
+    item = open_labelled(path, da.from_array(sparse, chunks=256), Resolution())
+    item.image = WindowReader(item.image.array, 255, cell=128, load_below=0)  # force lazy, cached reads
+    scan(item, sparse=True, tile=64, block=256)
+    assert item.counts[1] == 180 and item.counts[2] == 180 and set(item.points) == {1, 2}
+    assert split_tiles([item], 0.5, seed=0)
+    sampler = PatchSampler([item], 64, 64, sparse=True, balance=1.0)
+    seen = np.zeros(truth.shape, bool)
+    for k in range(30):
+        img, target = sampler.sample(np.random.default_rng(k))
+        assert img.shape == (64, 64, 3) and target.shape == (64, 64)
+        assert set(np.unique(target)) <= {IGNORE, 0, 1}
+        assert (target != IGNORE).any()
+    # Only the cells around the strokes were ever decoded.
+    assert all(cy * 128 >= 700 and cx * 128 >= 576 for cy, cx in item.image.cache)
+    assert np.array_equal(to_targets(np.array([0, 1, 2]), sparse=True), [IGNORE, 0, 1])
+    assert np.array_equal(to_targets(np.array([0, 1, 2]), sparse=False), [0, 1, 2])
+
+
+def test_training_patches_ignore_unlabelled_and_held_out_pixels(synthetic_pair):
+    img, truth = synthetic_pair
+    sparse = _strokes(truth)
+    item = open_labelled(img, sparse, Resolution())
+    scan(item, sparse=True, tile=64)
+    split_tiles([item], 0.25, seed=1)
+    sampler = PatchSampler([item], 64, 64, sparse=True, balance=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y0, x0 = int(rng.integers(0, 192)), int(rng.integers(0, 192))
+        patch_labels = sparse[y0 : y0 + 64, x0 : x0 + 64]
+        t = to_targets(patch_labels, True)
+        t[sampler._outside_or_val(item, y0, x0, 64)] = IGNORE
+        assert np.all(t[patch_labels == 0] == IGNORE)
+        held = np.kron(item.val_tiles, np.ones((64, 64), bool))[y0 : y0 + 64, x0 : x0 + 64]
+        assert np.all(t[held] == IGNORE)
+
+
+# --- the training run -----------------------------------------------------------------------
+
+def test_dense_finetuning_improves_dice_and_the_checkpoint_predicts(tmp_path, synthetic_pair):
+    img, truth = synthetic_pair
+    seen = []
+    result = finetune([img], [truth], tmp_path / "seg.pt", _cfg(class_names=["background", "nucleus"]),
+                      device="cpu", progress=seen.append)
+    vals = [h["val_dice"] for h in result.history if "val_dice" in h]
+    assert vals[0] < 0.5 and result.best_dice > vals[0] + 0.2
+    assert result.steps == 16 and not result.stopped and len(result.per_class_dice) == 2
+    assert any(p.stage == "finetune" and "loss" in p.metrics and "val_dice" in p.metrics for p in seen)
+    model = load_model(result.path, "cpu")
+    assert model.kind == "segmentation" and model.classes == ["background", "nucleus"]
+    assert model.patch == 64 and len(model.colors) == 2
+    probs = model.predict(img[None, :128, :96])
+    assert probs.shape == (1, 2, 128, 96) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    ckpt = torch.load(result.path, weights_only=True)
+    assert ckpt["net"]["out_channels"] == 2 and ckpt["pretrained_from"] is None
+    assert ckpt["best_dice"] == pytest.approx(result.best_dice)
+    assert FinetuneConfig.from_dict(ckpt["config"]).class_names == ["background", "nucleus"]
+    assert "last_state_dict" not in model.meta and "optimizer" not in model.meta
+
+
+def test_sparse_scribbles_train_and_leave_unlabelled_pixels_alone(tmp_path, synthetic_pair):
+    img, truth = synthetic_pair
+    sparse = _strokes(truth)
+    assert (sparse > 0).mean() < 0.05  # a few strokes
+    result = finetune([img], [sparse], tmp_path / "s.pt", _cfg(sparse=True, val_fraction=0.3),
+                      device="cpu")
+    model = load_model(result.path, "cpu")
+    pred = model.predict(img[None]).argmax(1)[0]
+    # Unlabelled pixels were not learnt as background: nuclei away from the strokes are found.
+    assert _dice(pred == 1, truth == 1) > 0.6
+    assert model.classes == ["background", "class 1"]
+    ckpt = torch.load(result.path, weights_only=True)
+    assert ckpt["data"]["sparse"] and ckpt["data"]["annotated_pixels"] == [int((sparse == 1).sum()), int((sparse == 2).sum())]
+
+
+def test_pretrained_weights_are_loaded_except_the_head(tmp_path, synthetic_pair):
+    img, truth = synthetic_pair
+    pre = _pretrained(tmp_path / "pre.pt", ema=True)
+    result = finetune([img], [truth], tmp_path / "seg.pt", _cfg(preset="paper", steps=0),
+                      pretrained=tmp_path / "pre.pt", device="cpu")
+    ckpt = torch.load(result.path, weights_only=True)
+    state = ckpt["state_dict"]
+    for name, value in pre["ema_state_dict"].items():  # the EMA weights are the ones used
+        if not name.startswith("head."):
+            assert torch.equal(state["unet." + name], value), name
+    assert state["unet.head.weight"].shape[0] == 2
+    assert ckpt["net"]["width"] == TINY.width  # the checkpoint's network, not the "paper" preset's
+    assert ckpt["pretrained_from"]["kind"] == "pretrained" and ckpt["pretrained_from"]["data"] == {"files": ["somewhere.svs"]}
+
+
+def test_stop_leaves_a_valid_checkpoint_and_resume_continues(tmp_path, synthetic_pair):
+    img, truth = synthetic_pair
+    out = tmp_path / "seg.pt"
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    first = finetune([img], [truth], out, _cfg(steps=8, workers=2), device="cpu", should_stop=stop)
+    assert first.stopped and first.steps == 5
+    assert load_model(out, "cpu").kind == "segmentation"
+    again = finetune([img], [truth], out, _cfg(steps=8, workers=2), device="cpu", resume=True)
+    assert again.steps == 8 and not again.stopped
+    assert [h["step"] for h in again.history if "val_dice" in h][:2] == [0, 5]
+
+
+def test_continuing_from_a_segmentation_model(tmp_path, synthetic_pair):
+    img, truth = synthetic_pair
+    first = finetune([img], [truth], tmp_path / "a.pt", _cfg(steps=2), device="cpu")
+    second = finetune([img], [truth], tmp_path / "b.pt", _cfg(steps=2), pretrained=first.path, device="cpu")
+    assert torch.load(second.path, weights_only=True)["pretrained_from"]["kind"] == "segmentation"
+    three = truth.copy()
+    three[:8] = 2
+    with pytest.raises(UserError, match="a.pt"):
+        finetune([img], [three], tmp_path / "c.pt", _cfg(steps=2), pretrained=first.path, device="cpu")
+
+
+# --- the command line and bad input ----------------------------------------------------------
+
+@pytest.fixture
+def folders(tmp_path, synthetic_pair):
+    img, truth = synthetic_pair
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    imsave(images / "one.png", img, check_contrast=False)
+    imsave(images / "lonely.png", img, check_contrast=False)
+    imsave(masks / "one_mask.png", truth, check_contrast=False)
+    return images, masks
+
+
+TINY_ARGS = ["--preset", "tiny", "--patch", "64", "--batch", "4", "--device", "cpu"]
+
+
+def test_cli_finetunes_and_reports_unmatched_images(tmp_path, folders, capsys):
+    images, masks = folders
+    out = tmp_path / "m.pt"
+    rc = main(["finetune", "--images", str(images), "--masks", str(masks), "--out", str(out), "--steps", "6",
+               "--steps-per-epoch", "3", "--class-names", "background,nucleus", *TINY_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "lonely.png" in err and "no mask" in err
+    assert "epoch   1" in err and "nucleus" in err and "Best validation Dice" in err
+    assert load_model(out, "cpu").classes == ["background", "nucleus"]
+
+
+def _bad(tmp_path, capsys, *args):
+    rc = main(["finetune", "--out", str(tmp_path / "x.pt"), "--steps", "1", *TINY_ARGS, *args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("genselfdiff: error: "), err
+    return last
+
+
+def test_cli_bad_masks_exit_2_naming_the_file(tmp_path, folders, capsys, synthetic_pair):
+    images, masks = folders
+    img, truth = synthetic_pair
+    one = images / "one.png"
+    imsave(masks / "one_mask.png", truth[:128], check_contrast=False)
+    assert "one_mask.png" in _bad(tmp_path, capsys, "--images", str(one), "--masks", str(masks))
+    imsave(masks / "one_mask.png", (truth * 3).astype(np.uint8), check_contrast=False)
+    err = _bad(tmp_path, capsys, "--images", str(one), "--masks", str(masks), "--classes", "2")
+    assert "one_mask.png" in err and "label 3" in err
+    imsave(masks / "one_mask.png", np.zeros_like(truth), check_contrast=False)
+    assert "one_mask.png" in _bad(tmp_path, capsys, "--images", str(one), "--masks", str(masks), "--sparse")
+    assert "only background" in _bad(tmp_path, capsys, "--images", str(one), "--masks", str(masks))
+    assert "No mask matches" in _bad(tmp_path, capsys, "--images", str(images / "lonely.png"), "--masks", str(masks))
+
+
+def test_cli_bad_models_exit_2_naming_the_file(tmp_path, folders, capsys):
+    images, masks = folders
+    args = ["--images", str(images / "one.png"), "--masks", str(masks), "--device", "cpu", "--steps", "1"]
+    # weights of another architecture under a tiny description
+    torch.manual_seed(0)
+    other = UNet(NetConfig.from_dict({**TINY.to_dict(), "width": 24}))
+    save_checkpoint(tmp_path / "other.pt", {"kind": "pretrained", "net": TINY.to_dict(), "state_dict": other.state_dict()})
+    rc = main(["finetune", "--out", str(tmp_path / "x.pt"), "--model", str(tmp_path / "other.pt"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and "other.pt" in err and "architecture" in err
+    # a segmentation model with other classes
+    save_checkpoint(tmp_path / "seg3.pt", {"kind": "segmentation", "net": {**TINY.to_dict(), "out_channels": 3},
+                                           "state_dict": _segmentation_state(3), "classes": ["bg", "a", "b"]})
+    rc = main(["finetune", "--out", str(tmp_path / "x.pt"), "--model", str(tmp_path / "seg3.pt"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and "seg3.pt" in err and "3 classes" in err
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    rc = main(["finetune", "--out", str(tmp_path / "x.pt"), "--model", str(tmp_path / "junk.pt"), *args])
+    assert rc == 2 and "junk.pt" in capsys.readouterr().err
+
+
+def _segmentation_state(k):
+    from genselfdiff.unet import to_segmentation
+
+    return to_segmentation(UNet(TINY), k).state_dict()
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch evil-was-here",))
+
+
+def test_loading_a_model_never_runs_code_from_it(tmp_path, folders, capsys, monkeypatch):
+    images, masks = folders
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": "genselfdiff", "kind": "pretrained", "payload": _Evil()}, tmp_path / "evil.pt")
+    rc = main(["finetune", "--images", str(images / "one.png"), "--masks", str(masks), "--out", str(tmp_path / "x.pt"),
+               "--model", str(tmp_path / "evil.pt"), "--device", "cpu", "--steps", "1"])
+    assert rc == 2 and "evil.pt" in capsys.readouterr().err
+    assert not (tmp_path / "evil-was-here").exists()
+    with pytest.raises(UserError):
+        load_model(tmp_path / "evil.pt", "cpu")
+    assert not (tmp_path / "evil-was-here").exists()
+
+
+def test_cli_geojson_annotations(tmp_path, folders, capsys):
+    pytest.importorskip("genselfdiff.geojson")
+    images, _ = folders
+    ann = tmp_path / "ann"
+    ann.mkdir()
+
+    def box(y0, x0, y1, x1, cls):
+        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"objectType": "annotation", "classification": {"name": cls, "color": [255, 0, 0]}}}
+
+    feats = [box(0, 0, 40, 256, "Background"), box(100, 100, 140, 160, "Tumor"), box(200, 0, 230, 100, "Background")]
+    (ann / "one.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    out = tmp_path / "g.pt"
+    rc = main(["finetune", "--images", str(images / "one.png"), "--annotations", str(ann), "--sparse",
+               "--out", str(out), "--steps", "2", *TINY_ARGS])
+    assert rc == 0, capsys.readouterr().err
+    model = load_model(out, "cpu")
+    assert model.classes == ["Background", "Tumor"] and model.colors[1] == [255, 0, 0]
+    assert model.meta["data"]["annotated_pixels"] == [40 * 256 + 30 * 100, 40 * 60]
