@@ -134,7 +134,7 @@ def load_model(path, device="auto", use_ema: bool = True) -> Model:
         raise UserError(f"{path} has weights that do not match its own network description ({e.__class__.__name__}).") from None
     net.to(dev).eval()
     classes = list(ckpt.get("classes") or [])
-    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "ema_state_dict", "last_state_dict", "optimizer", "rng")}
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "ema_state_dict", "optimizer", "rng")}
     return Model(
         net=net, kind=kind, net_config=net_cfg, device=dev, classes=classes,
         colors=list(ckpt.get("colors") or default_colors(len(classes))),
