@@ -18,6 +18,7 @@ from genselfdiff.errors import UserError
 from genselfdiff.finetune import FinetuneConfig, finetune
 from genselfdiff.losses import IGNORE
 from genselfdiff.model import load_model
+from genselfdiff.pretrain import last_path
 from genselfdiff.unet import UNet
 
 TINY = NetConfig.from_dict(get_preset("tiny").net.to_dict())
@@ -164,7 +165,9 @@ def test_dense_finetuning_improves_dice_and_the_checkpoint_predicts(tmp_path, sy
     assert ckpt["net"]["out_channels"] == 2 and ckpt["pretrained_from"] is None
     assert ckpt["best_dice"] == pytest.approx(result.best_dice)
     assert FinetuneConfig.from_dict(ckpt["config"]).class_names == ["background", "nucleus"]
-    assert "last_state_dict" not in model.meta and "optimizer" not in model.meta
+    assert "optimizer" not in ckpt and "rng" not in ckpt  # the model to share holds no training state
+    last = torch.load(last_path(result.path), weights_only=True)  # the resume state sits beside it
+    assert last["step"] == 16 and "optimizer" in last and last["train_state"]["finished"]
 
 
 def test_sparse_scribbles_train_and_leave_unlabelled_pixels_alone(tmp_path, synthetic_pair):

@@ -11,8 +11,10 @@ around annotated pixels (:mod:`genselfdiff.annotations`) and augmented consisten
 An epoch is a fixed number of steps (by default about one pass over the annotated
 tiles); after each one the held-out tiles are scored, the best network by mean Dice
 of the object classes is kept, and training stops early after ``patience`` epochs
-without improvement. The checkpoint is rewritten atomically after every epoch and on
-stop, holding the best weights plus what is needed to resume.
+without improvement. As in pretraining, ``out`` holds the best network (rewritten
+atomically when validation improves, and at the end with the full history) and
+``<out>.last.pt`` the state of the last step (weights, Adam, step, RNG, early-stopping
+counters) that ``resume=True`` continues from.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from .config import NetConfig, Resolution, get_preset
 from .errors import UserError
 from .losses import IGNORE, LOSSES, make_loss
 from .model import autocast, default_colors, pick_device, to_input
+from .pretrain import last_path
 from .progress import Progress, resolve
 from .unet import SegmentationNet, UNet, to_segmentation
 
-NORMALIZATION = "rgb / 127.5 - 1 (uint8 -> [-1, 1]), as in pretraining"
+NORMALIZATION = "[-1, 1]"  # uint8 / 127.5 - 1, as in pretraining
 DEFAULT_EPOCHS = 50  # when no budget is given; early stopping usually ends sooner
 
 
@@ -141,7 +144,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     arrays (numpy or dask); ``labels``: mask paths or integer (H, W) arrays of the same
     size as their image at ``config.resolution``. ``pretrained``: a pretrained (or
     segmentation, to continue) checkpoint; None trains from random initialisation.
-    ``resume``: continue the run saved at ``out``.
+    ``resume``: continue the run whose state is at ``<out>.last.pt``.
     """
     progress, should_stop = resolve(progress, should_stop)
     cfg = replace(config)
@@ -190,8 +193,8 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
 
     run = _Run(cfg=cfg, net=net, optimizer=optimizer, out=out, names=names, colors=colors, start=start,
                items=items, val=val, spe=spe)
-    if resume and out.exists():
-        run.resume(load_checkpoint(out))
+    if resume:
+        run.resume()
     else:
         run.validate(dev)  # the untrained start, as a baseline and a first "best"
     return run.train(sampler, loss_fn, dev, progress, should_stop)
@@ -336,18 +339,24 @@ class _Run:
         return mean, improved
 
     # resume
-    def resume(self, ckpt: dict) -> None:
-        if ckpt.get("kind") != "segmentation" or "train_state" not in ckpt:
-            raise UserError(f"{self.out} is not a fine-tuning run that can be resumed.")
+    def resume(self) -> None:
+        last = last_path(self.out)
+        if not last.exists():
+            raise UserError(f"Nothing to resume: {last} does not exist (it is written next to the model during "
+                            "fine-tuning); start without resuming.")
+        ckpt = load_checkpoint(last)
+        if ckpt.get("kind") != "segmentation" or "train_state" not in ckpt or "optimizer" not in ckpt:
+            raise UserError(f"{last} is not the resume state of a fine-tuning run.")
         if list(ckpt.get("classes") or []) != self.names or NetConfig.from_dict(ckpt["net"]) != self.net.unet.cfg:
-            raise UserError(f"{self.out} was trained with other classes or another network; "
-                            "resume with the same settings, or choose a new --out.")
-        self.net.load_state_dict(ckpt.get("last_state_dict") or ckpt["state_dict"])
+            raise UserError(f"{last} was trained with other classes or another network; "
+                            "resume with the same settings, or choose a new output file.")
+        self.net.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         st = ckpt["train_state"]
         self.step, self.epoch, self.since_best = int(ckpt["step"]), int(st["epoch"]), int(st["since_best"])
+        best = load_checkpoint(self.out)["state_dict"] if self.out.exists() else ckpt["state_dict"]
         self.best = {"dice": float(st["best_dice"]), "per_class": list(st["per_class_dice"]),
-                     "step": int(st["best_step"]), "state": ckpt["state_dict"]}
+                     "step": int(st["best_step"]), "state": best}
         self.history = list(ckpt.get("history") or [])
         self.seconds = float(st.get("seconds", 0.0))
         if ckpt.get("rng"):
@@ -440,7 +449,7 @@ class _Run:
                     dice, improved = self.validate(dev)
                     self.history[-1]["train_loss"] = float(np.mean(losses))
                     self.seconds = time.perf_counter() - t0
-                    self.save()
+                    self.save(best=improved)
                     progress(Progress("finetune", self.step, self._total(self.seconds),
                                       {"loss": float(np.mean(losses)), "val_dice": dice},
                                       payload={"epoch": self.epoch, "val_dice": dice, "improved": improved,
@@ -454,7 +463,7 @@ class _Run:
         if self.last_val_step != self.step:
             self.validate(dev)
         self.seconds = time.perf_counter() - t0
-        self.save(final=True)
+        self.save(best=True, final=True)
         return FinetuneResult(path=self.out, best_dice=float(self.best["dice"]), per_class_dice=self.best["per_class"],
                               history=self.history, stopped=stopped, steps=self.step, classes=self.names,
                               early_stopped=early, best_step=self.best["step"], seconds=self.seconds)
@@ -465,17 +474,16 @@ class _Run:
                 return h["val_dice"]
         return float("nan")
 
-    def save(self, final: bool = False) -> Path:
+    def save(self, best: bool, final: bool = False) -> Path:
+        """Write the resume state to ``<out>.last.pt`` and, if ``best``, the best network to ``out``."""
         cfg = self.cfg
-        last = {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}
         data = {"images": [it.image_source or it.name for it in self.items],
                 "labels": [it.label_source for it in self.items],
                 "annotated_pixels": _pixels_per_class(self.items, cfg.sparse, len(self.names)),
                 "sparse": cfg.sparse, "val_tiles": int(len(self.val.images)), "val_on_train": self.val.on_train}
-        payload = {
+        common = {
             "kind": "segmentation",
             "net": self.net.unet.cfg.to_dict(),
-            "state_dict": self.best["state"] if self.best["state"] is not None else last,
             "classes": list(self.names),
             "colors": [list(map(int, c)) for c in self.colors[: len(self.names)]],
             "config": cfg.to_dict(),
@@ -484,19 +492,21 @@ class _Run:
             "pretrained_from": self.start.provenance,
             "data": data,
             "history": self.history,
-            "step": self.step,
             "best_step": self.best["step"],
             "best_dice": float(self.best["dice"]),
             "per_class_dice": list(self.best["per_class"]),
-            "optimizer": self.optimizer.state_dict(),
+        }
+        last = {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}
+        save_checkpoint(last_path(self.out), {
+            **common, "state_dict": last, "step": self.step, "optimizer": self.optimizer.state_dict(),
             "rng": capture_rng(),
             "train_state": {"epoch": self.epoch, "since_best": self.since_best, "best_dice": float(self.best["dice"]),
                             "best_step": self.best["step"], "per_class_dice": list(self.best["per_class"]),
-                            "seconds": self.seconds, "finished": final},
-        }
-        if self.best["step"] != self.step:
-            payload["last_state_dict"] = last
-        return save_checkpoint(self.out, payload)
+                            "seconds": self.seconds, "finished": final}})
+        if best or not self.out.exists():
+            save_checkpoint(self.out, {**common, "state_dict": self.best["state"] if self.best["state"] is not None else last,
+                                       "step": self.best["step"], "trained_steps": self.step})
+        return self.out
 
 
 def _mean_dice(per_class: np.ndarray) -> float:
