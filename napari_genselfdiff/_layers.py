@@ -47,7 +47,8 @@ def placement(image_layer, level: int, origin=(0, 0)) -> dict:
     """Where a level-``level`` array starting at ``origin`` lies in level-0 pixels (kept in the
     layer's metadata, so a writer can put the labels back on the slide: QuPath wants level 0)."""
     d = downsamples(image_levels(image_layer))[level]
-    return {"downsample": d, "offset": [float(origin[0] * d), float(origin[1] * d)]}
+    mpp = layer_mpp(image_layer)
+    return {"downsample": d, "offset": [float(origin[0] * d), float(origin[1] * d)], "mpp": mpp * d if mpp else None}
 
 
 def covered_window(image_layer, labels_layer):

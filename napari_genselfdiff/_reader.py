@@ -35,7 +35,7 @@ def read(path) -> list:
         path = path[0]
     path = Path(path)
     attrs = _zarr_attrs(path) if path.is_dir() else None
-    if attrs is not None and "image-label" in attrs:
+    if attrs is not None and ("image-label" in attrs or "genselfdiff" in attrs):
         return [read_label_image(path, attrs)]
     layers = [read_image(path)]
     if attrs is not None and (path / "labels").is_dir():  # NGFF: labels stored beside the image
@@ -65,22 +65,20 @@ def read_image(path) -> tuple:
 
 
 def read_label_image(path, attrs: dict) -> tuple:
-    """An NGFF label image as a (multiscale) Labels layer with its class names and colours."""
-    import dask.array as da
-    import zarr
+    """An NGFF label image (a genselfdiff output or any NGFF label image) as a (multiscale)
+    Labels layer with its class names and colours."""
+    from genselfdiff.omezarr import load_labels
 
-    group = zarr.open_group(path, mode="r")
+    levels = load_labels(path)  # says in plain words when an output is unfinished
+    levels = [lv[(0,) * (lv.ndim - 2)] for lv in levels]  # 2-D labels; drop leading axes if any
     ms = attrs["multiscales"][0]
-    levels = [da.from_zarr(group[ds["path"]]) for ds in ms["datasets"]]
-    ndim = levels[0].ndim
-    levels = [lv[(0,) * (ndim - 2)] for lv in levels]  # a label image is 2-D here; drop leading axes
     scale, translate = [1.0, 1.0], [0.0, 0.0]
     for t in ms["datasets"][0].get("coordinateTransformations", []):
         if t.get("type") == "scale":
             scale = [float(v) for v in t["scale"][-2:]]
         elif t.get("type") == "translation":
             translate = [float(v) for v in t["translation"][-2:]]
-    info = attrs["image-label"]
+    info = attrs.get("image-label", {})
     top = max([int(c["label-value"]) for c in info.get("colors", [])] + [0])
     colors = [[0, 0, 0] for _ in range(top + 1)]
     for c in info.get("colors", []):
@@ -90,13 +88,15 @@ def read_label_image(path, attrs: dict) -> tuple:
         value = int(prop.get("label-value", -1))
         if 0 <= value <= top:
             names[value] = str(prop.get("class") or prop.get("name") or names[value])
+    in_um = ms.get("axes") and isinstance(ms["axes"][-1], dict) and ms["axes"][-1].get("unit") == "micrometer"
+    path = Path(path)
     stem = path.name[: -len(".ome.zarr")] if path.name.lower().endswith(".ome.zarr") else path.stem
     meta = {
         "name": stem,
         "multiscale": len(levels) > 1,
         "scale": scale,
         "translate": translate,
-        **labels_kwargs(names, colors, path=str(path)),
+        **labels_kwargs(names, colors, path=str(path), mpp=scale[-1] if in_um else None),
     }
     return (levels if len(levels) > 1 else levels[0]), meta, "labels"
 

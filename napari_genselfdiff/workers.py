@@ -18,6 +18,7 @@ import os
 import queue as queue_module
 import threading
 import weakref
+from pathlib import Path
 
 from qtpy.QtCore import QObject, QTimer, Signal
 
@@ -149,11 +150,12 @@ class ProgressView:
         self.bar.setRange(0, total)
         self.bar.setValue(min(int(p.done), total) if total else 0)
         self.label.setText(text or f"{p.stage}: {p.done}" + (f" / {total}" if total else ""))
-        if self._napari is not None:
-            if total and self._napari.total != total:
-                self._napari.total = total
-            self._napari.set_description(p.stage)
-            self._napari.update(int(p.done) - self._napari.n)
+        bar = self._napari  # a local: napari may process events (and close it) while updating
+        if bar is not None:
+            if total and bar.total != total:
+                bar.total = total
+            bar.set_description(p.stage)
+            bar.update(int(p.done) - bar.n)
 
     def close(self, text: str = None) -> None:
         if self._napari is not None:
@@ -165,24 +167,76 @@ class ProgressView:
             self.label.setText(text)
 
 
-def segment_worker(model_path: str, device: str, items: list, options: dict):
-    """A napari thread worker segmenting ``items`` (dicts with ``key`` and ``image``) one
-    after the other. It yields ``("model", Model)``, then per item ``("start", key)``,
-    ``("tile", key, TileResult)`` ... and ``("end", key, result_or_None)``."""
+def segment_worker(model_path: str, device: str, items: list, options: dict, out_dir=None):
+    """A napari thread worker segmenting ``items`` one after the other, and its stop event.
+
+    ``items`` are dicts: ``key`` (a name), ``image`` (a Slide) and optionally ``region0``
+    (y0, x0, y1, x1 in level-0 pixels). The worker yields ``("model", Model)``, then per item
+    ``("tile", key, TileResult)`` as tiles finish and ``("end", key, SegmentResult or None)``,
+    or ``("failed", key, message)`` for an image the model cannot segment (the batch goes on).
+    With ``out_dir`` each result is also written to ``out_dir/KEY.ome.zarr`` by the engine.
+    """
     from napari.qt.threading import thread_worker
+
+    stop = threading.Event()
 
     @thread_worker
     def work():
+        from genselfdiff.errors import UserError
         from genselfdiff.model import load_model
-        from genselfdiff.segment import segment_tiles
+        from genselfdiff.segment import segment, segment_tiles
 
         model = load_model(model_path, device)
         model.require_segmentation()
         yield ("model", model)
         for item in items:
-            yield ("start", item["key"])
-            for tile in segment_tiles(model, item["image"], region=item.get("region"), **options):
-                yield ("tile", item["key"], tile)
-            yield ("end", item["key"], None)
+            if stop.is_set():
+                return
+            key, image = item["key"], item["image"]
+            try:
+                region = _processing_region(image, model, item.get("region0"))
+                if out_dir is None:
+                    for tile in segment_tiles(model, image, region=region, should_stop=stop.is_set, **options):
+                        yield ("tile", key, tile)
+                    yield ("end", key, None)
+                else:
+                    out = Path(out_dir) / f"{key}.ome.zarr"
+                    yield from _tiles_of(segment, key, model, image, out, should_stop=stop.is_set, **options)
+            except UserError as e:
+                yield ("failed", key, str(e))
 
-    return work()
+    return work(), stop
+
+
+def _processing_region(image, model, region0):
+    """A level-0 rectangle in pixels of the level the model will run on."""
+    if region0 is None:
+        return None
+    d = image.downsample(image.level_for(model.resolution))
+    y0, x0, y1, x1 = region0
+    return (int(y0 // d), int(x0 // d), int(-(-y1 // d)), int(-(-x1 // d)))
+
+
+def _tiles_of(segment, key, model, image, out, **kwargs):
+    """Run the engine's ``segment`` (which writes OME-Zarr) in a thread, yielding the finished
+    tiles its progress reports carry, then its result."""
+    box = queue_module.Queue()  # unbounded: the engine must never wait for the UI
+
+    def progress(p):
+        if p.payload is not None:
+            box.put(("tile", key, p.payload))
+
+    def run():
+        try:
+            box.put(("end", key, segment(model, image, out, progress=progress, **kwargs)))
+        except BaseException as e:  # raised again in the worker, where napari reports it
+            box.put(("error", e))
+
+    threading.Thread(target=run, name="genselfdiff-segment", daemon=True).start()
+    while True:
+        message = box.get()
+        if message[0] == "error":
+            raise message[1]
+        yield message
+        if message[0] == "end":
+            return

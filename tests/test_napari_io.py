@@ -10,7 +10,7 @@ import pytest
 from napari_genselfdiff import _layers
 from napari_genselfdiff._reader import get_geojson_reader, get_reader, read_geojson
 from napari_genselfdiff._sample_data import make_sample
-from napari_genselfdiff._writer import write_labels_geojson
+from napari_genselfdiff._writer import write_labels_geojson, write_labels_zarr
 
 
 def test_reader_opens_a_pyramidal_ome_tiff_lazily_with_its_scale(synthetic_slide):
@@ -118,3 +118,35 @@ def test_plugin_modules_load_without_torch():
             "sys.exit('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ome_zarr_writer_round_trip_keeps_classes_colours_and_scale(tmp_path):
+    from napari_genselfdiff._reader import read
+
+    labels = np.zeros((3000, 2100), np.uint8)  # more than one 2048 chunk each way
+    labels[100:900, 50:400] = 1
+    labels[2500:2900, 2000:2100] = 2
+    names, colors = ["background", "gland", "tumour"], [[0, 0, 0], [10, 20, 30], [40, 50, 60]]
+    meta = {"name": "case", "metadata": _layers.labels_metadata(names, colors, mpp=0.5)}
+    [written] = write_labels_zarr(str(tmp_path / "case.ome.zarr"), labels, meta)
+    assert get_reader(written) is not None
+    [(data, back, kind)] = read(written)
+    assert kind == "labels" and back["multiscale"] and back["scale"] == [0.5, 0.5]
+    np.testing.assert_array_equal(np.asarray(data[0]), labels)
+    np.testing.assert_array_equal(np.asarray(data[1]), labels[::2, ::2])
+    info = back["metadata"]["genselfdiff"]
+    assert info["label_names"] == names and info["label_colors"] == colors and info["mpp"] == 0.5
+    # Saving again over it replaces it.
+    write_labels_zarr(written, np.zeros_like(labels), meta)
+    assert not np.asarray(read(written)[0][0][0]).any()
+
+
+def test_an_unfinished_output_is_refused_in_plain_words(tmp_path):
+    from genselfdiff.errors import UserError
+    from genselfdiff.omezarr import LabelImage
+
+    from napari_genselfdiff._reader import read
+
+    LabelImage.create(tmp_path / "half.ome.zarr", shape=(100, 100), chunk=64, levels=1, run={"x": 1})
+    with pytest.raises(UserError, match="unfinished"):
+        read(str(tmp_path / "half.ome.zarr"))

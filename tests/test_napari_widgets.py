@@ -140,6 +140,14 @@ def test_full_flow_paint_finetune_segment(make_napari_viewer, qtbot, tmp_path):
     assert result is not None and result.steps == 6 and not result.stopped
     assert settings.get("model") == str(tmp_path / "segmenter.pt") == segment.model.text()
 
+    viewer.layers.selection.active = image
+    segment.start()
+    qtbot.waitUntil(lambda: segment.worker is None, timeout=120_000)
+    labels = viewer.layers[f"{image.name} labels"]
+    assert type(labels).__name__ == "Labels" and labels.data.shape == image.data.shape[:2]
+    assert tuple(labels.scale) == tuple(image.scale) and labels.metadata["genselfdiff"]["label_names"] == [
+        "background", "nucleus"]
+
 
 def test_stop_ends_finetuning_within_seconds_with_a_loadable_model(make_napari_viewer, qtbot, tmp_path):
     import time
@@ -192,3 +200,65 @@ def test_pretrain_stops_within_seconds_then_draws_images(make_napari_viewer, qtb
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
     drawn = viewer.layers["drawn by pretrained"]
     assert drawn.rgb and drawn.data.shape == (2, 64, 64, 3) and drawn.data.dtype == np.uint8
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A segmentation model fine-tuned for two steps on the sample (fast; not a good model)."""
+    from genselfdiff.config import Resolution
+    from genselfdiff.finetune import FinetuneConfig, finetune
+
+    from napari_genselfdiff._sample_data import make_sample
+
+    (rgb, _, _), (truth, _, _) = make_sample((128, 128))
+    strokes = np.where(truth > 0, 2, 1).astype(np.uint8)
+    strokes[::2] = 0
+    config = FinetuneConfig.from_preset("tiny", sparse=True, class_names=["background", "nucleus"], steps=2,
+                                        resolution=Resolution(0, 0.5))
+    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    finetune([rgb], [strokes], path, config, device="cpu")
+    return path
+
+
+def _segment(qtbot, widget, **options):
+    seen = []
+    widget.start()
+    widget.worker.yielded.connect(seen.append)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    return [m for m in seen if m[0] == "tile"]
+
+
+def test_batch_mode_segments_every_open_image_and_saves_them(make_napari_viewer, qtbot, tmp_path, tiny_model):
+    from napari_genselfdiff._reader import read
+
+    viewer = make_napari_viewer()
+    first = _open_sample(viewer, (256, 256), seed=1, name="first")
+    second = _open_sample(viewer, (192, 320), seed=2, name="second")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.model.setText(str(tiny_model))
+    widget.targets.setCurrentText("every open image")
+    widget.out.setText(str(tmp_path / "results"))
+    _segment(qtbot, widget)
+    for image in (first, second):
+        layer = viewer.layers[f"{image.name} labels"]
+        assert layer.data.shape == image.data.shape[:2]
+        [(saved, meta, kind)] = read(str(tmp_path / "results" / f"{image.name}.ome.zarr"))
+        assert kind == "labels" and saved.shape == image.data.shape[:2]
+        np.testing.assert_array_equal(np.asarray(saved), layer.data)
+    assert "Segmented 2 of 2" in widget.status.text()
+
+
+def test_visible_region_only_computes_the_tiles_on_screen(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    image = _open_sample(viewer, (1024, 1024))
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.model.setText(str(tiny_model))
+    widget.tile.setValue(128)
+    widget.overlap.setValue(16)
+    widget.visible_only.setChecked(True)
+    viewer.scene.camera.center = (0, 64.0, 64.0)  # µm: the top-left corner of the slide
+    viewer.scene.camera.zoom = 8.0
+    tiles = _segment(qtbot, widget)
+    assert 1 <= len(tiles) <= 9  # of about 80 for the whole image
+    assert all(t[2].y < 300 and t[2].x < 300 for t in tiles)
+    assert viewer.layers[f"{image.name} labels"].data.shape == (1024, 1024)

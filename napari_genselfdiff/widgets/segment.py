@@ -33,13 +33,17 @@ class SegmentWidget(QWidget):
         self.visible_only = QCheckBox("visible region only (a quick look)")
         self.out = PathEdit("dir", placeholder="optional: folder for OME-Zarr results")
         self.out.setText(settings.get("segment_out", ""))
+        # "auto" (the spin boxes' lowest values) lets the engine choose from the model.
         self.tile = QSpinBox()
-        self.tile.setRange(64, 8192)
+        self.tile.setRange(0, 8192)
         self.tile.setSingleStep(64)
-        self.tile.setValue(int(settings.get("tile", 512)))
+        self.tile.setSpecialValueText("auto")
+        self.tile.setValue(int(settings.get("tile", 0)))
         self.overlap = QSpinBox()
-        self.overlap.setRange(0, 1024)
-        self.overlap.setValue(int(settings.get("overlap", 64)))
+        self.overlap.setRange(-16, 1024)
+        self.overlap.setSingleStep(16)
+        self.overlap.setSpecialValueText("auto")
+        self.overlap.setValue(int(settings.get("overlap", -16)))
         self.batch = QSpinBox()
         self.batch.setRange(1, 256)
         self.batch.setValue(4)
@@ -76,7 +80,7 @@ class SegmentWidget(QWidget):
         layout.addStretch(1)
 
         self.progress = ProgressView(self.bar, self.status)
-        self.worker = None
+        self.worker, self._stop = None, None
         self.results = {}  # image name -> {"layer", "pyramid", ...} of the current run
         settings.changed.connect(self._on_setting)
 
@@ -97,19 +101,19 @@ class SegmentWidget(QWidget):
         return images[-1:]  # nothing suitable selected: the top image
 
     def items(self) -> list:
-        from genselfdiff.slides import Slide
+        from genselfdiff.segment import as_slide
 
         items = []
         for layer in self.image_layers():
             meta = layer.metadata.get(_layers.META) or {}
-            image = Slide(Path(meta.get("path") or layer.name), _layers.image_levels(layer), meta.get("mpp"))
-            region = None
+            image = as_slide(_layers.image_levels(layer))
+            image.path, image.mpp = Path(meta.get("path") or layer.name), meta.get("mpp")
+            item = {"key": layer.name, "image": image, "layer": layer}
             if self.visible_only.isChecked():
-                box = _layers.visible_box(self.viewer, layer)
-                if box is None:
+                item["region0"] = _layers.visible_box(self.viewer, layer)
+                if item["region0"] is None:
                     continue
-                region = (box[0], box[1], box[2] - box[0], box[3] - box[1])
-            items.append({"key": layer.name, "image": image, "region": region, "layer": layer})
+            items.append(item)
         return items
 
     def start(self):
@@ -119,13 +123,16 @@ class SegmentWidget(QWidget):
         items = self.items()
         if not items:
             return tell_error("Open an RGB image to segment (or pan it into view for 'visible region only').")
-        settings.set("model", model)
-        settings.set("segment_out", self.out.text())
-        settings.set("tile", self.tile.value())
-        settings.set("overlap", self.overlap.value())
+        out_dir = self.out.text() or None
+        if out_dir and self.visible_only.isChecked():
+            return tell_error("'Visible region only' is a quick look and saves nothing; clear 'Save to' or untick it.")
+        for key, value in (("model", model), ("segment_out", self.out.text()), ("tile", self.tile.value()),
+                           ("overlap", self.overlap.value())):
+            settings.set(key, value)
         self.results = {item["key"]: {"image_layer": item.pop("layer")} for item in items}
-        options = {"tile": self.tile.value(), "overlap": self.overlap.value(), "batch": self.batch.value()}
-        self.worker = segment_worker(model, self.device.currentText(), items, options)
+        options = {"tile": self.tile.value() or None, "overlap": self.overlap.value() if self.overlap.value() >= 0 else None,
+                   "batch": self.batch.value()}
+        self.worker, self._stop = segment_worker(model, self.device.currentText(), items, options, out_dir)
         self.worker.yielded.connect(self._on_yield)
         self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(self._on_finished)
@@ -135,23 +142,31 @@ class SegmentWidget(QWidget):
 
     def stop(self):
         if self.worker is not None:
+            self._stop.set()
             self.worker.quit()
-            self.status.setText("Stopping after the current tile…")
+            self.status.setText("Stopping after the current tiles…")
 
     def _set_running(self, running: bool):
         self.run_button.setEnabled(not running)
         self.stop_button.setEnabled(running)
 
     def _on_yield(self, message):
-        kind = message[0]
+        kind, key = message[0], message[1] if len(message) > 1 else None
         if kind == "model":
-            self.classes, self.colors = message[1].classes, message[1].colors
+            self.classes, self.colors = key.classes, key.colors
         elif kind == "tile":
-            self._add_tile(message[1], message[2])
+            self._add_tile(key, message[2])
         elif kind == "end":
-            entry = self.results[message[1]]
+            entry = self.results[key]
+            entry["done"] = True
             if "layer" in entry:
                 entry["layer"].refresh()
+            result = message[2]
+            if result is not None and result.path is not None and not result.stopped:
+                entry["saved"] = result.path
+        elif kind == "failed":
+            self.results[key]["error"] = message[2]
+            tell_error(message[2])
 
     def _add_tile(self, key: str, tile):
         entry = self.results[key]
@@ -187,11 +202,16 @@ class SegmentWidget(QWidget):
 
     def _on_finished(self):
         self._set_running(False)
-        done = [k for k, e in self.results.items() if "layer" in e]
-        self.progress.close(f"Segmented {len(done)} image(s)." if done else "")
+        done = [k for k, e in self.results.items() if e.get("done")]
+        saved = [str(e["saved"]) for e in self.results.values() if "saved" in e]
+        failed = [k for k, e in self.results.items() if "error" in e]
+        text = f"Segmented {len(done)} of {len(self.results)} image(s)."
+        text += f" Saved {', '.join(saved)}." if saved else ""
+        text += f" Failed: {', '.join(failed)}." if failed else ""
+        self.progress.close(text)
         self.worker = None
         if done:
-            tell(f"Segmented {', '.join(done)}.")
+            tell(text)
 
     def closeEvent(self, event):
         self.stop()
