@@ -1,0 +1,249 @@
+"""Label images as OME-Zarr (NGFF 0.5 on zarr 3), written chunk by chunk and resumable.
+
+Layout of ``NAME.ome.zarr`` (the root group is the label image itself)::
+
+    zarr.json            attributes: ome {version 0.5, multiscales, image-label}, genselfdiff {run, layout}
+    0/ 1/ ...            uint8 class ids (y, x); level k = level 0 [::2**k, ::2**k]
+    probabilities/0      optional float32 (c, y, x) class probabilities at level-0 shape
+    .genselfdiff-progress/   one empty file per finished output chunk (removed when complete)
+
+Why it is safe to write in parallel and to kill at any moment:
+
+- Work is cut into *units*, one per level-0 chunk. Level k uses chunks of side
+  ``chunk / 2**k``, so a unit owns exactly one chunk in every array: no two writers
+  ever touch one chunk (zarr 3 has no locks; misaligned parallel writes lose data).
+- zarr writes each chunk file atomically; a unit's progress file is created after all its
+  chunks are written, so a unit without one is simply computed again on a rerun.
+- The ``ome`` metadata is written last, when every unit is done: an unfinished output has
+  no ``multiscales`` and no viewer mistakes it for a result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import UserError
+
+NGFF_VERSION = "0.5"
+PROGRESS = ".genselfdiff-progress"
+
+
+def ome_metadata(name: str, levels: int, scale: Optional[float], classes: list, colors: list) -> dict:
+    """The ``ome`` attribute of a label image: multiscales (nearest 2x levels) and image-label."""
+    unit = {"unit": "micrometer"} if scale else {}
+    axes = [{"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}]
+    base = scale or 1.0
+    datasets = [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [base * 2**k] * 2}]}
+                for k in range(levels)]
+    image_label = {
+        "colors": [{"label-value": i, "rgba": [int(c) for c in colors[i][:3]] + [0 if i == 0 else 255]}
+                   for i in range(len(classes))],
+        "properties": [{"label-value": i, "class": str(n)} for i, n in enumerate(classes)],
+    }
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [{"name": name, "axes": axes, "datasets": datasets, "type": "nearest",
+                         "metadata": {"description": "level k = level 0 [::2**k, ::2**k] (nearest neighbour)"}}],
+        "image-label": image_label,
+    }
+
+
+def probability_metadata(name: str, scale: Optional[float], classes: list) -> dict:
+    unit = {"unit": "micrometer"} if scale else {}
+    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", **unit},
+            {"name": "x", "type": "space", **unit}]
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [{"name": f"{name} probabilities", "axes": axes, "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, scale or 1.0, scale or 1.0]}]}]}],
+        "omero": {"channels": [{"label": str(n), "active": i > 0} for i, n in enumerate(classes)]},
+    }
+
+
+class LabelImage:
+    """An OME-Zarr label image being written unit by unit (see the module docstring)."""
+
+    def __init__(self, path, layout: dict):
+        self.path = Path(path)
+        self.layout = layout
+        self.shape = tuple(layout["shape"])
+        self.chunk = int(layout["chunk"])
+        self.levels = int(layout["levels"])
+        self.classes = int(layout["probabilities"])  # 0 when no probabilities are stored
+        self._arrays = None
+
+    # --- creating and opening --------------------------------------------------------
+
+    @classmethod
+    def create(cls, path, *, shape: tuple, chunk: int, levels: int, run: dict, probabilities: int = 0) -> "LabelImage":
+        """Start a new output, or reopen an unfinished (or finished) one made by the same run.
+
+        ``run`` describes everything that determines the result (model, tiling, source);
+        an existing output made by a different run is replaced, and a folder that is not a
+        genselfdiff output is never touched.
+        """
+        import zarr
+
+        path = Path(path)
+        run = json.loads(json.dumps(run))
+        layout = {"shape": [int(s) for s in shape[:2]], "chunk": int(chunk), "levels": int(levels),
+                  "probabilities": int(probabilities)}
+        if path.exists():
+            previous = read_attributes(path)
+            mine = previous.get("genselfdiff") if previous is not None else None
+            if mine is None:
+                raise UserError(f"{path} already exists and is not a genselfdiff output; choose another output folder.")
+            if mine.get("run") == run and mine.get("layout") == layout:
+                return cls(path, layout)
+            shutil.rmtree(path)
+        root = zarr.open_group(path, mode="w", zarr_format=3)
+        H, W = layout["shape"]
+        for k in range(levels):
+            side = chunk // 2**k
+            root.create_array(str(k), shape=(math.ceil(H / 2**k), math.ceil(W / 2**k)), chunks=(side, side),
+                              dtype="uint8", fill_value=0, dimension_names=("y", "x"))
+        if probabilities:
+            probs = root.create_group("probabilities")
+            probs.create_array("0", shape=(probabilities, H, W), chunks=(probabilities, chunk, chunk),
+                               dtype="float32", fill_value=0.0, dimension_names=("c", "y", "x"))
+        # The group's own attributes last among the creation steps: they mark it as ours.
+        root.attrs.put({"genselfdiff": {"run": run, "layout": layout, "complete": False}})
+        return cls(path, layout)
+
+    @classmethod
+    def open(cls, path) -> "LabelImage":
+        """Reopen for writing (a dask worker does this instead of receiving the object)."""
+        attrs = read_attributes(path)
+        if not attrs or "genselfdiff" not in attrs:
+            raise UserError(f"{path} is not a genselfdiff output.")
+        return cls(path, attrs["genselfdiff"]["layout"])
+
+    def __getstate__(self):
+        return {"path": self.path, "layout": self.layout}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["layout"])
+
+    # --- writing -------------------------------------------------------------------------
+
+    def _open_arrays(self):
+        import zarr
+
+        if self._arrays is None:
+            arrays = [zarr.open_array(self.path / str(k), mode="r+") for k in range(self.levels)]
+            probs = zarr.open_array(self.path / "probabilities" / "0", mode="r+") if self.classes else None
+            self._arrays = (arrays, probs)
+        return self._arrays
+
+    def units(self) -> list:
+        """Level-0 chunk indices (row, col) of every unit."""
+        H, W = self.shape
+        return [(i, j) for i in range(math.ceil(H / self.chunk)) for j in range(math.ceil(W / self.chunk))]
+
+    def done(self) -> set:
+        """Units already written completely (by this or an earlier, interrupted run)."""
+        folder = self.path / PROGRESS
+        if self.complete:
+            return set(self.units())
+        if not folder.is_dir():
+            return set()
+        out = set()
+        for f in folder.iterdir():
+            parts = f.name.split("_")
+            if len(parts) == 2 and all(p.isdigit() for p in parts):
+                out.add((int(parts[0]), int(parts[1])))
+        return out
+
+    def write(self, index: tuple, labels: np.ndarray, probabilities: Optional[np.ndarray] = None,
+              empty: bool = False) -> None:
+        """Write one unit: its level-0 chunk of class ids, every pyramid level, then its progress file.
+
+        ``empty`` units (all background, no probabilities) write no chunk at all: a missing
+        chunk reads as the fill value 0.
+        """
+        i, j = index
+        arrays, probs = self._open_arrays()
+        y0, x0 = i * self.chunk, j * self.chunk
+        if not empty:
+            for k, arr in enumerate(arrays):
+                f = 2**k
+                part = labels[::f, ::f]
+                arr[y0 // f : y0 // f + part.shape[0], x0 // f : x0 // f + part.shape[1]] = part
+        if probs is not None and probabilities is not None:
+            probs[:, y0 : y0 + labels.shape[0], x0 : x0 + labels.shape[1]] = probabilities
+        folder = self.path / PROGRESS
+        folder.mkdir(exist_ok=True)
+        (folder / f"{i}_{j}").touch()
+
+    # --- finishing -----------------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        attrs = read_attributes(self.path) or {}
+        return bool(attrs.get("genselfdiff", {}).get("complete")) and "ome" in attrs
+
+    def finish(self, name: str, classes: list, colors: list, scale: Optional[float], info: Optional[dict] = None) -> None:
+        """Write the OME metadata (the last step: only now does the output look finished)."""
+        import zarr
+
+        if self.complete:
+            return
+        missing = set(self.units()) - self.done()
+        if missing:
+            raise RuntimeError(f"{self.path}: {len(missing)} chunk(s) are not written yet")
+        root = zarr.open_group(self.path, mode="r+")
+        if self.classes:
+            zarr.open_group(self.path / "probabilities", mode="r+").attrs.put(
+                {"ome": probability_metadata(name, scale, classes)})
+        mine = dict(root.attrs["genselfdiff"], complete=True, **(info or {}))
+        root.attrs.put({"ome": ome_metadata(name, self.levels, scale, classes, colors), "genselfdiff": mine})
+        shutil.rmtree(self.path / PROGRESS, ignore_errors=True)
+
+
+def read_attributes(path) -> Optional[dict]:
+    """The root group's attributes, or None when ``path`` is no zarr 3 group."""
+    meta = Path(path) / "zarr.json"
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("attributes", {}) if data.get("node_type") == "group" else None
+
+
+def load_labels(path) -> list:
+    """A finished label image as a list of dask arrays (y, x), finest first."""
+    import dask.array as da
+    import zarr
+
+    attrs = read_attributes(path)
+    if attrs is None:
+        raise UserError(f"{path} is not an OME-Zarr label image.")
+    ome = attrs.get("ome", {})
+    if not ome.get("multiscales"):
+        if "genselfdiff" in attrs:
+            raise UserError(f"{path} is unfinished; run the same segment command again to complete it.")
+        raise UserError(f"{path} has no OME-Zarr multiscales metadata.")
+    group = zarr.open_group(path, mode="r")
+    return [da.from_zarr(group[d["path"]]) for d in ome["multiscales"][0]["datasets"]]
+
+
+def label_info(path) -> dict:
+    """Class names, colours (RGB, by label value) and level-0 pixel size of a finished label image."""
+    attrs = read_attributes(path) or {}
+    ome = attrs.get("ome", {})
+    label = ome.get("image-label", {})
+    names = {p["label-value"]: p.get("class", str(p["label-value"])) for p in label.get("properties", [])}
+    colors = {c["label-value"]: c.get("rgba") for c in label.get("colors", [])}
+    scale = None
+    if ome.get("multiscales"):
+        ms = ome["multiscales"][0]
+        if ms["axes"][-1].get("unit"):
+            scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"][-1]
+    return {"classes": [names[k] for k in sorted(names)], "colors": [colors.get(k) for k in sorted(names)],
+            "mpp": scale, "genselfdiff": attrs.get("genselfdiff", {})}
