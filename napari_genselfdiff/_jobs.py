@@ -40,10 +40,15 @@ def finetune_job(spec, progress, should_stop):
 
 
 def sample_job(spec, progress, should_stop):
-    from genselfdiff.pretrain import sample_images
+    """Images drawn from a pretrained model, as one grid (previews on the way, too)."""
+    from genselfdiff.pretrain import image_grid, sample_images
 
-    return sample_images(spec["model"], spec["n"], device=spec["device"], seed=spec.get("seed", 0),
-                         timesteps=spec.get("timesteps"), progress=progress, should_stop=should_stop)
+    def report(p):
+        progress(type(p)(p.stage, p.done, p.total, p.metrics, image_grid(p.payload) if p.payload is not None else None))
+
+    images = sample_images(spec["model"], spec["n"], device=spec["device"], seed=spec.get("seed", 0),
+                           timesteps=spec.get("timesteps"), progress=report, should_stop=should_stop)
+    return image_grid(images)
 
 
 JOBS = {"pretrain": pretrain_job, "finetune": finetune_job, "sample": sample_job}

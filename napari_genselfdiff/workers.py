@@ -17,7 +17,6 @@ import logging
 import os
 import queue as queue_module
 import threading
-import weakref
 from pathlib import Path
 
 from qtpy.QtCore import QObject, QTimer, Signal
@@ -26,7 +25,7 @@ from ._jobs import run_job
 
 log = logging.getLogger(__name__)
 POLL_MS = 100
-_RUNNERS = weakref.WeakSet()
+_LIVE = {}  # id -> (worker, stop event) of every job started and not yet finished
 
 
 class JobRunner(QObject):
@@ -43,7 +42,6 @@ class JobRunner(QObject):
         self._timer = QTimer(self)
         self._timer.setInterval(POLL_MS)
         self._timer.timeout.connect(self._poll)
-        _RUNNERS.add(self)
 
     @property
     def running(self) -> bool:
@@ -66,6 +64,7 @@ class JobRunner(QObject):
                                  name=f"genselfdiff-{name}")
         worker.start()
         self._worker = worker
+        _LIVE[id(worker)] = (worker, self._stop)
         self._timer.start()
 
     def stop(self) -> None:
@@ -75,14 +74,9 @@ class JobRunner(QObject):
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop and wait; a process that does not end in ``timeout`` seconds is killed."""
-        if not self.running:
-            return
-        self.stop()
-        self._worker.join(timeout)
-        if self.mode != "thread" and self._worker.is_alive():
-            self._worker.terminate()
-            self._worker.join(5)
-        self._finish()
+        if self.running:
+            _end(self._worker, self._stop, timeout)
+            self._finish()
 
     def _poll(self) -> None:
         alive = self._worker.is_alive()  # read before draining: a message put before exit is queued
@@ -115,19 +109,29 @@ class JobRunner(QObject):
 
     def _finish(self) -> None:
         self._timer.stop()
-        if self.mode != "thread" and self._worker is not None:
-            self._worker.join(5)
+        if self._worker is not None:
+            _LIVE.pop(id(self._worker), None)
+            if self.mode != "thread":
+                self._worker.join(5)
         self._worker = None
+
+
+def _end(worker, stop, timeout: float) -> None:
+    """Ask a job to stop and wait; a process still running after ``timeout`` seconds is killed."""
+    stop.set()
+    worker.join(timeout)
+    if hasattr(worker, "terminate") and worker.is_alive():
+        worker.terminate()
+        worker.join(5)
 
 
 @atexit.register
 def _stop_all_jobs():
-    """Closing napari mid-training stops the job (saving a checkpoint) instead of hanging."""
-    for runner in list(_RUNNERS):
-        try:
-            runner.shutdown(timeout=30)
-        except RuntimeError:  # the Qt object is already deleted
-            pass
+    """Closing napari mid-training stops the job (which saves its checkpoint) instead of
+    leaving multiprocessing to wait for the whole training budget. Runs before
+    multiprocessing's own exit handler (registered earlier; atexit runs last-in first-out)."""
+    for worker, stop in list(_LIVE.values()):
+        _end(worker, stop, 30)
 
 
 class ProgressView:
@@ -161,8 +165,7 @@ class ProgressView:
         if self._napari is not None:
             self._napari.close()
             self._napari = None
-        self.bar.setRange(0, 1)
-        self.bar.setValue(0)
+        self.bar.setVisible(False)  # only a running job has a bar
         if text is not None:
             self.label.setText(text)
 

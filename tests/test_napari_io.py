@@ -150,3 +150,20 @@ def test_an_unfinished_output_is_refused_in_plain_words(tmp_path):
     LabelImage.create(tmp_path / "half.ome.zarr", shape=(100, 100), chunk=64, levels=1, run={"x": 1})
     with pytest.raises(UserError, match="unfinished"):
         read(str(tmp_path / "half.ome.zarr"))
+
+
+def test_settings_persist_in_the_folder_the_environment_names(tmp_path, monkeypatch):
+    from napari_genselfdiff.settings import Settings, settings_file
+
+    monkeypatch.setenv("GENSELFDIFF_NAPARI_CONFIG_DIR", str(tmp_path / "cfg"))
+    heard = []
+    first = Settings()
+    first.changed.connect(lambda key, value: heard.append((key, value)))
+    first.set("model", "/models/a.pt")
+    first.set("model", "/models/a.pt")  # unchanged: no second notice
+    assert settings_file() == tmp_path / "cfg" / "settings.json"
+    assert json.loads(settings_file().read_text()) == {"model": "/models/a.pt"}
+    assert Settings().get("model") == "/models/a.pt" and Settings().get("device", "auto") == "auto"
+    assert heard == [("model", "/models/a.pt")]
+    settings_file().write_text("{broken")
+    assert Settings().get("model") is None  # a damaged file is ignored, not fatal

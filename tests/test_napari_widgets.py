@@ -149,15 +149,19 @@ def test_full_flow_paint_finetune_segment(make_napari_viewer, qtbot, tmp_path):
         "background", "nucleus"]
 
 
-def test_stop_ends_finetuning_within_seconds_with_a_loadable_model(make_napari_viewer, qtbot, tmp_path):
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_stop_ends_finetuning_within_seconds_with_a_loadable_model(make_napari_viewer, qtbot, tmp_path, monkeypatch,
+                                                                   mode):
     import time
 
     from genselfdiff.model import load_model
 
+    monkeypatch.setenv("GENSELFDIFF_NAPARI_WORKER", mode)
     viewer = make_napari_viewer()
     image = _open_sample(viewer)
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
     widget.out.setText(str(tmp_path / "stopped.pt"))
+    assert widget.runner.mode == mode
     steps_seen = []
     widget.runner.progressed.connect(lambda p: steps_seen.append(p.done) if p.stage == "finetune" else None)
     _finetune(qtbot, viewer, widget, image, steps=100_000)
@@ -199,7 +203,7 @@ def test_pretrain_stops_within_seconds_then_draws_images(make_napari_viewer, qtb
     widget.draw_samples()
     qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
     drawn = viewer.layers["drawn by pretrained"]
-    assert drawn.rgb and drawn.data.shape == (2, 64, 64, 3) and drawn.data.dtype == np.uint8
+    assert drawn.rgb and drawn.data.shape == (64, 2 * 64 + 2, 3) and drawn.data.dtype == np.uint8  # a grid of 2
 
 
 @pytest.fixture(scope="module")

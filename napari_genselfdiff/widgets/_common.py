@@ -128,8 +128,7 @@ class LayerBox(QComboBox):
 def progress_row():
     """A progress bar and the line of text under it."""
     bar = QProgressBar()
-    bar.setRange(0, 1)
-    bar.setValue(0)
+    bar.setVisible(False)  # shown while a job runs
     label = QLabel("")
     label.setWordWrap(True)
     return bar, label

@@ -30,7 +30,8 @@ class LossPlot(QWidget):
         self.canvas.setMinimumHeight(150)
         self.axes = self.figure.add_subplot(facecolor=colors.background.as_hex())
         self.steps, self.losses = [], []
-        (self.line,) = self.axes.plot([], [], lw=1.2, color=line)
+        (self.line,) = self.axes.plot([], [], lw=0.8, color=line, alpha=0.35)
+        (self.trend,) = self.axes.plot([], [], lw=1.6, color=line)  # the noisy loss, smoothed
         self.axes.set_xlabel("step", fontsize=8, color=text)
         self.axes.set_ylabel("loss", fontsize=8, color=text)
         self.axes.tick_params(labelsize=7, colors=text)
@@ -53,6 +54,11 @@ class LossPlot(QWidget):
 
     def redraw(self):
         self.line.set_data(self.steps, self.losses)
+        trend, value = [], None
+        for loss in self.losses:  # exponential moving average
+            value = loss if value is None else 0.9 * value + 0.1 * loss
+            trend.append(value)
+        self.trend.set_data(self.steps, trend)
         self.axes.relim()
         self.axes.autoscale_view()
         self.canvas.draw_idle()
@@ -174,7 +180,7 @@ class PretrainWidget(QWidget):
     def _on_finished(self, result):
         self._set_running(False)
         if self._job == "sample":
-            self.progress.close(f"Drew {len(result)} images from {Path(self.out.text()).name}.")
+            self.progress.close(f"Drew {self.n_samples.value()} images from {Path(self.out.text()).name}.")
             self._show_samples(result)
             return
         self.result = result
