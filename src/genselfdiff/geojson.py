@@ -7,8 +7,8 @@ when its centre ``(c + 0.5, r + 0.5)`` lies inside.
 Export traces the exact pixel-edge ("crack") boundary of every 4-connected region of a class,
 places the vertices at the midpoints of the unit edges (the marching-squares contour, which
 sits on the boundary without bias), and simplifies with Douglas-Peucker. If simplifying
-would change a region's area by more than 1 %, the exact pixel-edge polygon is written
-instead (small objects). Slides are processed tile by tile: regions that touch an inner tile
+would change a region's area by more than 1 %, a finer tolerance is used, and for tiny
+regions the exact pixel-edge polygon. Slides are processed tile by tile: regions that touch an inner tile
 border are kept as edge lists and joined at the end by cancelling the edges that two pieces
 share, so the result equals an untiled export while only one tile of labels is in memory.
 
@@ -788,7 +788,8 @@ def read_geojson_labels(path, shape, *, downsample=1.0, class_names=None) -> tup
     Coordinates are level-0 pixels; the label image is at ``downsample`` (level-0 pixels per
     label pixel). Class ids: the index of the object's class in ``class_names`` when given
     (matched exactly, then ignoring case; a class matching ``class_names[0]`` paints 0),
-    otherwise 1, 2, ... in order of first appearance, with 0 for pixels no object covers.
+    otherwise 1, 2, ... in order of first appearance, with 0 for pixels no object covers
+    (and for objects classified "background", in any case).
     Objects without a classification count as the class ``"Unclassified"``; with
     ``class_names`` they are imported only if that list names it. Later objects are drawn
     over earlier ones, as in QuPath's labelled-image export.
