@@ -351,3 +351,15 @@ def test_cli_segment_exit_codes(tmp_path, capsys):
     pre = save_segmentation_checkpoint(tmp_path / "pre.pt", kind="pretrained")
     assert main(["segment", str(pre), str(good), "--out", str(out)]) == 2
     assert "fine-tune it first" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_pipeline_matches_cpu(tmp_path):
+    """Pinned memory, asynchronous copies, bf16 autocast: the same labels up to bf16 rounding."""
+    rgb, _ = synthetic_tissue((300, 280), seed=13)
+    cpu = segment(local_model(), rgb, tile=64, overlap=16, chunk=96, skip_background=False).labels
+    model = local_model()
+    model.net.to("cuda")
+    model.device = torch.device("cuda")
+    gpu = segment(model, rgb, tmp_path / "gpu.ome.zarr", tile=64, overlap=16, chunk=96, skip_background=False)
+    assert (np.asarray(gpu.labels) == cpu).mean() > 0.98

@@ -354,12 +354,13 @@ class _Predictor:
                 probs = probs.to("cpu", non_blocking=True) if probs is not None else None
                 event = torch.cuda.Event()
                 event.record()
-                return labels, probs, event
-        return labels, probs, None
+                # ``x`` travels with the result: its pinned memory must outlive the async copy.
+                return labels, probs, event, x
+        return labels, probs, None, x
 
     @staticmethod
     def collect(launched):
-        labels, probs, event = launched
+        labels, probs, event, _ = launched
         if event is not None:
             event.synchronize()
         return labels.numpy(), (probs.numpy() if probs is not None else None)

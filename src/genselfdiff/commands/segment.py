@@ -73,7 +73,7 @@ def _summary(results, n_images) -> int:
             state = "stopped (run again to resume)" if r.stopped else "done"
             extra = f", {r.chunks_resumed} chunk(s) resumed" if r.chunks_resumed else ""
             print(f"  {image}: {state}, {r.tiles} tiles ({r.skipped_tiles} without tissue){extra}, "
-                  f"{r.seconds:.1f} s, {r.mpx_per_s:.2f} Mpx/s -> {r.path}"
+                  f"{r.seconds:.1f} s, {r.mpx_per_s:.3g} Mpx/s -> {r.path}"
                   f"{' + ' + str(r.png) if r.png else ''}", file=sys.stderr)
             for note in r.notes:
                 print(f"    {note}", file=sys.stderr)

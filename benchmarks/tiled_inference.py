@@ -1,0 +1,310 @@
+"""Tiled whole-slide inference: speed against the raw network and MONAI, and memory against slide size.
+
+In one run, with one model and the same tile, overlap and batch:
+
+(a) raw: the batched forward pass alone over exactly the tiles ``segment`` computes, their
+    pixels already in memory (the ceiling for end-to-end speed);
+(b) segment: end to end from a pyramidal TIFF to OME-Zarr (tissue map, reading, network,
+    writing, pyramid, metadata), and its ratio to (a);
+(c) MONAI ``sliding_window_inference`` over the whole image held as one tensor, which
+    returns the whole float output;
+(d) peak memory (RSS) of ``segment`` on pyramids of growing side, each in a fresh process.
+    The pyramids are written tile by tile (never held in memory): white glass with tissue
+    spots every ``--spacing`` pixels, so the network work stays small while the slide,
+    its tissue map and its output grow.
+
+    .venv/bin/python benchmarks/tiled_inference.py [--quick] [--device cpu]
+
+Speeds are megapixels of the processing level per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def machine(device) -> str:
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if device.type == "cuda" else ""
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"device {device}{gpu}")
+
+
+def tiny_model(device, preset="tiny", classes=2):
+    import torch
+
+    from genselfdiff.config import get_preset
+    from genselfdiff.model import Model, default_colors
+    from genselfdiff.unet import UNet, to_segmentation
+
+    torch.manual_seed(0)
+    p = get_preset(preset)
+    net = to_segmentation(UNet(p.net), classes).to(device).eval()
+    return Model(net=net, kind="segmentation", net_config=net.unet.cfg, device=device,
+                 classes=["background"] + [f"class {i}" for i in range(1, classes)],
+                 colors=default_colors(classes), patch=p.patch)
+
+
+# --- synthetic pyramids written tile by tile ---------------------------------------------------
+
+def write_spotted_pyramid(path: Path, side: int, spacing: int, spot: int = 512, tile: int = 512,
+                          texture_side: int = 1024, dense: bool = False) -> Path:
+    """A JPEG pyramidal OME-TIFF of ``side`` px: synthetic tissue (``dense``) or white glass with
+    ``spot``-px tissue squares every ``spacing`` px. Memory: a few tiles, whatever the side."""
+    import tifffile
+
+    from genselfdiff.synthetic import downsample2, synthetic_tissue
+
+    texture = synthetic_tissue((texture_side, texture_side), seed=0, glass=0.0)[0]
+    textures = [texture]
+    sides = [side]
+    while sides[-1] // 2 >= 256:
+        sides.append(math.ceil(sides[-1] / 2))
+        textures.append(downsample2(textures[-1]))
+
+    def tiles(k):
+        n = sides[k]
+        f = 2**k
+        tex = textures[k]
+        ts = tex.shape[0]
+        for ty in range(0, n, tile):
+            for tx in range(0, n, tile):
+                out = np.full((tile, tile, 3), 246, np.uint8)
+                ys, xs = np.arange(ty, ty + tile), np.arange(tx, tx + tile)
+                if dense:
+                    mask_y, mask_x = ys < n, xs < n
+                else:  # inside a spot: (level-0 coordinate - 512) mod spacing < spot
+                    mask_y = ((ys * f - 512) % spacing < spot) & (ys < n)
+                    mask_x = ((xs * f - 512) % spacing < spot) & (xs < n)
+                if mask_y.any() and mask_x.any():
+                    patch = tex[np.ix_(ys % ts, xs % ts)]
+                    m = mask_y[:, None] & mask_x[None, :]
+                    out[m] = patch[m]
+                yield out
+
+    meta = {"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 0.5,
+            "PhysicalSizeYUnit": "µm"}
+    opts = dict(photometric="rgb", tile=(tile, tile), compression="jpeg", dtype=np.uint8)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
+        tw.write(tiles(0), shape=(side, side, 3), subifds=len(sides) - 1, metadata=meta, **opts)
+        for k in range(1, len(sides)):
+            tw.write(tiles(k), shape=(sides[k], sides[k], 3), subfiletype=1, metadata=None, **opts)
+    tmp.replace(path)
+    return path
+
+
+# --- (a) raw forward, (b) segment, (c) MONAI ---------------------------------------------------
+
+def raw_forward(model, slide_path, tile, overlap, batch, repeats=1) -> dict:
+    """The network alone over the tiles segment() would compute, pixels pre-read."""
+    from genselfdiff.segment import _Predictor, _crop, as_slide, make_plan
+
+    slide = as_slide(slide_path)
+    plan = make_plan(model, slide, tile=tile, overlap=overlap, skip_background=True)
+    tiles = [t for _, _, rect in plan.units() for t in plan.tiles(rect) if plan.has_tissue(t)]
+    image = np.asarray(plan.array)
+    crops = [_crop(image, (0, 0), t.window, plan.shape) for t in tiles]
+    pixels = sum((t.core[2] - t.core[0]) * (t.core[3] - t.core[1]) for t in tiles)
+    import torch
+
+    predictor = _Predictor(model, probabilities=False)
+    predictor.collect(predictor.launch(torch.from_numpy(np.stack(crops[:batch]))))  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        in_flight = None
+        for i in range(0, len(crops), batch):
+            x = torch.from_numpy(np.stack(crops[i : i + batch]))
+            if predictor.cuda:
+                x = x.pin_memory()
+            launched = predictor.launch(x)
+            if in_flight is not None:
+                predictor.collect(in_flight)
+            in_flight = launched
+        predictor.collect(in_flight)
+        best = min(best, time.perf_counter() - t0)
+    return {"tiles": len(tiles), "seconds": best, "mpx_per_s": pixels / best / 1e6, "mpx": pixels / 1e6}
+
+
+def end_to_end(model, slide_path, out, tile, overlap, batch) -> dict:
+    import shutil
+
+    from genselfdiff.segment import segment
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    r = segment(model, slide_path, out, tile=tile, overlap=overlap, batch=batch)
+    seconds = time.perf_counter() - t0
+    h, w = r.labels.shape  # level 0 == processing level here
+    return {"tiles": r.tiles, "seconds": seconds, "mpx_per_s": h * w / seconds / 1e6}
+
+
+def monai(model, slide_path, tile, overlap, batch) -> dict:
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from genselfdiff.model import autocast, to_input
+    from genselfdiff.slides import open_slide
+
+    rgb = np.asarray(open_slide(slide_path).levels[0])
+    net = model.net
+    with torch.inference_mode():  # warm-up, as for (a)
+        sliding_window_inference(to_input(rgb[:tile, :tile], model.device), (tile, tile), batch, net)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), autocast(model.device):
+        x = to_input(rgb, model.device)
+        out = sliding_window_inference(x, (tile, tile), batch, net, overlap=overlap / tile)
+        labels = out.argmax(1).to(torch.uint8).cpu().numpy()
+    seconds = time.perf_counter() - t0
+    held = out.element_size() * out.nelement() + x.element_size() * x.nelement()
+    return {"seconds": seconds, "mpx_per_s": labels.size / seconds / 1e6, "held_bytes": held}
+
+
+# --- (d) memory in a fresh process --------------------------------------------------------------
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. VmHWM, not ru_maxrss: on Linux the latter
+    keeps the parent's peak across fork + exec, which would charge the parent's tensors here."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_child(args) -> None:
+    """Runs in its own process: segment one slide, print the peak RSS as JSON."""
+    import psutil
+    import torch
+
+    from genselfdiff.segment import segment
+
+    device = torch.device(args.device)
+    model = tiny_model(device)
+    base = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    r = segment(model, args.memory_child, args.out, tile=args.tile, overlap=args.overlap, batch=args.batch)
+    peak = peak_rss()
+    print(json.dumps({"peak": peak, "base": base, "seconds": time.perf_counter() - t0, "tiles": r.tiles,
+                      "skipped": r.skipped_tiles, "chunks": r.chunks_computed, "shape": list(r.shape)}))
+
+
+def memory(work: Path, side: int, args) -> dict:
+    path = work / f"spots_{side}.ome.tif"
+    t0 = time.perf_counter()
+    if not path.exists():
+        write_spotted_pyramid(path, side, args.spacing, args.spot)
+    made = time.perf_counter() - t0
+    out = work / f"spots_{side}.ome.zarr"
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, __file__, "--memory-child", str(path), "--out", str(out), "--tile", str(args.tile),
+           "--overlap", str(args.overlap), "--batch", str(args.batch), "--device", args.device]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(res.stderr[-3000:])
+    d = json.loads(res.stdout.strip().splitlines()[-1])
+    d["write_seconds"] = made
+    shutil.rmtree(out, ignore_errors=True)
+    return d
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not a measurement")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--size", type=int, help="side of the dense image for (a)-(c) (default 2048, quick 512)")
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--overlap", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--memory-sizes", type=int, nargs="*", help="sides for (d) (default 4096 16384 40960)")
+    p.add_argument("--spacing", type=int, default=8192, help="tissue spots every this many px in (d)")
+    p.add_argument("--spot", type=int, default=512, help="side of a tissue spot in (d): >= one full batch of tiles")
+    p.add_argument("--no-monai", action="store_true")
+    p.add_argument("--repeats", type=int, default=2, help="runs of (a)-(c), best kept (default %(default)s)")
+    p.add_argument("--work", default=None, help="folder for the synthetic slides (default: a temporary one)")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        return memory_child(args)
+
+    import torch
+
+    device = torch.device(args.device)
+    size = args.size or (512 if args.quick else 2048)
+    sizes = args.memory_sizes if args.memory_sizes is not None else ([1024, 4096] if args.quick else [4096, 16384, 40960])
+    if args.quick:
+        args.spacing = min(args.spacing, 2048)
+        args.repeats = 1
+    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
+    print("machine:", machine(device))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="genselfdiff-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = tiny_model(device, args.preset)
+    print(f"model: {args.preset} preset, tile {args.tile}, overlap {args.overlap}, batch {args.batch}")
+
+    dense = work / f"dense_{size}.ome.tif"
+    if not dense.exists():
+        write_spotted_pyramid(dense, size, args.spacing, dense=True)
+    # (a), (b), (c) in turn, --repeats times, best of each: load from other processes varies.
+    runs = {"a": [], "b": [], "c": []}
+    for _ in range(args.repeats):
+        runs["a"].append(raw_forward(model, dense, args.tile, args.overlap, args.batch))
+        runs["b"].append(end_to_end(model, dense, work / "dense.ome.zarr", args.tile, args.overlap, args.batch))
+        if not args.no_monai:
+            runs["c"].append(monai(model, dense, args.tile, args.overlap, args.batch))
+    raw, e2e = (max(runs[k], key=lambda d: d["mpx_per_s"]) for k in "ab")
+    ratio = e2e["mpx_per_s"] / raw["mpx_per_s"]
+    each = {k: " ".join(f"{d['mpx_per_s']:.3f}" for d in v) for k, v in runs.items()}
+    print(f"(a) raw forward   {size}^2: {raw['tiles']} tiles, {raw['seconds']:.1f} s, {raw['mpx_per_s']:.3f} Mpx/s "
+          f"(runs: {each['a']})")
+    print(f"(b) segment       {size}^2: {e2e['tiles']} tiles, {e2e['seconds']:.1f} s, {e2e['mpx_per_s']:.3f} Mpx/s "
+          f"= {ratio:.1%} of raw (runs: {each['b']})")
+    mon = None
+    if runs["c"]:
+        mon = max(runs["c"], key=lambda d: d["mpx_per_s"])
+        print(f"(c) MONAI sliding {size}^2: {mon['seconds']:.1f} s, {mon['mpx_per_s']:.3f} Mpx/s (runs: {each['c']}); "
+              f"holds {mon['held_bytes'] / 2**20:.0f} MiB of input+output tensors (grows with the image)")
+    peaks = {}
+    for side in sizes:
+        d = memory(work, side, args)
+        peaks[side] = d["peak"]
+        print(f"(d) memory {side}^2: peak RSS {d['peak'] / 2**20:.0f} MiB (after imports+model "
+              f"{d['base'] / 2**20:.0f} MiB), {d['tiles']} tiles ({d['skipped']} glass), {d['chunks']} chunks, "
+              f"{d['seconds']:.0f} s (slide written in {d['write_seconds']:.0f} s)")
+    growth = peaks[max(peaks)] / peaks[min(peaks)] if peaks else float("nan")
+    summary = (f"summary: segment {e2e['mpx_per_s']:.3f} Mpx/s = {ratio:.0%} of raw {raw['mpx_per_s']:.3f}"
+               + (f", MONAI {mon['mpx_per_s']:.3f} Mpx/s" if mon else "")
+               + (f"; peak RSS {max(peaks)}^2 / {min(peaks)}^2 = {growth:.2f}x" if peaks else ""))
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
