@@ -67,7 +67,8 @@ class OpenSlide:
             raise Unusable(f"is smaller than the {patch}-px patch ({self.width}x{self.height} px at level "
                            f"{self.level}, needs {self.read} px)")
         try:
-            self.tissue = TissueMap(self.slide, max_tissue_side)
+            with _single_threaded():
+                self.tissue = TissueMap(self.slide, max_tissue_side)
         except Exception as e:  # a corrupt tile further into the file
             raise Unusable(f"could not be read: {type(e).__name__}: {e}") from None
         # Flat indices of tissue pixels in the coarse mask, int32 to keep a few slides cheap to cache.
@@ -95,13 +96,22 @@ class OpenSlide:
         return fallback
 
     def read_window(self, w: Window) -> np.ndarray:
-        rgb = read_region(self.slide, w.level, w.y, w.x, w.size, w.size)
+        with _single_threaded():
+            rgb = read_region(self.slide, w.level, w.y, w.x, w.size, w.size)
         if w.size != self.patch:
             from skimage.transform import resize
 
             rgb = resize(rgb, (self.patch, self.patch), order=1, anti_aliasing=w.size > self.patch,
                          preserve_range=True).round().astype(np.uint8)
         return rgb
+
+
+def _single_threaded():
+    """Dask computes in the calling thread: small reads gain nothing from a pool, and a pool
+    created before DataLoader workers fork would deadlock them."""
+    import dask
+
+    return dask.config.set(scheduler="synchronous")
 
 
 def _read_plan(slide, patch: int, resolution: Resolution) -> tuple:
@@ -297,26 +307,23 @@ class PatchStream(_torch_iterable()):
 
     def batch_at(self, i: int) -> tuple:
         """Batch number ``i`` of this rank's stream (deterministic)."""
-        import dask
-
         cache = self._get_cache()
         pool = self._pool(i // self.chunk)
         rng = np.random.default_rng([self.seed, self.rank, i, 1])
         out = np.empty((self.batch, self.patch, self.patch, 3), np.uint8)
-        with dask.config.set(scheduler="synchronous"):  # small reads: no thread pool per read
-            for k in range(self.batch):
-                f = pool[int(rng.integers(len(pool)))]
-                s = cache.get(f)
-                w = s.random_window(f, rng, self.exclude.get(f, ()))
-                if w is None:  # everything near tissue is held out: take any free window
-                    w = s.random_window(f, rng, self.exclude.get(f, ()), tries=256)
-                rgb = s.read_window(w)
-                if self.flips:
-                    if rng.random() < 0.5:
-                        rgb = rgb[:, ::-1]
-                    if rng.random() < 0.5:
-                        rgb = rgb[::-1]
-                out[k] = rgb
+        for k in range(self.batch):
+            f = pool[int(rng.integers(len(pool)))]
+            s = cache.get(f)
+            w = s.random_window(f, rng, self.exclude.get(f, ()))
+            if w is None:  # everything near tissue is held out: take any free window
+                w = s.random_window(f, rng, self.exclude.get(f, ()), tries=256)
+            rgb = s.read_window(w)
+            if self.flips:
+                if rng.random() < 0.5:
+                    rgb = rgb[:, ::-1]
+                if rng.random() < 0.5:
+                    rgb = rgb[::-1]
+            out[k] = rgb
         return out, cache.collect_bad()
 
     def _get_cache(self) -> SlideCache:
