@@ -183,7 +183,7 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
 
     stop = threading.Event()
 
-    @thread_worker
+    @thread_worker(ignore_errors=True)  # the widget reports errors itself (errored signal)
     def work():
         from genselfdiff.errors import UserError
         from genselfdiff.model import load_model

@@ -266,3 +266,18 @@ def test_visible_region_only_computes_the_tiles_on_screen(make_napari_viewer, qt
     assert 1 <= len(tiles) <= 9  # of about 80 for the whole image
     assert all(t[2].y < 300 and t[2].x < 300 for t in tiles)
     assert viewer.layers[f"{image.name} labels"].data.shape == (1024, 1024)
+
+
+def test_a_bad_model_file_is_a_notification_in_plain_words(make_napari_viewer, qtbot, tmp_path):
+    from napari.utils.notifications import notification_manager
+
+    viewer = make_napari_viewer()
+    _open_sample(viewer, (128, 128))
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    (tmp_path / "model.pt").write_text("not a checkpoint")
+    widget.model.setText(str(tmp_path / "model.pt"))
+    messages = []
+    notification_manager.notification_ready.connect(lambda n: messages.append(str(n.message)))
+    _segment(qtbot, widget)
+    assert any("model.pt" in m and "bug" not in m for m in messages), messages
+    assert "labels" not in " ".join(layer.name for layer in viewer.layers)

@@ -7,9 +7,11 @@ works at, so the result fills in over the slide while it runs.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
+from genselfdiff.progress import Progress
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
@@ -177,8 +179,7 @@ class SegmentWidget(QWidget):
         if time.monotonic() - entry["refreshed"] > REFRESH_SECONDS or tile.done == tile.total:
             entry["layer"].refresh()
             entry["refreshed"] = time.monotonic()
-        p = type("P", (), {"stage": f"Segmenting {key}", "done": tile.done, "total": tile.total})
-        self.progress.update(p, f"{key}: tile {tile.done} / {tile.total}")
+        self.progress.update(Progress(f"Segmenting {key}", tile.done, tile.total), f"{key}: tile {tile.done} / {tile.total}")
 
     def _result_layer(self, image_layer, tile):
         """A Labels layer for the processing level, replacing the last run's for this image."""
@@ -198,6 +199,8 @@ class SegmentWidget(QWidget):
         from genselfdiff.errors import UserError
 
         self.progress.close("")
+        if not isinstance(error, UserError):  # a bug: keep its traceback in the log
+            logging.getLogger(__name__).error("segmentation failed", exc_info=(type(error), error, error.__traceback__))
         tell_error(str(error), isinstance(error, UserError), "Segmentation")
 
     def _on_finished(self):
@@ -205,7 +208,7 @@ class SegmentWidget(QWidget):
         done = [k for k, e in self.results.items() if e.get("done")]
         saved = [str(e["saved"]) for e in self.results.values() if "saved" in e]
         failed = [k for k, e in self.results.items() if "error" in e]
-        text = f"Segmented {len(done)} of {len(self.results)} image(s)."
+        text = ("Stopped. " if self._stop.is_set() else "") + f"Segmented {len(done)} of {len(self.results)} image(s)."
         text += f" Saved {', '.join(saved)}." if saved else ""
         text += f" Failed: {', '.join(failed)}." if failed else ""
         self.progress.close(text)
