@@ -348,3 +348,16 @@ def test_cli_geojson_annotations(tmp_path, folders, capsys):
     model = load_model(out, "cpu")
     assert model.classes == ["Background", "Tumor"] and model.colors[1] == [255, 0, 0]
     assert model.meta["data"]["annotated_pixels"] == [40 * 256 + 30 * 100, 40 * 60]
+
+
+def test_napari_style_inputs_pyramids_and_counts(synthetic_pair):
+    from genselfdiff.synthetic import downsample2
+
+    img, truth = synthetic_pair
+    half = truth[::2, ::2]
+    item = open_labelled([img, downsample2(img)], [truth, half], Resolution(level=1))
+    assert item.shape == (128, 128) and item.level == 1 and item.downsample == 2
+    with pytest.raises(UserError, match="128x128"):
+        open_labelled([img, downsample2(img)], truth, Resolution(level=1))
+    with pytest.raises(UserError, match="2 images but 1"):
+        finetune([img, img], [truth], "unused.pt", _cfg(), device="cpu")

@@ -208,12 +208,18 @@ def open_labelled(image, labels, resolution, *, index: int = 0, label_name: Opti
     """Wrap one image (path, :class:`Slide` or array) and its labels (path or array), checking shapes."""
     if isinstance(image, (str, Path)):
         image = open_slide(image)
+    elif isinstance(image, (list, tuple)):  # a multiscale pyramid, as napari holds one
+        image = Slide(Path(f"image #{index + 1}"), [_as_rgb(lv, f"image #{index + 1}") for lv in image], None)
+    if isinstance(labels, (list, tuple)) and not isinstance(image, Slide):
+        raise UserError(f"The labels of image #{index + 1} are a pyramid but the image is not; give one label array.")
     if isinstance(image, Slide):
         level = image.level_for(resolution)
         arr, name, source = image.levels[level], image.name, str(image.path)
         downsample, mpp = image.downsample(level), image.mpp_at(level)
     else:
         arr, name, source, level, downsample, mpp = _as_rgb(image, f"image #{index + 1}"), f"image #{index + 1}", None, 0, 1.0, None
+    if isinstance(labels, (list, tuple)):  # a label pyramid: the level of the same size as the image's
+        labels = next((lv for lv in labels if tuple(lv.shape[:2]) == tuple(arr.shape[:2])), labels[0])
     if isinstance(labels, (str, Path)):
         label_name = label_name or str(labels)
         lab = read_mask(labels)

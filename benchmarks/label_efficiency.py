@@ -1,0 +1,287 @@
+"""Label efficiency on MoNuSeg: diffusion-pretrained vs random init vs classical anchors.
+
+Data: the 30 official MoNuSeg training images (../shared/data/monuseg/train, 1000 x 1000,
+0.2527 µm/px, binary nucleus masks). Held out for evaluation: every fifth image by sorted
+name (positions 4, 9, ..., 29: six images over several organs); never seen by any method,
+not even by pretraining. The other 24 are pretrained on without labels; the labelled
+sets are nested prefixes (1 of 3 of 10) of a fixed permutation of those 24
+(``numpy.random.default_rng(2024)``).
+
+Methods, all scored by pixel Dice of the nucleus class, mean over the held-out images:
+- pretrained: diffusion pretraining for --pretrain-minutes, then fine-tuning for
+  --finetune-minutes (the genselfdiff pipeline, segmented with ``genselfdiff.segment``);
+- random init, same fine-tuning compute: the same network from random weights, trained for
+  the same number of fine-tuning steps as the pretrained run took;
+- random init, same total compute: as many steps more as pretraining took (converted by
+  pixels per step), so pretraining is not given free compute;
+- Otsu on the haematoxylin channel (skimage.color.rgb2hed), per image, no training;
+- a random forest (scikit-learn) on skimage's multiscale_basic_features, trained on the
+  same labelled images.
+
+With ``--scale 2`` the networks work at half resolution (0.51 µm/px): the images are
+written as two-level OME-TIFF pyramids in the work folder and both phases use level 1;
+``segment`` upsamples the labels back to full resolution for scoring.
+
+Run: .venv/bin/python benchmarks/label_efficiency.py [--quick] [options]; it prints the
+command, the machine, a table and one summary line, and writes results.json to --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "monuseg" / "train"
+MPP = 0.2527
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a smoke test: short budgets, 1 and 3 labelled images")
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--work", type=Path, default=Path("/tmp/genselfdiff-label-efficiency"))
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--patch", type=int, default=None, help="default: the preset's")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--scale", type=int, choices=[1, 2], default=1, help="2 = work at half resolution")
+    p.add_argument("--pretrain-minutes", type=float, default=8.0)
+    p.add_argument("--finetune-minutes", type=float, default=7.0)
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
+    p.add_argument("--loss", default="paper")
+    p.add_argument("--pretrain-ema", type=float, default=0.995,
+                   help="EMA decay in pretraining (0.999 keeps ~20%% of the random start after 1500 steps)")
+    p.add_argument("--labelled", default="1,3,10", help="numbers of labelled images")
+    p.add_argument("--no-total-compute", action="store_true", help="skip the random-init run at equal total compute")
+    p.add_argument("--pretrained", type=Path, help="use this pretrained checkpoint instead of pretraining")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine two spinning OpenMP threads "
+                        "were 10-30x slower than one)")
+    p.add_argument("--rf-trees", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.pretrain_minutes, args.finetune_minutes = min(args.pretrain_minutes, 0.5), min(args.finetune_minutes, 0.5)
+        args.labelled, args.no_total_compute, args.rf_trees = "1,3", True, 10
+    args.labelled = [int(n) for n in args.labelled.split(",")]
+    return args
+
+
+def machine(device: str) -> str:
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} cores (load {load:.1f}), torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), device {device}")
+
+
+def split(data: Path):
+    images = sorted((data / "images").glob("*.png"))
+    if len(images) != 30:
+        sys.exit(f"expected the 30 MoNuSeg training images in {data / 'images'}, found {len(images)}")
+    held = [p for i, p in enumerate(images) if i % 5 == 4]
+    pool = [p for i, p in enumerate(images) if i % 5 != 4]
+    order = np.random.default_rng(2024).permutation(len(pool))
+    return held, [pool[i] for i in order]
+
+
+def read_rgb(path) -> np.ndarray:
+    from skimage.io import imread
+
+    return np.asarray(imread(path))[..., :3]
+
+
+def read_mask(data: Path, image: Path) -> np.ndarray:
+    from skimage.io import imread
+
+    return np.asarray(imread(data / "masks" / image.name)) > 0
+
+
+def prepare(args, pool):
+    """Training inputs at the working scale: (image sources, mask sources, Resolution)."""
+    from genselfdiff.config import Resolution
+
+    if args.scale == 1:
+        return {p.stem: p for p in pool}, {p.stem: args.data / "masks" / p.name for p in pool}, Resolution()
+    from skimage.io import imsave
+
+    from genselfdiff.synthetic import write_pyramidal_tiff
+
+    folder = args.work / "half"
+    folder.mkdir(parents=True, exist_ok=True)
+    images, masks = {}, {}
+    for p in pool:
+        tif, png = folder / f"{p.stem}.ome.tif", folder / f"{p.stem}_mask.png"
+        if not tif.exists():
+            write_pyramidal_tiff(tif, read_rgb(p), mpp=MPP, min_side=400)
+        if not png.exists():
+            m = read_mask(args.data, p).astype(np.float32)
+            half = (m[0::2, 0::2] + m[1::2, 0::2] + m[0::2, 1::2] + m[1::2, 1::2]) / 4
+            imsave(png, (half >= 0.5).astype(np.uint8), check_contrast=False)
+        images[p.stem], masks[p.stem] = tif, png
+    return images, masks, Resolution(level=1)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    s = pred.sum() + truth.sum()
+    return 1.0 if s == 0 else float(2 * (pred & truth).sum() / s)
+
+
+def score_model(path, held, args) -> list:
+    from genselfdiff.model import load_model
+    from genselfdiff.segment import segment
+
+    model = load_model(path, args.device)
+    scores = []
+    for p in held:
+        source = args.work / "half" / f"{p.stem}.ome.tif" if args.scale == 2 else read_rgb(p)
+        if args.scale == 2 and not Path(source).exists():
+            from genselfdiff.synthetic import write_pyramidal_tiff
+
+            write_pyramidal_tiff(source, read_rgb(p), mpp=MPP, min_side=400)
+        labels = np.asarray(segment(model, source, skip_background=False).labels)
+        scores.append(dice(labels == 1, read_mask(args.data, p)))
+    return scores
+
+
+def otsu_scores(held, args) -> list:
+    from skimage.color import rgb2hed
+    from skimage.filters import threshold_otsu
+
+    out = []
+    for p in held:
+        h = rgb2hed(read_rgb(p))[..., 0]
+        out.append(dice(h > threshold_otsu(h), read_mask(args.data, p)))
+    return out
+
+
+def rf_scores(labelled, held, args, pixels_per_image: int = 40_000) -> list:
+    from sklearn.ensemble import RandomForestClassifier
+    from skimage.feature import multiscale_basic_features
+
+    rng = np.random.default_rng(args.seed)
+    xs, ys = [], []
+    for p in labelled:
+        f = multiscale_basic_features(read_rgb(p), channel_axis=-1)
+        m = read_mask(args.data, p)
+        idx = rng.choice(m.size, pixels_per_image, replace=False)
+        xs.append(f.reshape(-1, f.shape[-1])[idx])
+        ys.append(m.ravel()[idx])
+    rf = RandomForestClassifier(n_estimators=args.rf_trees, min_samples_leaf=2, n_jobs=args.threads,
+                                random_state=args.seed)
+    rf.fit(np.concatenate(xs), np.concatenate(ys))
+    out = []
+    for p in held:
+        f = multiscale_basic_features(read_rgb(p), channel_axis=-1)
+        pred = rf.predict(f.reshape(-1, f.shape[-1])).reshape(f.shape[:2]).astype(bool)
+        out.append(dice(pred, read_mask(args.data, p)))
+    return out
+
+
+def ticker(name: str, every: int = 100):
+    """A progress callback that prints a line to stderr every ``every`` steps and per epoch."""
+    def tick(p):
+        if (p.done and p.done % every == 0 and p.stage in ("pretrain", "finetune")) or isinstance(p.payload, dict):
+            m = " ".join(f"{k} {v:.4g}" for k, v in p.metrics.items() if isinstance(v, float))
+            print(f"  [{time.strftime('%H:%M:%S')}] {name} step {p.done} {m}", file=sys.stderr, flush=True)
+    return tick
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    import torch
+
+    from genselfdiff.config import PretrainConfig
+    from genselfdiff.finetune import FinetuneConfig, finetune
+    from genselfdiff.pretrain import pretrain
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.set_num_threads(args.threads)
+    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
+    print("machine:", machine(args.device))
+    args.work.mkdir(parents=True, exist_ok=True)
+    held, pool = split(args.data)
+    print(f"held out: {', '.join(p.stem for p in held)}")
+    images, masks, resolution = prepare(args, pool)
+    patch = args.patch
+    results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": {}}
+
+    t = time.perf_counter()
+    results["runs"]["otsu"] = {"dice": otsu_scores(held, args), "seconds": time.perf_counter() - t}
+
+    pre_path = args.pretrained or args.work / "pretrained.pt"
+    pcfg = PretrainConfig.from_preset(args.preset, minutes=args.pretrain_minutes, patch=patch, batch=args.batch,
+                                      resolution=resolution, seed=args.seed, ema_decay=args.pretrain_ema,
+                                      val_every=100 if args.quick else 200)
+    if args.pretrained is None:
+        pre = pretrain(list(images.values()), pre_path, pcfg, device=args.device, progress=ticker("pretrain"))
+        pre_steps, pre_seconds = pre.steps, pre.seconds
+    else:
+        ck = torch.load(pre_path, weights_only=True, map_location="cpu")
+        pre_steps, pre_seconds = int(ck.get("step", 0)), float("nan")
+    results["pretrain"] = {"steps": pre_steps, "seconds": pre_seconds, "patch": pcfg.patch, "batch": pcfg.batch}
+    print(f"pretrained {pre_steps} steps in {pre_seconds / 60:.1f} min ({pcfg.patch}-px patches, batch {pcfg.batch})")
+
+    for n in args.labelled:
+        subset = pool[:n]
+        imgs, msks = [images[p.stem] for p in subset], [masks[p.stem] for p in subset]
+        base = dict(patch=patch, batch=args.batch, lr=args.lr, loss=args.loss, patience=0, seed=args.seed,
+                    resolution=resolution, class_names=["background", "nucleus"])
+        cfg = FinetuneConfig.from_preset(args.preset, minutes=args.finetune_minutes, **base)
+        out = args.work / f"ft_pretrained_{n}.pt"
+        r = finetune(imgs, msks, out, cfg, pretrained=pre_path, device=args.device, progress=ticker(out.stem))
+        ft_steps = r.steps
+        runs = {f"pretrained_{n}": (out, r)}
+        per_step = (pcfg.batch * pcfg.patch**2) / (cfg.batch * cfg.patch**2)
+        budgets = {f"random_{n}": ft_steps}
+        if not args.no_total_compute:
+            budgets[f"random_total_{n}"] = ft_steps + int(round(pre_steps * per_step))
+        for name, steps in budgets.items():
+            rcfg = FinetuneConfig.from_preset(args.preset, steps=steps, **base)
+            path = args.work / f"ft_{name}.pt"
+            runs[name] = (path, finetune(imgs, msks, path, rcfg, pretrained=None, device=args.device,
+                                         progress=ticker(name)))
+        for name, (path, res) in runs.items():
+            results["runs"][name] = {"dice": score_model(path, held, args), "steps": res.steps,
+                                     "seconds": res.seconds, "val_dice": res.best_dice}
+        t = time.perf_counter()
+        results["runs"][f"rf_{n}"] = {"dice": rf_scores(subset, held, args), "seconds": time.perf_counter() - t}
+        _table(results)
+
+    (args.work / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    _table(results)
+    parts = [f"{k} {np.mean(v['dice']):.3f}" for k, v in results["runs"].items()]
+    print(f"summary: MoNuSeg held-out Dice (6 images) | {args.preset} {pcfg.patch}px scale 1/{args.scale} | "
+          f"pretrain {args.pretrain_minutes:g} min ({pre_steps} steps) + fine-tune {args.finetune_minutes:g} min | "
+          + " | ".join(parts))
+    return 0
+
+
+def _table(results: dict) -> None:
+    print(f"\n{'method':<22} {'Dice':>6} {'min':>6} {'max':>6} {'steps':>7} {'minutes':>8}")
+    for name, r in results["runs"].items():
+        d = np.array(r["dice"])
+        print(f"{name:<22} {d.mean():6.3f} {d.min():6.3f} {d.max():6.3f} {r.get('steps', ''):>7} "
+              f"{r.get('seconds', float('nan')) / 60:8.1f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
