@@ -37,13 +37,16 @@ def wait(condition, timeout=1800):
         time.sleep(0.02)
 
 
-def screenshot(viewer, name: str):
-    """The whole window, without the notification toasts that would cover the canvas."""
+def screenshot(viewer, name: str, fit: bool = True):
+    """The whole window, the data fitted to the canvas, without notification toasts over it."""
     from napari._qt.dialogs.qt_notification import NapariQtNotification
 
     for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
         toast.close()
-    wait(lambda: True)
+    wait(lambda: True)  # docks added or removed change the canvas size first
+    if fit:
+        viewer.reset_view()
+        wait(lambda: True)
     viewer.screenshot(str(OUT / name), canvas_only=False)
 
 
@@ -78,7 +81,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="genselfdiff-shots-"))
     os.environ["GENSELFDIFF_NAPARI_CONFIG_DIR"] = str(tmp / "config")
     OUT.mkdir(exist_ok=True)
-    pretrain_steps, finetune_steps = (10, 10) if args.quick else (300, 300)
+    pretrain_steps, finetune_steps = (10, 10) if args.quick else (1500, 300)
 
     import napari
 
@@ -87,7 +90,7 @@ def main():
 
     print(" ".join([sys.executable, *sys.argv]))
     viewer = napari.Viewer(title="napari-genselfdiff")
-    viewer.window._qt_window.resize(1500, 950)
+    viewer.window._qt_window.resize(1600, 950)
 
     # 1. Pretrain on a folder of unannotated slides.
     slides = tmp / "slides"
@@ -104,7 +107,6 @@ def main():
     pretrain.n_samples.setValue(9)
     pretrain.draw_samples()
     wait(lambda: not pretrain.runner.running)
-    viewer.reset_view()
     screenshot(viewer, "pretrain.png")
     viewer.window.remove_dock_widget(dock)
     viewer.layers.clear()
@@ -115,7 +117,7 @@ def main():
     image, truth = viewer.layers["synthetic tissue"], viewer.layers["ground truth"]
     truth.visible = False
     dock, finetune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
-    viewer.scene.camera.center = (0, 128.0, 128.0)  # µm
+    viewer.scene.camera.center = (0, 170.0, 190.0)  # µm
     viewer.scene.camera.zoom = 3.0
     wait(lambda: True)
     finetune.image.setCurrentText(image.name)
@@ -131,14 +133,13 @@ def main():
     finetune.start()
     wait(lambda: not finetune.runner.running)
     viewer.layers.selection.active = annotation
-    screenshot(viewer, "finetune.png")
+    screenshot(viewer, "finetune.png", fit=False)
 
     # 3. Segment the whole sample with the new model.
     dock2, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     viewer.window.remove_dock_widget(dock)
     annotation.visible = False
     viewer.layers.selection.active = image
-    viewer.reset_view()
     segment.start()
     wait(lambda: segment.worker is None)
     viewer.layers.selection.active = viewer.layers[f"{image.name} labels"]

@@ -167,3 +167,16 @@ def test_settings_persist_in_the_folder_the_environment_names(tmp_path, monkeypa
     assert heard == [("model", "/models/a.pt")]
     settings_file().write_text("{broken")
     assert Settings().get("model") is None  # a damaged file is ignored, not fatal
+
+
+def test_label_pyramid_of_a_whole_slide_lives_in_compressed_zarr_chunks(monkeypatch):
+    monkeypatch.setattr(_layers, "IN_MEMORY_LIMIT", 10_000)
+    big, small = _layers.LabelPyramid((300, 500), min_side=128), None
+    monkeypatch.setattr(_layers, "IN_MEMORY_LIMIT", 10**9)
+    small = _layers.LabelPyramid((300, 500), min_side=128)
+    assert type(big.levels[0]).__module__.startswith("zarr") and isinstance(small.levels[0], np.ndarray)
+    tile = np.random.default_rng(0).integers(0, 3, (70, 90)).astype(np.uint8)
+    for pyramid in (big, small):
+        pyramid.write(17, 251, tile)
+    for a, b in zip(big.levels, small.levels):
+        np.testing.assert_array_equal(np.asarray(a[:]), b)
