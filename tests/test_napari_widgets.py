@@ -281,3 +281,19 @@ def test_a_bad_model_file_is_a_notification_in_plain_words(make_napari_viewer, q
     _segment(qtbot, widget)
     assert any("model.pt" in m and "bug" not in m for m in messages), messages
     assert "labels" not in " ".join(layer.name for layer in viewer.layers)
+
+
+@pytest.mark.parametrize("name, key", [("Segment", "model"), ("Fine-tune", "pretrained")])
+def test_a_closed_widget_ignores_new_settings(make_napari_viewer, qtbot, name, key):
+    from qtpy import sip
+
+    from napari_genselfdiff.settings import settings
+
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    viewer.window.remove_dock_widget(dock)
+    widget.deleteLater()
+    qtbot.wait(50)
+    assert sip.isdeleted(widget)
+    settings.set(key, "/models/new.pt")  # e.g. a model saved by another widget
+    settings.set(key, "/models/newer.pt")
