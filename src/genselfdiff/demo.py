@@ -98,12 +98,12 @@ def run_demo(out, *, pretrain_steps: int = 300, finetune_steps: int = 300, devic
     lap("finetune")
 
     model = load_model(ft.path, device)
-    seg = segment(model, slide_path, out / "slide.ome.zarr", png=True, progress=progress, should_stop=should_stop)
+    seg = segment(model, slide_path, out / "slide.ome.zarr", progress=progress, should_stop=should_stop)
     result.files["segmentation"] = seg.path
     lap("segment")
 
     pred = np.asarray(seg.labels)
-    report = evaluate(out / "slide.png", out / "data" / "truth.png", scale_um=0.5)
+    report = evaluate(seg.path, out / "data" / "truth.png", scale_um=0.5)
     report.to_csv(out / "metrics.csv")
     report.to_json(out / "metrics.json")
     result.metrics = dict(report.mean)
