@@ -76,13 +76,14 @@ def all_sum(values: torch.Tensor, ctx: Context) -> torch.Tensor:
     return values
 
 
-def any_rank(flag: bool, ctx: Context) -> bool:
-    """True on every rank when it is True on any: stop decisions must be collective or DDP hangs."""
+def any_rank(flags, ctx: Context) -> list:
+    """Each flag True on every rank when it is True on any: stop decisions must be collective or DDP hangs."""
+    flags = [bool(f) for f in flags]
     if not ctx.active:
-        return flag
-    t = torch.tensor([float(flag)], device=ctx.device)
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def barrier(ctx: Context) -> None:

@@ -28,7 +28,7 @@ from . import distributed
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import PretrainConfig
 from .errors import UserError
-from .model import autocast, pick_device, to_input
+from .model import pick_device, to_input
 from .patches import PatchStream, batches, plan_data, val_noise
 from .progress import Progress, resolve
 from .schedule import Schedule, p2_loss, q_sample
@@ -113,8 +113,13 @@ class _Trainer:
         cfg = self.cfg = config if ckpt is None else self._resumed_config(config, ckpt)
         check_config(cfg)
         self.schedule = schedule_of(cfg)
+        if self.device.type == "cuda":  # its tensors on the GPU: no host copy (and stall) in every step
+            self.schedule = Schedule(self.schedule.betas.to(self.device))
         self.log_every = log_every or (1 if self.device.type == "cpu" else 10)
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        # channels_last pays on GPUs; on the CPU it measured slower (docs/pretraining.md, Measured).
+        cl = cfg.channels_last and self.device.type == "cuda"
+        self.memory_format = torch.channels_last if cl else torch.contiguous_format
+        self.amp = amp_enabled(self.device, cfg.amp)
 
         with torch.random.fork_rng(devices=[]):  # same initial weights for a seed, caller's RNG untouched
             torch.manual_seed(cfg.seed)
@@ -165,7 +170,7 @@ class _Trainer:
     # --- the loop -------------------------------------------------------------------
     def run(self, progress, should_stop, t0: float) -> PretrainResult:
         cfg, ctx = self.cfg, self.ctx
-        progress(Progress("pretrain", self.step, cfg.steps, {"status": "reading slides"}))
+        progress(Progress("pretrain", self.step, cfg.steps))  # before the slides are read
         plan = plan_data(self.sources, cfg.patch, cfg.resolution, seed=cfg.seed, val_fraction=cfg.val_fraction,
                          val_patches=cfg.val_batches * cfg.batch)
         self.plan, self.provenance = plan, plan.provenance(self.sources)
@@ -187,10 +192,15 @@ class _Trainer:
         self.net.train()
         try:
             while True:
-                over_time = cfg.minutes is not None and time.perf_counter() - t0 >= 60 * cfg.minutes
                 done = cfg.steps is not None and self.step >= cfg.steps
-                stop = distributed.any_rank(bool(should_stop()) and not done, ctx)
-                if done or over_time or stop:
+                if done:
+                    break
+                over_time = cfg.minutes is not None and time.perf_counter() - t0 >= 60 * cfg.minutes
+                stop = bool(should_stop())
+                if ctx.active:  # decided together (else a rank waits forever), every log_every steps
+                    over_time, stop = distributed.any_rank([over_time, stop], ctx) \
+                        if self.step % self.log_every == 0 else (False, False)
+                if over_time or stop:
                     stopped = stop
                     break
                 batch, bad = next(batches_in)
@@ -239,6 +249,9 @@ class _Trainer:
             last_path=self.last, seconds=time.perf_counter() - t0, validation=plan.validation,
             net=self.ema if self.ema is not None else self.net)
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
     def _lr(self, step: int) -> float:
         """Linear warm-up over ``warmup_steps`` (0: none), then constant as in the paper."""
         w = self.cfg.warmup_steps
@@ -250,7 +263,7 @@ class _Trainer:
         x0 = to_input(batch, self.device).contiguous(memory_format=self.memory_format)
         t = torch.randint(0, cfg.timesteps, (x0.shape[0],), generator=gen, device=self.device)
         noise = torch.randn(x0.shape, generator=gen, device=self.device).contiguous(memory_format=self.memory_format)
-        with autocast(self.device, cfg.amp):
+        with self._autocast():
             eps = self.model(q_sample(self.schedule, x0, t, noise), t)
         loss = p2_loss(self.schedule, eps, noise, t, cfg.p2_k, cfg.p2_gamma)
         self.opt.zero_grad(set_to_none=True)
@@ -278,7 +291,7 @@ class _Trainer:
                 continue
             x0 = to_input(patches[sl], self.device).contiguous(memory_format=self.memory_format)
             t, eps = ts[sl].to(self.device), noise[sl].to(self.device)
-            with autocast(self.device, self.cfg.amp):
+            with self._autocast():
                 pred = net(q_sample(self.schedule, x0, t, eps), t)
             total += torch.stack([p2_loss(self.schedule, pred, eps, t, self.cfg.p2_k, self.cfg.p2_gamma).double()
                                   * len(t), torch.tensor(len(t), dtype=torch.float64, device=self.device)])
@@ -316,6 +329,28 @@ class _Trainer:
             d["optimizer"] = self.opt.state_dict()
             d["rng"] = capture_rng()
         return d
+
+
+def amp_enabled(device: torch.device, amp: bool = True) -> bool:
+    """bf16 autocast where it is fast: CUDA, and CPUs with native bf16 (AVX512-BF16 or AMX).
+
+    Elsewhere CPU bf16 is emulated and slower than fp32. Weights, optimizer state and the
+    loss stay fp32 either way.
+    """
+    if not amp:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _seed(*keys: int) -> int:
@@ -374,7 +409,7 @@ def sample_images(model, n: int = 4, *, device="auto", seed: int = 0, timesteps:
     every = max(1, len(ts) // 10)
     for i in reversed(range(len(ts))):
         tt = torch.full((n,), ts[i], device=dev, dtype=torch.long)
-        with autocast(dev):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp_enabled(dev)):
             eps = net(x, tt).float()
         a, ap, b = float(abar[i]), float(abar_prev[i]), float(betas[i])
         x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
