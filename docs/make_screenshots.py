@@ -3,9 +3,10 @@
     xvfb-run -a -s "-screen 0 1600x1100x24" .venv/bin/python docs/make_screenshots.py [--quick]
 
 Runs the real widgets, as a user would, on the synthetic sample (no download): a short
-pretraining on two unannotated slides, a fine-tune from strokes painted over the current
-view, and segmentation of the whole sample. Settings and models go to a temporary folder.
-Several minutes on a 2-core CPU; ``--quick`` trains for a few steps only (layout checks).
+pretraining on two unannotated slides (caught halfway, loss curve and all), a fine-tune
+from strokes painted over the current view starting from it, and segmentation of the whole
+sample. Settings and models go to a temporary folder. About 10-30 minutes on a busy 2-core
+CPU; ``--quick`` trains for a few steps only (layout checks).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="genselfdiff-shots-"))
     os.environ["GENSELFDIFF_NAPARI_CONFIG_DIR"] = str(tmp / "config")
     OUT.mkdir(exist_ok=True)
-    pretrain_steps, finetune_steps = (10, 10) if args.quick else (1500, 300)
+    pretrain_steps, finetune_steps = (10, 10) if args.quick else (400, 300)
 
     import napari
 
@@ -92,22 +93,22 @@ def main():
     viewer = napari.Viewer(title="napari-genselfdiff")
     viewer.window._qt_window.resize(1600, 950)
 
-    # 1. Pretrain on a folder of unannotated slides.
+    # 1. Pretrain on a folder of unannotated slides (one of them open), caught mid-run.
     slides = tmp / "slides"
     slides.mkdir()
     for seed in (11, 12):
         write_pyramidal_tiff(slides / f"slide{seed}.ome.tif", synthetic_tissue((1024, 1024), seed=seed)[0], mpp=0.5)
+    viewer.open(str(slides / "slide11.ome.tif"), plugin=PLUGIN)
     dock, pretrain = viewer.window.add_plugin_dock_widget(PLUGIN, "Pretrain")
     pretrain.folder.setText(str(slides))
     pretrain.out.setText(str(tmp / "pretrained.pt"))
     pretrain.preset.setCurrentText("tiny")
     pretrain.budget.amount.setValue(pretrain_steps)
     pretrain.start()
-    wait(lambda: not pretrain.runner.running)
-    pretrain.n_samples.setValue(9)
-    pretrain.draw_samples()
-    wait(lambda: not pretrain.runner.running)
+    wait(lambda: len(pretrain.plot.steps) >= pretrain_steps // 2)
+    pretrain.plot.redraw()
     screenshot(viewer, "pretrain.png")
+    wait(lambda: not pretrain.runner.running)
     viewer.window.remove_dock_widget(dock)
     viewer.layers.clear()
 
