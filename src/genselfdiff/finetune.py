@@ -185,8 +185,9 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     val = validation_set(items, cfg.patch, margin, cfg.sparse, on_train=not split, max_tiles=cfg.val_max_tiles, seed=cfg.seed)
     spe = cfg.steps_per_epoch or _default_steps_per_epoch(items, cfg)
 
-    torch.manual_seed(cfg.seed)
-    net = _build_net(start, n_classes, cfg).to(dev)
+    with torch.random.fork_rng(devices=[]):  # the same initial weights for a seed; the caller's RNG untouched
+        torch.manual_seed(cfg.seed)
+        net = _build_net(start, n_classes, cfg).to(dev)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     loss_fn = make_loss(cfg.loss, ss_weight=cfg.ss_weight, focal_weight=cfg.focal_weight, beta=cfg.ss_beta,
                         c=cfg.ss_c, gamma=cfg.focal_gamma)
