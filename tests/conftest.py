@@ -7,8 +7,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MONUSEG = ROOT.parent / "shared" / "data" / "monuseg" / "train"
 
-# Keep torch from fighting pytest for the 2 cores of a CI machine.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One thread per process: tests spawn workers (DDP ranks, dask workers, napari's training
+# process) and OpenMP threads spinning on oversubscribed cores make torch 10-100x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
