@@ -109,6 +109,16 @@ def test_sample_images_and_the_sample_command(stopped_run, tmp_path, capsys):
     assert imread(png).shape == (2 * 32 + 2, 3 * 32 + 2 * 2, 3)  # 3 columns, 2 rows, 2-px gaps
 
 
+def test_minutes_budget_ends_the_run(slides, tmp_path, capsys):
+    out = tmp_path / "timed.pt"
+    assert main(["pretrain", str(slides), "--out", str(out), "--preset", "tiny", "--patch", "32", "--batch", "2",
+                 "--minutes", "0.03", "--val-every", "0", "--device", "cpu", "--quiet"]) == 0
+    state = load_checkpoint(last_path(out))
+    assert state["config"]["minutes"] == 0.03 and state["config"]["steps"] is None
+    assert "Pretrained" in capsys.readouterr().out  # ended by the budget, not stopped
+    assert load_model(out, "cpu").kind == "pretrained"
+
+
 def cli(*args):
     return main(["pretrain", *map(str, args), "--preset", "tiny", "--patch", "32", "--batch", "2", "--steps", "2",
                  "--val-every", "0", "--warmup", "0", "--device", "cpu", "--quiet"])

@@ -52,7 +52,7 @@ def register(sub) -> None:
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the network (slow start, faster steps on GPUs)")
     s.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast on CUDA (default on)")
+                   help="bf16 autocast on CUDA and on CPUs with native bf16 (default on)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
