@@ -64,7 +64,7 @@ class Variant:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
         self.model = torch.compile(self.net) if compile_ else self.net
         self.schedule = Schedule.quadratic(1000)
-        self.gen = torch.Generator(device).manual_seed(seed)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
 
     def step(self, x0: torch.Tensor) -> torch.Tensor:
         x0 = x0.contiguous(memory_format=self.fmt)

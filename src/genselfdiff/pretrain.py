@@ -113,8 +113,10 @@ class _Trainer:
         cfg = self.cfg = config if ckpt is None else self._resumed_config(config, ckpt)
         check_config(cfg)
         self.schedule = schedule_of(cfg)
-        if self.device.type == "cuda":  # its tensors on the GPU: no host copy (and stall) in every step
-            self.schedule = Schedule(self.schedule.betas.to(self.device))
+        if self.device.type != "cpu":  # its tensors on the GPU: no host copy (and stall) in every step
+            # MPS has no float64; 1000 cumulative products in float32 stay within 1e-6 relative.
+            dtype = torch.float64 if self.device.type == "cuda" else torch.float32
+            self.schedule = Schedule(self.schedule.betas.to(self.device, dtype))
         self.log_every = log_every or (1 if self.device.type == "cpu" else 10)
         # channels_last pays on GPUs; on the CPU it measured slower (docs/pretraining.md, Measured).
         cl = cfg.channels_last and self.device.type == "cuda"
@@ -184,7 +186,7 @@ class _Trainer:
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                              prefetch_factor=4 if cfg.workers else None)
         batches_in = iter(loader)
-        gen = torch.Generator(self.device)
+        gen = torch.Generator(device=self.device)
         loss_sum, n_sum = torch.zeros((), device=self.device), 0
         window_t, window_steps = time.perf_counter(), 0
         last_loss, last_pps, stopped = None, None, False
@@ -285,17 +287,19 @@ class _Trainer:
         net = self.ema if self.ema is not None else self.net
         net.eval()
         patches, ts, noise = self.val
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        loss_sum, count = 0.0, 0
         for k, sl in enumerate(batches(len(patches), self.cfg.batch)):
-            if k % self.ctx.world_size != self.ctx.rank:
+            if k % self.ctx.world_size != self.ctx.rank:  # ranks share the batches out
                 continue
             x0 = to_input(patches[sl], self.device).contiguous(memory_format=self.memory_format)
             t, eps = ts[sl].to(self.device), noise[sl].to(self.device)
             with self._autocast():
                 pred = net(q_sample(self.schedule, x0, t, eps), t)
-            total += torch.stack([p2_loss(self.schedule, pred, eps, t, self.cfg.p2_k, self.cfg.p2_gamma).double()
-                                  * len(t), torch.tensor(len(t), dtype=torch.float64, device=self.device)])
+            loss_sum += float(p2_loss(self.schedule, pred, eps, t, self.cfg.p2_k, self.cfg.p2_gamma)) * len(t)
+            count += len(t)
         net.train()
+        total = torch.tensor([loss_sum, count], dtype=torch.float64,
+                             device=self.device if self.ctx.active else "cpu")
         distributed.all_sum(total, self.ctx)
         return float(total[0] / total[1])
 
@@ -318,7 +322,7 @@ class _Trainer:
     def _payload(self, resume_state: bool) -> dict:
         cfg = self.cfg
         d = {"kind": "pretrained", "net": cfg.net.to_dict(), "state_dict": self.net.state_dict(),
-             "config": cfg.to_dict(), "schedule": self.schedule.to_dict(), "step": self.step,
+             "config": cfg.to_dict(), "schedule": schedule_of(cfg).to_dict(), "step": self.step,
              "data": {**self.provenance, "skipped": [list(s) for s in sorted(self.skipped.items())],
                       "world_size": self.ctx.world_size},
              "resolution": cfg.resolution.to_dict(), "normalization": "[-1, 1]", "history": self.history,
@@ -340,7 +344,7 @@ def amp_enabled(device: torch.device, amp: bool = True) -> bool:
     if not amp:
         return False
     if device.type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_has_native_bf16()
 
 
