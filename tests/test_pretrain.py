@@ -167,7 +167,7 @@ def test_corrupt_files_are_skipped_by_name(tmp_path, capsys):
     only_bad.mkdir()
     (only_bad / "broken.png").write_bytes(b"garbage")
     assert cli(only_bad, "--out", tmp_path / "n.pt") == 2
-    assert "could be read" in capsys.readouterr().err
+    assert "broken.png could not be read" in capsys.readouterr().err
 
 
 # --- the data stream --------------------------------------------------------------------
@@ -184,6 +184,23 @@ def test_stream_is_deterministic_and_independent_of_workers(slides):
     assert all(np.array_equal(e, g) for e, g in zip(expect[2:], got))
     other_rank = PatchStream(plan.files, plan.train, 32, 4, Resolution(), rank=1, **kw).batch_at(2)[0]
     assert not np.array_equal(other_rank, expect[2])
+
+
+def test_a_slide_failing_mid_stream_is_skipped(slides, monkeypatch):
+    plan = plan_data([slides], 32, Resolution(), val_fraction=0)
+    broken = plan.files[plan.train[0]]
+    real = OpenSlide.read_window
+
+    def read(self, w):
+        if self.slide.path == broken:
+            raise OSError("corrupt tile")
+        return real(self, w)
+
+    monkeypatch.setattr(OpenSlide, "read_window", read)
+    stream = PatchStream(plan.files, plan.train, 32, 4, Resolution())
+    reported = [s for i in range(3) for s in stream.batch_at(i)[1]]
+    assert reported == [(str(broken), "could not be read: OSError: corrupt tile")]
+    assert stream.batch_at(3)[0].shape == (4, 32, 32, 3)
 
 
 def test_patches_come_from_tissue(tmp_path):

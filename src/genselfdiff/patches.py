@@ -59,8 +59,10 @@ class OpenSlide:
 
         try:
             self.slide = open_slide(path)
-        except UserError as e:
-            raise Unusable(f"could not be read: {e}") from None
+        except UserError as e:  # the message starts with the path, which the report already names
+            msg = str(e)[len(str(path)):].strip() if str(e).startswith(str(path)) else str(e)
+            msg = _one_line(msg)
+            raise Unusable(msg if msg.startswith("could not be read") else f"could not be read: {msg}") from None
         self.level, self.read = _read_plan(self.slide, patch, resolution)
         self.height, self.width = self.slide.levels[self.level].shape[:2]
         if min(self.height, self.width) < self.read:
@@ -70,7 +72,7 @@ class OpenSlide:
             with _single_threaded():
                 self.tissue = TissueMap(self.slide, max_tissue_side)
         except Exception as e:  # a corrupt tile further into the file
-            raise Unusable(f"could not be read: {type(e).__name__}: {e}") from None
+            raise Unusable(_one_line(f"could not be read: {type(e).__name__}: {e}")) from None
         # Flat indices of tissue pixels in the coarse mask, int32 to keep a few slides cheap to cache.
         self.tissue_pixels = np.flatnonzero(self.tissue.mask).astype(np.int32)
         if len(self.tissue_pixels) == 0:
@@ -104,6 +106,12 @@ class OpenSlide:
             rgb = resize(rgb, (self.patch, self.patch), order=1, anti_aliasing=w.size > self.patch,
                          preserve_range=True).round().astype(np.uint8)
         return rgb
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    """Decoder messages can span lines; a skipped-file report is one line."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _single_threaded():
@@ -158,6 +166,11 @@ class SlideCache:
         while len(self.open) > self.size:
             self.open.popitem(last=False)
         return s
+
+    def mark_bad(self, i: int, reason: str) -> None:
+        self.open.pop(i, None)
+        self.bad[i] = reason
+        self.new_bad.append((str(self.files[i]), reason))
 
     def collect_bad(self) -> list:
         out, self.new_bad = self.new_bad, []
@@ -265,7 +278,10 @@ def _nothing_usable(files: list, bad: dict, patch: int) -> UserError:
         return UserError(f"No tissue was found in {where}; check that these are H&E slides, not blank or "
                          "fluorescence images.")
     if small + glass == 0:
-        return UserError(f"None of {where} could be read (e.g. {files[0]}: {reasons[0]}).")
+        i, why = next(iter(bad.items()))
+        if len(files) == 1:
+            return UserError(f"{files[0]} {why}" + ("" if why.endswith(".") else "."))
+        return UserError(f"None of {where} could be read (e.g. {files[i]}: {why})")
     return UserError(f"No usable image in {where}: {len(reasons) - small - glass} unreadable, {glass} without "
                      f"tissue, {small} smaller than the {patch}-px patch.")
 
@@ -308,22 +324,33 @@ class PatchStream(_torch_iterable()):
     def batch_at(self, i: int) -> tuple:
         """Batch number ``i`` of this rank's stream (deterministic)."""
         cache = self._get_cache()
-        pool = self._pool(i // self.chunk)
+        c = i // self.chunk
         rng = np.random.default_rng([self.seed, self.rank, i, 1])
         out = np.empty((self.batch, self.patch, self.patch, 3), np.uint8)
-        for k in range(self.batch):
+        k = 0
+        while k < self.batch:
+            pool = self._pool(c)
             f = pool[int(rng.integers(len(pool)))]
             s = cache.get(f)
+            if s is None:  # found unusable since the pool was drawn: draw the pool again without it
+                self._pools.pop(c, None)
+                continue
             w = s.random_window(f, rng, self.exclude.get(f, ()))
             if w is None:  # everything near tissue is held out: take any free window
                 w = s.random_window(f, rng, self.exclude.get(f, ()), tries=256)
-            rgb = s.read_window(w)
+            try:
+                rgb = s.read_window(w)
+            except Exception as e:  # a corrupt tile inside a slide that opened fine
+                cache.mark_bad(f, _one_line(f"could not be read: {type(e).__name__}: {e}"))
+                self._pools.pop(c, None)
+                continue
             if self.flips:
                 if rng.random() < 0.5:
                     rgb = rgb[:, ::-1]
                 if rng.random() < 0.5:
                     rgb = rgb[::-1]
             out[k] = rgb
+            k += 1
         return out, cache.collect_bad()
 
     def _get_cache(self) -> SlideCache:

@@ -172,7 +172,6 @@ class _Trainer:
     # --- the loop -------------------------------------------------------------------
     def run(self, progress, should_stop, t0: float) -> PretrainResult:
         cfg, ctx = self.cfg, self.ctx
-        progress(Progress("pretrain", self.step, cfg.steps))  # before the slides are read
         plan = plan_data(self.sources, cfg.patch, cfg.resolution, seed=cfg.seed, val_fraction=cfg.val_fraction,
                          val_patches=cfg.val_batches * cfg.batch)
         self.plan, self.provenance = plan, plan.provenance(self.sources)
