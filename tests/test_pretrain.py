@@ -119,6 +119,28 @@ def test_minutes_budget_ends_the_run(slides, tmp_path, capsys):
     assert load_model(out, "cpu").kind == "pretrained"
 
 
+def test_ctrl_c_stops_cleanly_with_a_resumable_checkpoint(slides, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ctrlc.pt"
+    cmd = [sys.executable, "-m", "genselfdiff.cli", "pretrain", str(slides), "--out", str(out), "--preset", "tiny",
+           "--patch", "32", "--batch", "2", "--val-every", "1", "--device", "cpu", "--quiet"]  # no budget: until Ctrl-C
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not last_path(out).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "Stopped pretraining after" in stdout and "Traceback" not in stderr
+    state = load_checkpoint(last_path(out))
+    assert state["step"] >= 1 and "optimizer" in state
+    assert load_model(out, "cpu").kind == "pretrained"
+
+
 def cli(*args):
     return main(["pretrain", *map(str, args), "--preset", "tiny", "--patch", "32", "--batch", "2", "--steps", "2",
                  "--val-every", "0", "--warmup", "0", "--device", "cpu", "--quiet"])
