@@ -50,7 +50,7 @@ class Schedule:
 
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values[t] as float32 on like's device, shaped to broadcast over N x C x H x W."""
-    return values.to(like.device)[t].float().view(-1, *([1] * (like.dim() - 1)))
+    return values.float().to(like.device)[t].view(-1, *([1] * (like.dim() - 1)))  # MPS has no float64
 
 
 def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
