@@ -9,9 +9,10 @@ In one run, with one model and the same tile, overlap and batch:
 (c) MONAI ``sliding_window_inference`` over the whole image held as one tensor, which
     returns the whole float output;
 (d) peak memory (RSS) of ``segment`` on pyramids of growing side, each in a fresh process.
-    The pyramids are written tile by tile (never held in memory): white glass with tissue
-    spots every ``--spacing`` pixels, so the network work stays small while the slide,
-    its tissue map and its output grow.
+    The pyramids are written tile by tile (never held in memory): white glass with the same
+    5 x 5 tissue squares of 512 px spread over it, so the network does the same work at every
+    size (peak RSS of the CPU allocator depends on how many batches ran) while the slide, its
+    tissue map, its units and its output grow.
 
     .venv/bin/python benchmarks/tiled_inference.py [--quick] [--device cpu]
 
@@ -68,10 +69,14 @@ def tiny_model(device, preset="tiny", classes=2):
 
 # --- synthetic pyramids written tile by tile ---------------------------------------------------
 
-def write_spotted_pyramid(path: Path, side: int, spacing: int, spot: int = 512, tile: int = 512,
+def write_spotted_pyramid(path: Path, side: int, spots: int = 5, spot: int = 512, tile: int = 512,
                           texture_side: int = 1024, dense: bool = False) -> Path:
     """A JPEG pyramidal OME-TIFF of ``side`` px: synthetic tissue (``dense``) or white glass with
-    ``spot``-px tissue squares every ``spacing`` px. Memory: a few tiles, whatever the side."""
+    ``spots`` x ``spots`` tissue squares of ``spot`` px, evenly spread (the same network work at
+    every side). Memory: a few tiles, whatever the side."""
+    spacing = side // spots
+    spot = min(spot, spacing)
+    offset = (spacing - spot) // 2
     import tifffile
 
     from genselfdiff.synthetic import downsample2, synthetic_tissue
@@ -94,9 +99,9 @@ def write_spotted_pyramid(path: Path, side: int, spacing: int, spot: int = 512, 
                 ys, xs = np.arange(ty, ty + tile), np.arange(tx, tx + tile)
                 if dense:
                     mask_y, mask_x = ys < n, xs < n
-                else:  # inside a spot: (level-0 coordinate - 512) mod spacing < spot
-                    mask_y = ((ys * f - 512) % spacing < spot) & (ys < n)
-                    mask_x = ((xs * f - 512) % spacing < spot) & (xs < n)
+                else:  # inside a spot: (level-0 coordinate - offset) mod spacing < spot
+                    mask_y = ((ys * f - offset) % spacing < spot) & (ys < n)
+                    mask_x = ((xs * f - offset) % spacing < spot) & (xs < n)
                 if mask_y.any() and mask_x.any():
                     patch = tex[np.ix_(ys % ts, xs % ts)]
                     m = mask_y[:, None] & mask_x[None, :]
@@ -161,7 +166,9 @@ def end_to_end(model, slide_path, out, tile, overlap, batch) -> dict:
     return {"tiles": r.tiles, "seconds": seconds, "mpx_per_s": h * w / seconds / 1e6}
 
 
-def monai(model, slide_path, tile, overlap, batch) -> dict:
+def monai(model, slide_path, tile, overlap, batch, channels_last=False) -> dict:
+    """MONAI over the whole image. ``channels_last`` hands the network NHWC-strided windows, the
+    layout segment() feeds it (its uint8 HWC pixels, permuted): on CPU convolutions run faster so."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -170,6 +177,9 @@ def monai(model, slide_path, tile, overlap, batch) -> dict:
 
     rgb = np.asarray(open_slide(slide_path).levels[0])
     net = model.net
+    if channels_last:
+        def net(x, _net=model.net):
+            return _net(x.contiguous(memory_format=torch.channels_last))
     with torch.inference_mode():  # warm-up, as for (a)
         sliding_window_inference(to_input(rgb[:tile, :tile], model.device), (tile, tile), batch, net)
     t0 = time.perf_counter()
@@ -214,10 +224,10 @@ def memory_child(args) -> None:
 
 
 def memory(work: Path, side: int, args) -> dict:
-    path = work / f"spots_{side}.ome.tif"
+    path = work / f"spots_{side}_{args.spots}x{args.spot}.ome.tif"
     t0 = time.perf_counter()
     if not path.exists():
-        write_spotted_pyramid(path, side, args.spacing, args.spot)
+        write_spotted_pyramid(path, side, args.spots, args.spot)
     made = time.perf_counter() - t0
     out = work / f"spots_{side}.ome.zarr"
     import shutil
@@ -244,8 +254,8 @@ def main() -> None:
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--memory-sizes", type=int, nargs="*", help="sides for (d) (default 4096 16384 40960)")
-    p.add_argument("--spacing", type=int, default=8192, help="tissue spots every this many px in (d)")
-    p.add_argument("--spot", type=int, default=512, help="side of a tissue spot in (d): >= one full batch of tiles")
+    p.add_argument("--spots", type=int, default=5, help="(d): spots x spots tissue squares, whatever the side")
+    p.add_argument("--spot", type=int, default=512, help="(d): side of a tissue square")
     p.add_argument("--no-monai", action="store_true")
     p.add_argument("--repeats", type=int, default=2, help="runs of (a)-(c), best kept (default %(default)s)")
     p.add_argument("--work", default=None, help="folder for the synthetic slides (default: a temporary one)")
@@ -261,8 +271,7 @@ def main() -> None:
     size = args.size or (512 if args.quick else 2048)
     sizes = args.memory_sizes if args.memory_sizes is not None else ([1024, 4096] if args.quick else [4096, 16384, 40960])
     if args.quick:
-        args.spacing = min(args.spacing, 2048)
-        args.repeats = 1
+        args.spots, args.repeats = 2, 1
     print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
     print("machine:", machine(device))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="genselfdiff-bench-"))
@@ -272,14 +281,15 @@ def main() -> None:
 
     dense = work / f"dense_{size}.ome.tif"
     if not dense.exists():
-        write_spotted_pyramid(dense, size, args.spacing, dense=True)
+        write_spotted_pyramid(dense, size, dense=True)
     # (a), (b), (c) in turn, --repeats times, best of each: load from other processes varies.
-    runs = {"a": [], "b": [], "c": []}
+    runs = {"a": [], "b": [], "c": [], "c2": []}
     for _ in range(args.repeats):
         runs["a"].append(raw_forward(model, dense, args.tile, args.overlap, args.batch))
         runs["b"].append(end_to_end(model, dense, work / "dense.ome.zarr", args.tile, args.overlap, args.batch))
         if not args.no_monai:
             runs["c"].append(monai(model, dense, args.tile, args.overlap, args.batch))
+            runs["c2"].append(monai(model, dense, args.tile, args.overlap, args.batch, channels_last=True))
     raw, e2e = (max(runs[k], key=lambda d: d["mpx_per_s"]) for k in "ab")
     ratio = e2e["mpx_per_s"] / raw["mpx_per_s"]
     each = {k: " ".join(f"{d['mpx_per_s']:.3f}" for d in v) for k, v in runs.items()}
@@ -292,6 +302,9 @@ def main() -> None:
         mon = max(runs["c"], key=lambda d: d["mpx_per_s"])
         print(f"(c) MONAI sliding {size}^2: {mon['seconds']:.1f} s, {mon['mpx_per_s']:.3f} Mpx/s (runs: {each['c']}); "
               f"holds {mon['held_bytes'] / 2**20:.0f} MiB of input+output tensors (grows with the image)")
+        mon2 = max(runs["c2"], key=lambda d: d["mpx_per_s"])
+        print(f"(c') MONAI, NHWC windows {size}^2: {mon2['seconds']:.1f} s, {mon2['mpx_per_s']:.3f} Mpx/s "
+              f"(runs: {each['c2']})")
     peaks = {}
     for side in sizes:
         d = memory(work, side, args)
@@ -301,7 +314,7 @@ def main() -> None:
               f"{d['seconds']:.0f} s (slide written in {d['write_seconds']:.0f} s)")
     growth = peaks[max(peaks)] / peaks[min(peaks)] if peaks else float("nan")
     summary = (f"summary: segment {e2e['mpx_per_s']:.3f} Mpx/s = {ratio:.0%} of raw {raw['mpx_per_s']:.3f}"
-               + (f", MONAI {mon['mpx_per_s']:.3f} Mpx/s" if mon else "")
+               + (f", MONAI {mon['mpx_per_s']:.3f} (NHWC windows {mon2['mpx_per_s']:.3f}) Mpx/s" if mon else "")
                + (f"; peak RSS {max(peaks)}^2 / {min(peaks)}^2 = {growth:.2f}x" if peaks else ""))
     print(summary)
 

@@ -356,7 +356,7 @@ class _Predictor:
                 event.record()
                 # ``x`` travels with the result: its pinned memory must outlive the async copy.
                 return labels, probs, event, x
-        return labels, probs, None, x
+        return labels.cpu(), (probs.cpu() if probs is not None else None), None, x  # CPU: no-ops; MPS: copies
 
     @staticmethod
     def collect(launched):
