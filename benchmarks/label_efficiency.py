@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from _common import machine  # benchmarks/ is on sys.path when a benchmark is run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "monuseg" / "train"
@@ -78,22 +78,6 @@ def parse(argv=None):
     args.labelled = [int(n) for n in args.labelled.split(",")]
     args.total_compute_at = [int(n) for n in args.total_compute_at.split(",") if n.strip()]
     return args
-
-
-def machine(device: str) -> str:
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores (load {load:.1f}), torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), device {device}")
 
 
 def split(data: Path):

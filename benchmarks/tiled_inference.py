@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -35,21 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def machine(device) -> str:
-    import torch
-
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name(0)}" if device.type == "cuda" else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"device {device}{gpu}")
+from _common import machine  # benchmarks/ is on sys.path when a benchmark is run as a script
 
 
 def tiny_model(device, preset="tiny", classes=2):
@@ -176,10 +160,8 @@ def monai(model, slide_path, tile, overlap, batch, channels_last=False) -> dict:
     from genselfdiff.slides import open_slide
 
     rgb = np.asarray(open_slide(slide_path).levels[0])
-    net = model.net
-    if channels_last:
-        def net(x, _net=model.net):
-            return _net(x.contiguous(memory_format=torch.channels_last))
+    def net(x, _net=model.net):
+        return _net(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     with torch.inference_mode():  # warm-up, as for (a)
         sliding_window_inference(to_input(rgb[:tile, :tile], model.device), (tile, tile), batch, net)
     t0 = time.perf_counter()

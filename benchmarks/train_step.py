@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from _common import machine  # benchmarks/ is on sys.path when a benchmark is run as a script
 
 from genselfdiff.config import get_preset
 from genselfdiff.schedule import Schedule, p2_loss, q_sample
@@ -37,18 +38,6 @@ from genselfdiff.unet import UNet
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
 PEAK_BF16 = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
              "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12}
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"device {device}{gpu}")
 
 
 class Variant:
