@@ -286,11 +286,38 @@ def test_unsupported_images_and_models_are_user_errors(tmp_path):
         segment(model, np.zeros((64, 64, 3), np.uint8), tile=66)
 
 
-def test_model_at_another_magnification_is_refused(synthetic_slide):
+def test_model_at_a_finer_magnification_is_refused(synthetic_slide):
     model = local_model()
-    model.resolution = Resolution(mpp=4.0)  # the slide has 0.5, 1 and 2 µm/px
-    with pytest.raises(UserError, match="no pyramid level near 4"):
+    model.resolution = Resolution(mpp=0.25)  # the slide has 0.5, 1 and 2 µm/px: nothing to read 0.25 from
+    with pytest.raises(UserError, match="no pyramid level near 0.25"):
         segment(model, synthetic_slide[0])
+
+
+def test_a_coarser_model_reads_a_level_derived_by_block_averaging(tmp_path, synthetic_slide):
+    from genselfdiff.slides import open_slide
+
+    path, rgb, _ = synthetic_slide
+    model = local_model()
+    model.resolution = Resolution(mpp=4.0)  # the pyramid stops at 2 µm/px (256 px)
+    slide = open_slide(path)
+    level = slide.level_for(model.resolution)
+    assert level == 3 and slide.mpp_at(level) == pytest.approx(4.0)
+    assert slide.level_for(model.resolution) == level  # derived once
+    lv2 = np.asarray(slide.levels[2]).astype(float)
+    expected = lv2.reshape(128, 2, 128, 2, 3).mean((1, 3)).round().astype(np.uint8)
+    assert np.array_equal(np.asarray(slide.levels[level]), expected)
+    r = segment(model, path, tmp_path / "out.ome.zarr", tile=64, overlap=16, skip_background=False)
+    assert r.downsample == 8 and r.labels.shape == (1024, 1024)
+    proc = segment(model, expected, tile=64, overlap=16, skip_background=False).labels
+    assert (np.asarray(r.labels) == np.repeat(np.repeat(proc, 8, 0), 8, 1)).all()
+
+
+def test_single_level_image_without_scale_names_the_missing_level(tmp_path):
+    from skimage.io import imsave
+
+    imsave(tmp_path / "crop.png", np.zeros((64, 64, 3), np.uint8), check_contrast=False)
+    with pytest.raises(UserError, match="crop.png has 1 pyramid level.*works at level 1"):
+        segment(local_model(level=1), tmp_path / "crop.png")
 
 
 # --- batch and CLI ----------------------------------------------------------------------------

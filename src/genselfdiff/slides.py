@@ -33,6 +33,7 @@ class Slide:
     levels: list  # dask arrays (Y, X, 3) uint8, level 0 first
     mpp: Optional[float] = None  # µm per pixel at level 0, when known
     metadata: dict = field(default_factory=dict)
+    _derived: dict = field(default_factory=dict, repr=False)  # (base, factor) -> index of a derived level
 
     @property
     def name(self) -> str:
@@ -48,14 +49,39 @@ class Slide:
     def mpp_at(self, level: int) -> Optional[float]:
         return None if self.mpp is None else self.mpp * self.downsample(level)
 
-    def level_for(self, resolution: Resolution) -> int:
-        """The pyramid level nearest to the requested µm/px (or the requested level)."""
+    def level_for(self, resolution: Resolution, tolerance: float = 1.25) -> int:
+        """The pyramid level at the requested µm/px (or the requested level).
+
+        When no level is within ``tolerance`` of the µm/px but a finer one is, a level is
+        derived from the finer one lazily by averaging f x f pixel blocks (f a whole number),
+        as a scanner builds its pyramid: a model trained at 0.5 µm/px then reads a 0.25 µm/px
+        PNG. The nearest level is returned when that is impossible; callers judge it.
+        """
         if resolution.mpp is not None and self.mpp is not None:
-            errors = [abs(np.log(self.mpp_at(i) / resolution.mpp)) for i in range(len(self.levels))]
-            return int(np.argmin(errors))
+            want = resolution.mpp
+            errors = [abs(np.log(self.mpp_at(i) / want)) for i in range(len(self.levels))]
+            best = int(np.argmin(errors))
+            finer = [i for i in range(len(self.levels)) if self.mpp_at(i) <= want * tolerance]
+            if errors[best] > np.log(tolerance) and finer:
+                base = finer[-1]  # the coarsest level that is still fine enough
+                factor = round(want / self.mpp_at(base))
+                if factor >= 2 and abs(np.log(self.mpp_at(base) * factor / want)) < errors[best]:
+                    return self._derived_level(base, factor)
+            return best
         if resolution.level >= len(self.levels):
-            raise UserError(f"{self.path} has {len(self.levels)} pyramid level(s); level {resolution.level} does not exist.")
+            known = "" if self.mpp is None else f" at {self.mpp:g} µm/px"
+            raise UserError(f"{self.path} has {len(self.levels)} pyramid level(s){known}, but the model works at level "
+                            f"{resolution.level} without a known µm/px; give the image as a pyramid "
+                            "(e.g. OME-TIFF) with that level.")
         return resolution.level
+
+    def _derived_level(self, base: int, factor: int) -> int:
+        """Append ``levels[base]`` averaged over ``factor`` x ``factor`` blocks (once); its index."""
+        if (base, factor) not in self._derived:
+            coarse = da.coarsen(np.mean, self.levels[base], {0: factor, 1: factor}, trim_excess=True)
+            self.levels.append(coarse.round().astype(np.uint8))
+            self._derived[base, factor] = len(self.levels) - 1
+        return self._derived[base, factor]
 
     def thumbnail_level(self, max_side: int = 2048) -> int:
         """The finest level whose longer side is at most ``max_side`` (else the coarsest)."""
