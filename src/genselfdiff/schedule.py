@@ -65,26 +65,3 @@ def p2_loss(schedule: Schedule, eps_pred: torch.Tensor, eps: torch.Tensor, t: to
     mse = (eps_pred.float() - eps.float()).pow(2).flatten(1).mean(1)
     return (schedule.p2_weights(k, gamma).to(mse.device)[t].float() * mse).mean()
 
-
-@torch.no_grad()
-def p_sample_step(schedule: Schedule, eps_pred: torch.Tensor, x: torch.Tensor, t: int,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """One reverse step x_t -> x_{t-1} (DDPM posterior mean, variance beta_t)."""
-    b, a, abar = schedule.betas[t], schedule.alphas[t], schedule.alphas_cumprod[t]
-    mean = (x - (b / (1 - abar).sqrt()).item() * eps_pred) / a.sqrt().item()
-    if t == 0:
-        return mean
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return mean + b.sqrt().item() * noise
-
-
-@torch.no_grad()
-def sample(schedule: Schedule, model, shape, device="cpu", generator=None, progress=None) -> torch.Tensor:
-    """Draw images in [-1, 1] by running the whole reverse process with ``model(x, t)``."""
-    x = torch.randn(shape, generator=generator, device=device)
-    for i, t in enumerate(reversed(range(schedule.timesteps))):
-        tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        x = p_sample_step(schedule, model(x, tt).float(), x, t, generator)
-        if progress is not None:
-            progress(i + 1, schedule.timesteps)
-    return x.clamp(-1, 1)
