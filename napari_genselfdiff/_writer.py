@@ -48,7 +48,16 @@ def write_labels_zarr(path: str, data, meta: dict) -> list:
             raise UserError(f"{meta.get('name', 'The layer')} has label values above 255; OME-Zarr class labels "
                             "are 8-bit here (0-255).")
         image.write((i, j), block.astype(np.uint8), empty=not block.any())
-    image.finish(meta.get("name") or path.name, names, colors, info.get("mpp"))
+    # Placement: a layer made on pyramid level d covers level-0 pixels [offset + d*i, ... + d);
+    # the centre of its first pixel is the translation. In µm when the scale is known, else in
+    # level-0 pixels, so reading it back lays it over its slide either way.
+    d = float(info.get("downsample", 1.0))
+    centre = [float(o) + (d - 1) / 2 for o in info.get("offset", (0.0, 0.0))]
+    mpp = info.get("mpp")
+    if mpp:
+        image.finish(meta.get("name") or path.name, names, colors, mpp, translation=[c * mpp / d for c in centre])
+    else:
+        image.finish(meta.get("name") or path.name, names, colors, d, translation=centre, unit=None)
     return [str(path)]
 
 

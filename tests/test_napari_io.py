@@ -141,6 +141,29 @@ def test_ome_zarr_writer_round_trip_keeps_classes_colours_and_scale(tmp_path):
     assert not np.asarray(read(written)[0][0][0]).any()
 
 
+@pytest.mark.parametrize("mpp", [0.5, None])
+def test_ome_zarr_writer_keeps_where_a_level_1_layer_lies(tmp_path, mpp):
+    """Labels made on level 1 of a pyramid, starting at level-1 pixel (50, 25), come back where
+    napari showed them: scale and translate as the widgets placed the layer over the image."""
+    from napari.layers import Image
+
+    from napari_genselfdiff._reader import read
+
+    s = mpp or 1.0
+    image = Image([np.zeros((400, 400, 3), np.uint8), np.zeros((200, 200, 3), np.uint8)], rgb=True,
+                  multiscale=True, scale=(s, s), metadata={_layers.META: {"mpp": mpp}})
+    scale, translate = _layers.level_transform(image, 1, origin=(50, 25))
+    labels = np.zeros((64, 64), np.uint8)
+    labels[10:20, 5:9] = 1
+    meta = {"name": "crop", "metadata": _layers.labels_metadata(["background", "nucleus"], [[0, 0, 0], [255, 0, 0]],
+                                                                **_layers.placement(image, 1, origin=(50, 25)))}
+    [written] = write_labels_zarr(str(tmp_path / "crop.ome.zarr"), labels, meta)
+    [(data, back, kind)] = read(written)
+    np.testing.assert_allclose(back["scale"], scale)
+    np.testing.assert_allclose(back["translate"], translate)
+    np.testing.assert_array_equal(np.asarray(data), labels)
+
+
 def test_an_unfinished_output_is_refused_in_plain_words(tmp_path):
     from genselfdiff.errors import UserError
     from genselfdiff.omezarr import LabelImage

@@ -34,12 +34,19 @@ NGFF_VERSION = "0.5"
 PROGRESS = ".genselfdiff-progress"
 
 
-def ome_metadata(name: str, levels: int, scale: Optional[float], classes: list, colors: list) -> dict:
-    """The ``ome`` attribute of a label image: multiscales (nearest 2x levels) and image-label."""
-    unit = {"unit": "micrometer"} if scale else {}
+def ome_metadata(name: str, levels: int, scale: Optional[float], classes: list, colors: list,
+                 translation: Optional[tuple] = None, unit: Optional[str] = "micrometer") -> dict:
+    """The ``ome`` attribute of a label image: multiscales (nearest 2x levels) and image-label.
+
+    ``scale``: the size of a level-0 pixel in ``unit`` (None: 1, unitless). ``translation``:
+    where the centre of the first pixel lies, in the same unit; level k starts at the same
+    place because it is level 0 [::2**k, ::2**k].
+    """
+    unit = {"unit": unit} if scale and unit else {}
     axes = [{"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}]
     base = scale or 1.0
-    datasets = [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [base * 2**k] * 2}]}
+    shift = [{"type": "translation", "translation": [float(v) for v in translation]}] if translation and any(translation) else []
+    datasets = [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [base * 2**k] * 2}, *shift]}
                 for k in range(levels)]
     image_label = {
         "colors": [{"label-value": i, "rgba": [int(c) for c in colors[i][:3]] + [0 if i == 0 else 255]}
@@ -188,8 +195,11 @@ class LabelImage:
         attrs = read_attributes(self.path) or {}
         return bool(attrs.get("genselfdiff", {}).get("complete")) and "ome" in attrs
 
-    def finish(self, name: str, classes: list, colors: list, scale: Optional[float], info: Optional[dict] = None) -> None:
-        """Write the OME metadata (the last step: only now does the output look finished)."""
+    def finish(self, name: str, classes: list, colors: list, scale: Optional[float], info: Optional[dict] = None,
+               *, translation: Optional[tuple] = None, unit: Optional[str] = "micrometer") -> None:
+        """Write the OME metadata (the last step: only now does the output look finished).
+
+        ``scale``, ``translation`` and ``unit`` as for :func:`ome_metadata`."""
         import zarr
 
         if self.complete:
@@ -202,7 +212,8 @@ class LabelImage:
             zarr.open_group(self.path / "probabilities", mode="r+").attrs.put(
                 {"ome": probability_metadata(name, scale, classes)})
         mine = dict(root.attrs["genselfdiff"], complete=True, **(info or {}))
-        root.attrs.put({"ome": ome_metadata(name, self.levels, scale, classes, colors), "genselfdiff": mine})
+        root.attrs.put({"ome": ome_metadata(name, self.levels, scale, classes, colors, translation, unit),
+                        "genselfdiff": mine})
         shutil.rmtree(self.path / PROGRESS, ignore_errors=True)
 
 
