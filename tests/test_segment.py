@@ -390,3 +390,20 @@ def test_cuda_pipeline_matches_cpu(tmp_path):
     model.device = torch.device("cuda")
     gpu = segment(model, rgb, tmp_path / "gpu.ome.zarr", tile=64, overlap=16, chunk=96, skip_background=False)
     assert (np.asarray(gpu.labels) == cpu).mean() > 0.98
+
+
+def test_a_tiff_missing_its_pixel_offsets_is_refused_without_tifffile_noise(tmp_path, capfd):
+    """tifffile logs (not raises) unreadable tile offsets, and the file would then read as blank."""
+    import tifffile
+
+    from genselfdiff.slides import open_slide
+
+    tifffile.imwrite(tmp_path / "whole.tif", np.full((512, 512, 3), 200, np.uint8), tile=(64, 64),
+                     compression="zlib")
+    with tifffile.TiffFile(tmp_path / "whole.tif") as tif:
+        cut = tif.pages[0].tags["TileOffsets"].valueoffset + 8  # inside the tile-offset table
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "whole.tif").read_bytes()[:cut])
+    with pytest.raises(UserError, match=r"cut.tif is damaged.*corrupt or truncated"):
+        open_slide(tmp_path / "cut.tif")
+    assert open_slide(tmp_path / "whole.tif").shape == (512, 512, 3)
+    assert capfd.readouterr().err == ""

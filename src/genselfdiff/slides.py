@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -166,18 +167,48 @@ def read_region(slide: Slide, level: int, y: int, x: int, h: int, w: int) -> np.
 
 # --- formats -----------------------------------------------------------------------------
 
+# tifffile logs, rather than raises, tags it cannot read; these ones mean pixels are missing
+# (the offsets or byte counts of strips/tiles), and the file would read as blank.
+_MISSING_PIXELS = re.compile(r"missing (data offset|data ByteCounts|ByteCounts)|TiffTag (273|279|324|325)\b")
+
+
+@contextmanager
+def _tifffile_problems():
+    """Collect tifffile's log records (a list of messages) instead of letting them print
+    ahead of our own one-sentence message."""
+    import logging
+
+    problems = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            problems.append(record.getMessage())
+
+    log, handler = logging.getLogger("tifffile"), Keep(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        yield problems
+    finally:
+        log.removeHandler(handler)
+
+
 def _open_tiff(path: Path) -> Slide:
     import tifffile
     import zarr
 
-    with tifffile.TiffFile(path) as tif:
-        if not tif.series:
-            raise UserError(f"{path} holds no image.")
-        series = tif.series[0]
-        axes = series.axes
-        mpp = _tiff_mpp(tif)
-        nlevels = len(series.levels)
-    store = tifffile.imread(path, aszarr=True, series=0)
+    with _tifffile_problems() as problems:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise UserError(f"{path} holds no image.")
+            series = tif.series[0]
+            axes = series.axes
+            mpp = _tiff_mpp(tif)
+            nlevels = len(series.levels)
+        store = tifffile.imread(path, aszarr=True, series=0)
+    damage = [m for m in problems if _MISSING_PIXELS.search(m)]
+    if damage:
+        raise UserError(f"{path} is damaged: the positions of its pixel data cannot be read "
+                        f"(tifffile: {damage[0]}); it may be corrupt or truncated.")
     group = zarr.open(store, mode="r")
     if nlevels > 1 or hasattr(group, "keys") and not hasattr(group, "shape"):
         arrays = [group[str(i)] for i in range(nlevels)]
