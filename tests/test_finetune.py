@@ -1,7 +1,6 @@
 """Fine-tuning: annotations, augmentation, the training run, its checkpoint and the CLI."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,7 +114,6 @@ def test_strokes_on_a_lazy_slide_sample_only_near_the_strokes(synthetic_slide):
     assert item.counts[1] == 180 and item.counts[2] == 180 and set(item.points) == {1, 2}
     assert split_tiles([item], 0.5, seed=0)
     sampler = PatchSampler([item], 64, 64, sparse=True, balance=1.0)
-    seen = np.zeros(truth.shape, bool)
     for k in range(30):
         img, target = sampler.sample(np.random.default_rng(k))
         assert img.shape == (64, 64, 3) and target.shape == (64, 64)
@@ -215,6 +213,20 @@ def test_stop_leaves_a_valid_checkpoint_and_resume_continues(tmp_path, synthetic
     again = finetune([img], [truth], out, _cfg(steps=8, workers=2), device="cpu", resume=True)
     assert again.steps == 8 and not again.stopped
     assert [h["step"] for h in again.history if "val_dice" in h][:2] == [0, 5]
+
+
+def test_cosine_schedule_decays_the_learning_rate_over_the_budget(tmp_path, synthetic_pair):
+    img, truth = synthetic_pair
+
+    def last_lr(**kw):
+        r = finetune([img], [truth], tmp_path / "seg.pt", _cfg(steps=8, **kw), device="cpu")
+        return torch.load(last_path(r.path), weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+
+    assert last_lr() == pytest.approx(3e-4)
+    # The 8th step runs at 7/8 of the budget: lr * (1 + cos(7 pi / 8)) / 2.
+    assert last_lr(lr_schedule="cosine") == pytest.approx(3e-4 * (1 + np.cos(7 * np.pi / 8)) / 2)
+    with pytest.raises(UserError, match="learning-rate schedule 'linear'"):
+        finetune([img], [truth], tmp_path / "x.pt", _cfg(steps=8, lr_schedule="linear"), device="cpu")
 
 
 def test_continuing_from_a_segmentation_model(tmp_path, synthetic_pair):

@@ -64,8 +64,6 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 def capture_rng() -> dict:
     import random
 
-    import numpy as np
-
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": _numpy_state()}
     if torch.cuda.is_available():

@@ -59,7 +59,6 @@ def run_demo(out, *, pretrain_steps: int = 300, finetune_steps: int = 300, devic
     from .model import load_model
     from .pretrain import pretrain
     from .segment import segment
-    from .slides import open_slide
     from .synthetic import synthetic_tissue, write_pyramidal_tiff
 
     progress, should_stop = resolve(progress, should_stop)

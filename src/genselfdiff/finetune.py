@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .annotations import (LabelledImage, PatchSampler, ValidationSet, default_class_names, open_labelled, scan,
+from .annotations import (PatchSampler, ValidationSet, default_class_names, open_labelled, scan,
                           split_tiles, validation_set)
 from .augment import Augment, augment
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -42,6 +42,7 @@ from .progress import Progress, resolve
 from .unet import SegmentationNet, UNet, to_segmentation
 
 NORMALIZATION = "[-1, 1]"  # uint8 / 127.5 - 1, as in pretraining
+LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_EPOCHS = 50  # when no budget is given; early stopping usually ends sooner
 
 
@@ -76,6 +77,7 @@ class FinetuneConfig:
     balance: Optional[float] = None  # share of class-balanced patches; default 1 sparse, 0 dense
     augment: Augment = field(default_factory=Augment)
     grad_clip: float = 0.0  # not in the paper; 0 = off
+    lr_schedule: str = "constant"  # the paper's; "cosine" decays to 0 over the budget (not in the paper)
     resolution: Resolution = field(default_factory=Resolution)
     seed: int = 0
     workers: int = 0  # threads preparing batches ahead of the network
@@ -156,6 +158,8 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
         raise UserError(f"Got {len(images)} images but {len(labels)} label images; give one mask per image.")
     if cfg.loss not in LOSSES:
         raise UserError(f"Unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}.")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"Unknown learning-rate schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
     dev = pick_device(device) if not isinstance(device, torch.device) else device
 
     start = _load_start(pretrained, cfg) if pretrained is not None else _Start(cfg.net)
@@ -407,6 +411,17 @@ class _Run:
             totals.append(int(self.step / elapsed * cfg.minutes * 60))
         return min(totals) if totals else None
 
+    def _done_fraction(self, elapsed: float) -> float:
+        """How much of the budget (steps, epochs or minutes, whichever ends first) is used."""
+        cfg, done = self.cfg, [0.0]
+        if cfg.steps:
+            done.append(self.step / cfg.steps)
+        if self._max_epochs():
+            done.append(self.step / (self._max_epochs() * self.spe))
+        if cfg.minutes:
+            done.append(elapsed / (cfg.minutes * 60))
+        return min(1.0, max(done))
+
     def train(self, sampler, loss_fn, dev, progress, should_stop) -> FinetuneResult:
         cfg = self.cfg
         max_epochs = self._max_epochs()
@@ -425,6 +440,9 @@ class _Run:
                 if should_stop():
                     stopped = True
                     break
+                if cfg.lr_schedule == "cosine":
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * self._done_fraction(elapsed)))
                 imgs, tgts = next(batches)
                 x, y = to_input(imgs, dev), torch.from_numpy(tgts).to(dev)
                 with autocast(dev, cfg.amp):

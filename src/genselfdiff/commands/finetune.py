@@ -39,6 +39,8 @@ def register(sub) -> None:
     p.add_argument("--patch", type=int, help="patch side in pixels (default: the preset's)")
     p.add_argument("--batch", type=int, help="patches per step (default: the preset's)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                   help="constant (the paper's, default) or cosine: decay to 0 over the budget")
     p.add_argument("--loss", choices=["paper", "ce", "dice"], help="paper = structural similarity + focal (default)")
     p.add_argument("--steps-per-epoch", type=int, metavar="N", help="default: about one pass over the annotated tiles")
     p.add_argument("--val-fraction", type=float, metavar="F", help="share of annotated tiles held out (default 0.1)")
@@ -84,7 +86,8 @@ def run(args) -> int:
         labels = [m for _, m in pairs]
 
     preset = args.preset or (_preset_of(args.model) if args.model else None) or "paper"
-    overrides = dict(patch=args.patch, batch=args.batch, lr=args.lr, loss=args.loss, epochs=args.epochs,
+    overrides = dict(patch=args.patch, batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule,
+                     loss=args.loss, epochs=args.epochs,
                      steps=args.steps, minutes=args.minutes, steps_per_epoch=args.steps_per_epoch,
                      val_fraction=args.val_fraction, patience=args.patience, classes=args.classes,
                      class_names=names, colors=colors, workers=args.workers, seed=args.seed, sparse=args.sparse,
