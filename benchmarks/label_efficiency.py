@@ -9,9 +9,11 @@ sets are nested prefixes (1 of 3 of 10) of a fixed permutation of those 24
 
 Methods, all scored by pixel Dice of the nucleus class, mean over the held-out images:
 - pretrained: diffusion pretraining for --pretrain-minutes, then fine-tuning for
-  --finetune-minutes (the genselfdiff pipeline, segmented with ``genselfdiff.segment``);
+  --finetune-minutes at --lr (the genselfdiff pipeline, segmented with ``genselfdiff.segment``);
 - random init, same fine-tuning compute: the same network from random weights, trained for
-  the same number of fine-tuning steps as the pretrained run took;
+  the same number of fine-tuning steps as the pretrained run took, at --random-lr (each start
+  at the learning rate that served it best in our sweeps: a pretrained network loses what it
+  learnt at 1e-3, a random one learns faster there);
 - random init, same total compute: as many steps more as pretraining took (converted by
   pixels per step), so pretraining is not given free compute;
 - Otsu on the haematoxylin channel (skimage.color.rgb2hed), per image, no training;
@@ -21,6 +23,10 @@ Methods, all scored by pixel Dice of the nucleus class, mean over the held-out i
 With ``--scale 2`` the networks work at half resolution (0.51 µm/px): the images are
 written as two-level OME-TIFF pyramids in the work folder and both phases use level 1;
 ``segment`` upsamples the labels back to full resolution for scoring.
+
+Every network run is repeated for each of --seeds (patch sampling, augmentation, head
+initialisation); the table gives the mean over held-out images and seeds and the standard
+deviation between seeds, since one seed can move the mean Dice by a few hundredths.
 
 Run: .venv/bin/python benchmarks/label_efficiency.py [--quick] [options]; it prints the
 command, the machine, a table and one summary line, and writes results.json to --work.
@@ -55,7 +61,9 @@ def parse(argv=None):
     p.add_argument("--scale", type=int, choices=[1, 2], default=2, help="2 = work at half resolution (default)")
     p.add_argument("--pretrain-minutes", type=float, default=10.0)
     p.add_argument("--finetune-minutes", type=float, default=5.0)
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate from the pretrained start")
+    p.add_argument("--random-lr", type=float, default=1e-3,
+                   help="fine-tuning learning rate from random initialisation (each start gets its best)")
     p.add_argument("--loss", default="paper")
     p.add_argument("--pretrain-lr", type=float, default=5e-4,
                    help="pretraining learning rate (the paper's 1e-4 learns slowly in a few minutes)")
@@ -69,13 +77,16 @@ def parse(argv=None):
                    help="torch threads (default 1: on a shared 2-core machine two spinning OpenMP threads "
                         "were 10-30x slower than one)")
     p.add_argument("--rf-trees", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="fine-tuning (and random-forest) seeds, e.g. 0,1: every "
+                   "network run is repeated per seed; pretraining uses the first")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     if args.quick:
         args.pretrain_minutes, args.finetune_minutes = min(args.pretrain_minutes, 0.5), min(args.finetune_minutes, 0.5)
         args.labelled, args.total_compute_at, args.rf_trees = "1,3", "", 10
     args.labelled = [int(n) for n in args.labelled.split(",")]
+    args.seeds = [int(n) for n in args.seeds.split(",")]
+    args.seed = args.seeds[0]
     args.total_compute_at = [int(n) for n in args.total_compute_at.split(",") if n.strip()]
     return args
 
@@ -165,11 +176,11 @@ def otsu_scores(held, args) -> list:
     return out
 
 
-def rf_scores(labelled, held, args, pixels_per_image: int = 40_000) -> list:
+def rf_scores(labelled, held, args, seed: int, pixels_per_image: int = 40_000) -> list:
     from sklearn.ensemble import RandomForestClassifier
     from skimage.feature import multiscale_basic_features
 
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     xs, ys = [], []
     for p in labelled:
         f = multiscale_basic_features(read_rgb(p), channel_axis=-1)
@@ -178,7 +189,7 @@ def rf_scores(labelled, held, args, pixels_per_image: int = 40_000) -> list:
         xs.append(f.reshape(-1, f.shape[-1])[idx])
         ys.append(m.ravel()[idx])
     rf = RandomForestClassifier(n_estimators=args.rf_trees, min_samples_leaf=2, n_jobs=args.threads,
-                                random_state=args.seed)
+                                random_state=seed)
     rf.fit(np.concatenate(xs), np.concatenate(ys))
     out = []
     for p in held:
@@ -217,7 +228,7 @@ def main(argv=None) -> int:
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": {}}
 
     t = time.perf_counter()
-    results["runs"]["otsu"] = {"dice": otsu_scores(held, args), "seconds": time.perf_counter() - t}
+    _add(results, "otsu", dice=otsu_scores(held, args), seconds=time.perf_counter() - t)
 
     pre_path = args.pretrained or args.work / "pretrained.pt"
     pcfg = PretrainConfig.from_preset(args.preset, minutes=args.pretrain_minutes, patch=patch, batch=args.batch,
@@ -228,34 +239,36 @@ def main(argv=None) -> int:
         pre_steps, pre_seconds = pre.steps, pre.seconds
     else:
         ck = torch.load(pre_path, weights_only=True, map_location="cpu")
-        pre_steps, pre_seconds = int(ck.get("step", 0)), float("nan")
+        budget = (ck.get("config") or {}).get("minutes")  # the checkpoint keeps its budget, not its time
+        pre_steps, pre_seconds = int(ck.get("step", 0)), 60.0 * budget if budget else float("nan")
     results["pretrain"] = {"steps": pre_steps, "seconds": pre_seconds, "patch": pcfg.patch, "batch": pcfg.batch}
     print(f"pretrained {pre_steps} steps in {pre_seconds / 60:.1f} min ({pcfg.patch}-px patches, batch {pcfg.batch})")
 
     for n in args.labelled:
         subset = pool[:n]
         imgs, msks = [images[p.stem] for p in subset], [masks[p.stem] for p in subset]
-        base = dict(patch=patch, batch=args.batch, lr=args.lr, loss=args.loss, patience=0, seed=args.seed,
-                    resolution=resolution, class_names=["background", "nucleus"])
-        cfg = FinetuneConfig.from_preset(args.preset, minutes=args.finetune_minutes, **base)
-        out = args.work / f"ft_pretrained_{n}.pt"
-        r = finetune(imgs, msks, out, cfg, pretrained=pre_path, device=args.device, progress=ticker(out.stem))
-        ft_steps = r.steps
-        runs = {f"pretrained_{n}": (out, r)}
-        per_step = (pcfg.batch * pcfg.patch**2) / (cfg.batch * cfg.patch**2)
-        budgets = {f"random_{n}": ft_steps}
-        if n in args.total_compute_at:
-            budgets[f"random_total_{n}"] = ft_steps + int(round(pre_steps * per_step))
-        for name, steps in budgets.items():
-            rcfg = FinetuneConfig.from_preset(args.preset, steps=steps, **base)
-            path = args.work / f"ft_{name}.pt"
-            runs[name] = (path, finetune(imgs, msks, path, rcfg, pretrained=None, device=args.device,
-                                         progress=ticker(name)))
-        for name, (path, res) in runs.items():
-            results["runs"][name] = {"dice": score_model(path, held, args), "steps": res.steps,
-                                     "seconds": res.seconds, "val_dice": res.best_dice}
-        t = time.perf_counter()
-        results["runs"][f"rf_{n}"] = {"dice": rf_scores(subset, held, args), "seconds": time.perf_counter() - t}
+        for seed in args.seeds:
+            base = dict(patch=patch, batch=args.batch, loss=args.loss, patience=0, seed=seed,
+                        resolution=resolution, class_names=["background", "nucleus"])
+            cfg = FinetuneConfig.from_preset(args.preset, minutes=args.finetune_minutes, lr=args.lr, **base)
+            out = args.work / f"ft_pretrained_{n}_s{seed}.pt"
+            r = finetune(imgs, msks, out, cfg, pretrained=pre_path, device=args.device, progress=ticker(out.stem))
+            runs = {f"pretrained_{n}": (out, r)}
+            per_step = (pcfg.batch * pcfg.patch**2) / (cfg.batch * cfg.patch**2)
+            budgets = {f"random_{n}": r.steps}  # the same number of fine-tuning steps
+            if n in args.total_compute_at and seed == args.seeds[0]:
+                budgets[f"random_total_{n}"] = r.steps + int(round(pre_steps * per_step))
+            for name, steps in budgets.items():
+                rcfg = FinetuneConfig.from_preset(args.preset, steps=steps, lr=args.random_lr, **base)
+                path = args.work / f"ft_{name}_s{seed}.pt"
+                runs[name] = (path, finetune(imgs, msks, path, rcfg, pretrained=None, device=args.device,
+                                             progress=ticker(path.stem)))
+            for name, (path, res) in runs.items():
+                _add(results, name, dice=score_model(path, held, args), steps=res.steps, seconds=res.seconds,
+                     val_dice=res.best_dice)
+            t = time.perf_counter()
+            _add(results, f"rf_{n}", dice=rf_scores(subset, held, args, seed), seconds=time.perf_counter() - t)
+            (args.work / "results.json").write_text(json.dumps(results, indent=1, default=float))
         _table(results)
 
     (args.work / "results.json").write_text(json.dumps(results, indent=1, default=float))
@@ -267,12 +280,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def _add(results: dict, name: str, **values) -> None:
+    """Append one seed's values to a method's lists."""
+    run = results["runs"].setdefault(name, {})
+    for key, value in values.items():
+        run.setdefault(key, []).append(value)
+
+
 def _table(results: dict) -> None:
-    print(f"\n{'method':<22} {'Dice':>6} {'min':>6} {'max':>6} {'steps':>7} {'minutes':>8}")
+    """Dice: mean over held-out images and seeds; sd: between seeds; min/max: per image."""
+    print(f"\n{'method':<22} {'Dice':>6} {'sd':>6} {'seeds':>5} {'min':>6} {'max':>6} {'steps':>7} {'minutes':>8}")
     for name, r in results["runs"].items():
-        d = np.array(r["dice"])
-        print(f"{name:<22} {d.mean():6.3f} {d.min():6.3f} {d.max():6.3f} {r.get('steps', ''):>7} "
-              f"{r.get('seconds', float('nan')) / 60:8.1f}")
+        d = np.array(r["dice"], float)  # seeds x images
+        sd = d.mean(1).std(ddof=1) if len(d) > 1 else float("nan")
+        steps = int(np.mean(r["steps"])) if "steps" in r else ""
+        print(f"{name:<22} {d.mean():6.3f} {sd:6.3f} {len(d):>5} {d.min():6.3f} {d.max():6.3f} {steps:>7} "
+              f"{np.mean(r['seconds']) / 60:8.1f}")
     sys.stdout.flush()
 
 
