@@ -229,6 +229,38 @@ def test_cosine_schedule_decays_the_learning_rate_over_the_budget(tmp_path, synt
         finetune([img], [truth], tmp_path / "x.pt", _cfg(steps=8, lr_schedule="linear"), device="cpu")
 
 
+def test_a_saturated_validation_keeps_the_later_network():
+    """Validation Dice 1 on a few painted strokes: a tie keeps the network trained longer, and
+    only a real improvement resets the patience."""
+    from types import SimpleNamespace
+
+    from genselfdiff.annotations import ValidationSet
+    from genselfdiff.finetune import _Run
+
+    class Perfect(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):  # class 1 where the image is dark, else 0
+            dark = (x.mean(1, keepdim=True) < 0).float()
+            return torch.cat([1 - dark, dark], 1) + self.w
+
+    images = np.full((2, 8, 8, 3), 255, np.uint8)
+    images[:, :4] = 0
+    targets = np.zeros((2, 8, 8), np.int64)
+    targets[:, :4] = 1
+    run = object.__new__(_Run)
+    run.val, run.net, run.names = ValidationSet(images, targets), Perfect(), ["background", "nucleus"]
+    run.cfg, run.history, run.epoch = SimpleNamespace(batch=8, amp=False), [], 0
+    run.best, run.since_best = {"dice": -1.0, "per_class": [], "step": 0, "state": None}, 0
+    for step in (0, 10, 20):
+        run.step = step
+        dice, kept = run.validate(torch.device("cpu"))
+        assert dice == 1.0 and kept
+    assert run.best["step"] == 20 and run.since_best == 2
+
+
 def test_continuing_from_a_segmentation_model(tmp_path, synthetic_pair):
     img, truth = synthetic_pair
     first = finetune([img], [truth], tmp_path / "a.pt", _cfg(steps=2), device="cpu")

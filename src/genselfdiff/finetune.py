@@ -335,13 +335,15 @@ class _Run:
                  "per_class_dice": [float(v) for v in per_class]}
         self.history.append(entry)
         improved = mean > self.best["dice"] + 1e-4
-        if improved:
+        # A tie keeps the later network (trained longer on the same score): a small validation
+        # set often saturates (Dice 1 on a few painted strokes), and the first network to reach
+        # it is the least trained. Only a real improvement resets the patience.
+        tied = not improved and self.step > 0 and mean >= self.best["dice"] - 1e-4
+        if improved or tied:
             self.best = {"dice": mean, "per_class": entry["per_class_dice"], "step": self.step,
                          "state": {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}}
-            self.since_best = 0
-        else:
-            self.since_best += 1
-        return mean, improved
+        self.since_best = 0 if improved else self.since_best + 1
+        return mean, improved or tied
 
     # resume
     def resume(self) -> None:
