@@ -207,6 +207,7 @@ def _open_tiff(path: Path) -> Slide:
         store = tifffile.imread(path, aszarr=True, series=0)
     damage = [m for m in problems if _MISSING_PIXELS.search(m)]
     if damage:
+        store.close()
         raise UserError(f"{path} is damaged: the positions of its pixel data cannot be read "
                         f"(tifffile: {damage[0]}); it may be corrupt or truncated.")
     group = zarr.open(store, mode="r")
