@@ -65,6 +65,7 @@ def parse(argv=None):
     p.add_argument("--random-lr", type=float, default=1e-3,
                    help="fine-tuning learning rate from random initialisation (each start gets its best)")
     p.add_argument("--loss", default="paper")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="fine-tuning schedule")
     p.add_argument("--pretrain-lr", type=float, default=5e-4,
                    help="pretraining learning rate (the paper's 1e-4 learns slowly in a few minutes)")
     p.add_argument("--pretrain-ema", type=float, default=0.995,
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
         subset = pool[:n]
         imgs, msks = [images[p.stem] for p in subset], [masks[p.stem] for p in subset]
         for seed in args.seeds:
-            base = dict(patch=patch, batch=args.batch, loss=args.loss, patience=0, seed=seed,
+            base = dict(patch=patch, batch=args.batch, loss=args.loss, lr_schedule=args.lr_schedule, patience=0, seed=seed,
                         resolution=resolution, class_names=["background", "nucleus"])
             cfg = FinetuneConfig.from_preset(args.preset, minutes=args.finetune_minutes, lr=args.lr, **base)
             out = args.work / f"ft_pretrained_{n}_s{seed}.pt"
