@@ -177,12 +177,14 @@ def _tifffile_problems():
     """Collect tifffile's log records (a list of messages) instead of letting them print
     ahead of our own one-sentence message."""
     import logging
+    import threading
 
-    problems = []
+    problems, me = [], threading.get_ident()
 
     class Keep(logging.Handler):
         def emit(self, record):
-            problems.append(record.getMessage())
+            if record.thread == me:  # another thread's file is not this one's problem
+                problems.append(record.getMessage())
 
     log, handler = logging.getLogger("tifffile"), Keep(logging.WARNING)
     log.addHandler(handler)
