@@ -67,7 +67,7 @@ def read_image(path) -> tuple:
 def read_label_image(path, attrs: dict) -> tuple:
     """An NGFF label image (a genselfdiff output or any NGFF label image) as a (multiscale)
     Labels layer with its class names and colours."""
-    from genselfdiff.omezarr import load_labels
+    from genselfdiff.omezarr import load_labels, read_attributes
 
     levels = load_labels(path)  # says in plain words when an output is unfinished
     levels = [lv[(0,) * (lv.ndim - 2)] for lv in levels]  # 2-D labels; drop leading axes if any
@@ -88,6 +88,8 @@ def read_label_image(path, attrs: dict) -> tuple:
         value = int(prop.get("label-value", -1))
         if 0 <= value <= top:
             names[value] = str(prop.get("class") or prop.get("name") or names[value])
+    # Where labels written from a napari layer lie on their slide (level-0 pixels), for GeoJSON export.
+    placement = ((read_attributes(path) or {}).get("genselfdiff") or {}).get("placement") or {}
     in_um = ms.get("axes") and isinstance(ms["axes"][-1], dict) and ms["axes"][-1].get("unit") == "micrometer"
     path = Path(path)
     stem = path.name[: -len(".ome.zarr")] if path.name.lower().endswith(".ome.zarr") else path.stem
@@ -96,7 +98,7 @@ def read_label_image(path, attrs: dict) -> tuple:
         "multiscale": len(levels) > 1,
         "scale": scale,
         "translate": translate,
-        **labels_kwargs(names, colors, path=str(path), mpp=scale[-1] if in_um else None),
+        **labels_kwargs(names, colors, path=str(path), mpp=scale[-1] if in_um else None, **placement),
     }
     return (levels if len(levels) > 1 else levels[0]), meta, "labels"
 

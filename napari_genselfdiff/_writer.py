@@ -51,13 +51,15 @@ def write_labels_zarr(path: str, data, meta: dict) -> list:
     # Placement: a layer made on pyramid level d covers level-0 pixels [offset + d*i, ... + d);
     # the centre of its first pixel is the translation. In µm when the scale is known, else in
     # level-0 pixels, so reading it back lays it over its slide either way.
+    # The placement is also kept as is, so a layer read back exports to GeoJSON at level 0 again.
     d = float(info.get("downsample", 1.0))
-    centre = [float(o) + (d - 1) / 2 for o in info.get("offset", (0.0, 0.0))]
-    mpp = info.get("mpp")
+    offset = [float(o) for o in info.get("offset", (0.0, 0.0))]
+    centre = [o + (d - 1) / 2 for o in offset]
+    mpp, kept = info.get("mpp"), {"placement": {"downsample": d, "offset": offset}}
     if mpp:
-        image.finish(meta.get("name") or path.name, names, colors, mpp, translation=[c * mpp / d for c in centre])
+        image.finish(meta.get("name") or path.name, names, colors, mpp, kept, translation=[c * mpp / d for c in centre])
     else:
-        image.finish(meta.get("name") or path.name, names, colors, d, translation=centre, unit=None)
+        image.finish(meta.get("name") or path.name, names, colors, d, kept, translation=centre, unit=None)
     return [str(path)]
 
 

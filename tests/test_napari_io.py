@@ -162,6 +162,8 @@ def test_ome_zarr_writer_keeps_where_a_level_1_layer_lies(tmp_path, mpp):
     np.testing.assert_allclose(back["scale"], scale)
     np.testing.assert_allclose(back["translate"], translate)
     np.testing.assert_array_equal(np.asarray(data), labels)
+    info = back["metadata"][_layers.META]  # what the GeoJSON writer needs to put it back at level 0
+    assert info["downsample"] == 2 and info["offset"] == [100, 50]
 
 
 def test_an_unfinished_output_is_refused_in_plain_words(tmp_path):
