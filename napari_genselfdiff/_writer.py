@@ -48,10 +48,9 @@ def write_labels_zarr(path: str, data, meta: dict) -> list:
             raise UserError(f"{meta.get('name', 'The layer')} has label values above 255; OME-Zarr class labels "
                             "are 8-bit here (0-255).")
         image.write((i, j), block.astype(np.uint8), empty=not block.any())
-    # Placement: a layer made on pyramid level d covers level-0 pixels [offset + d*i, ... + d);
-    # the centre of its first pixel is the translation. In µm when the scale is known, else in
-    # level-0 pixels, so reading it back lays it over its slide either way.
-    # The placement is also kept as is, so a layer read back exports to GeoJSON at level 0 again.
+    # A layer made on pyramid level d covers level-0 pixels [offset + d*i, ... + d); the centre of
+    # its first pixel is the translation (in µm when the scale is known, else in level-0 pixels),
+    # so reading it back lays it over its slide. The placement itself is kept too, for GeoJSON.
     d = float(info.get("downsample", 1.0))
     offset = [float(o) for o in info.get("offset", (0.0, 0.0))]
     centre = [o + (d - 1) / 2 for o in offset]
