@@ -1,5 +1,6 @@
 """Small Qt pieces the three widgets share: path fields, layer pickers, device and budget
-choosers, and how results and errors are told to the user."""
+choosers, the base of the widgets that run training jobs, and how results and errors are
+told to the user."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..settings import settings
+from ..workers import JobRunner, ProgressView
 
 PRESETS = ["tiny", "small", "paper"]
 
@@ -145,3 +147,39 @@ def tell(text: str) -> None:
     from napari.utils.notifications import show_info
 
     show_info(text)
+
+
+class JobWidget(QWidget):
+    """What the Pretrain and Fine-tune widgets share: one engine job at a time in a child
+    process (``JobRunner``), the progress row under it, Stop, and a clean shutdown on close.
+    Subclasses lay out ``self.bar`` and ``self.status`` and define ``_on_progress``,
+    ``_on_finished``, ``_set_running`` and ``job_name``."""
+
+    stopping = "Stopping…"  # shown once Stop is clicked, until the job has saved its work
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.bar, self.status = progress_row()
+        self.progress = ProgressView(self.bar, self.status)
+        self.runner = JobRunner(self)
+        self.runner.progressed.connect(self._on_progress)
+        self.runner.finished.connect(self._on_finished)
+        self.runner.failed.connect(self._on_failed)
+
+    def job_name(self) -> str:
+        """How a failure names the job ("Fine-tuning failed because …")."""
+        raise NotImplementedError
+
+    def stop(self):
+        self.runner.stop()
+        self.status.setText(self.stopping)
+
+    def _on_failed(self, text: str, is_user: bool):
+        self._set_running(False)
+        self.progress.close("")
+        tell_error(text, is_user, self.job_name())
+
+    def closeEvent(self, event):
+        self.runner.shutdown()
+        super().closeEvent(event)

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QVBoxLayout
 
 from .. import _layers
 from ..settings import settings
-from ..workers import JobRunner, ProgressView
-from ._common import PRESETS, BudgetEdit, DeviceBox, LayerBox, PathEdit, progress_row, tell, tell_error
+from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, LayerBox, PathEdit, tell, tell_error
 
 SPARSE, DENSE = "scribbles (0 = unpainted, 1 = background, 2 = first class…)", "complete masks (0 = background)"
 
 
-class FinetuneWidget(QWidget):
+class FinetuneWidget(JobWidget):
+    stopping = "Stopping: saving the model…"
+
     def __init__(self, napari_viewer, parent=None):
-        super().__init__(parent)
-        self.viewer = napari_viewer
+        super().__init__(napari_viewer, parent)
         self.image = LayerBox(napari_viewer, "image")
         self.image.currentTextChanged.connect(self._fill_levels)
         self.labels = LayerBox(napari_viewer, "labels")
@@ -53,7 +53,6 @@ class FinetuneWidget(QWidget):
         self.run_button.clicked.connect(self.start)
         self.stop_button.clicked.connect(self.stop)
         self.stop_button.setEnabled(False)
-        self.bar, self.status = progress_row()
         self.dice = QLabel("")
 
         form = QFormLayout()
@@ -81,12 +80,6 @@ class FinetuneWidget(QWidget):
         layout.addWidget(self.status)
         layout.addWidget(self.dice)
         layout.addStretch(1)
-
-        self.progress = ProgressView(self.bar, self.status)
-        self.runner = JobRunner(self)
-        self.runner.progressed.connect(self._on_progress)
-        self.runner.finished.connect(self._on_finished)
-        self.runner.failed.connect(self._on_failed)
         settings.changed.connect(self._on_setting)
         self.result = None  # the last FinetuneResult
         self._fill_levels()
@@ -171,10 +164,6 @@ class FinetuneWidget(QWidget):
         self.progress.start("Fine-tuning (starting)…")
         self._set_running(True)
 
-    def stop(self):
-        self.runner.stop()
-        self.status.setText("Stopping: saving the model…")
-
     def _set_running(self, running: bool):
         self.run_button.setEnabled(not running)
         self.new_button.setEnabled(not running)
@@ -199,11 +188,5 @@ class FinetuneWidget(QWidget):
         settings.set("model", str(result.path))
         tell(f"Fine-tuning {how}: {result.path} is now the Segment widget's model.")
 
-    def _on_failed(self, text: str, is_user: bool):
-        self._set_running(False)
-        self.progress.close("")
-        tell_error(text, is_user, "Fine-tuning")
-
-    def closeEvent(self, event):
-        self.runner.shutdown()
-        super().closeEvent(event)
+    def job_name(self) -> str:
+        return "Fine-tuning"

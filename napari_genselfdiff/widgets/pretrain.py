@@ -8,8 +8,7 @@ from pathlib import Path
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
 
 from ..settings import settings
-from ..workers import JobRunner, ProgressView
-from ._common import PRESETS, BudgetEdit, DeviceBox, PathEdit, progress_row, tell, tell_error
+from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, PathEdit, tell, tell_error
 
 SAMPLING_STEPS = 50  # a strided reverse process: a quick look, not the full 1000 steps
 
@@ -64,10 +63,11 @@ class LossPlot(QWidget):
         self.canvas.draw_idle()
 
 
-class PretrainWidget(QWidget):
+class PretrainWidget(JobWidget):
+    stopping = "Stopping: saving a checkpoint…"
+
     def __init__(self, napari_viewer, parent=None):
-        super().__init__(parent)
-        self.viewer = napari_viewer
+        super().__init__(napari_viewer, parent)
         self.folder = PathEdit("dir", placeholder="folder of slides or images")
         self.folder.setText(settings.get("pretrain_folder", ""))
         self.out = PathEdit("save", "Checkpoints (*.pt)", "where to save the model (.pt)")
@@ -83,7 +83,6 @@ class PretrainWidget(QWidget):
         self.start_button.clicked.connect(self.start)
         self.stop_button.clicked.connect(self.stop)
         self.stop_button.setEnabled(False)
-        self.bar, self.status = progress_row()
         self.plot = LossPlot(napari_viewer.theme)
         self.n_samples = QSpinBox()
         self.n_samples.setRange(1, 64)
@@ -112,12 +111,6 @@ class PretrainWidget(QWidget):
         layout.addWidget(self.plot)
         layout.addLayout(samples)
         layout.addStretch(1)
-
-        self.progress = ProgressView(self.bar, self.status)
-        self.runner = JobRunner(self)
-        self.runner.progressed.connect(self._on_progress)
-        self.runner.finished.connect(self._on_finished)
-        self.runner.failed.connect(self._on_failed)
         self.result = None  # the last PretrainResult
         self._job, self._samples = None, None
 
@@ -144,10 +137,6 @@ class PretrainWidget(QWidget):
         self.runner.start("pretrain", spec)
         self.progress.start("Pretraining (starting)…")
         self._set_running(True)
-
-    def stop(self):
-        self.runner.stop()
-        self.status.setText("Stopping: saving a checkpoint…")
 
     def draw_samples(self):
         model = self.out.text()
@@ -196,11 +185,5 @@ class PretrainWidget(QWidget):
         else:
             self._samples.data = images
 
-    def _on_failed(self, text: str, is_user: bool):
-        self._set_running(False)
-        self.progress.close("")
-        tell_error(text, is_user, "Pretraining" if self._job == "pretrain" else "Drawing images")
-
-    def closeEvent(self, event):
-        self.runner.shutdown()
-        super().closeEvent(event)
+    def job_name(self) -> str:
+        return "Pretraining" if self._job == "pretrain" else "Drawing images"
