@@ -9,13 +9,14 @@ sets are nested prefixes (1 of 3 of 10) of a fixed permutation of those 24
 
 Methods, all scored by pixel Dice of the nucleus class, mean over the held-out images:
 - pretrained: diffusion pretraining for --pretrain-minutes, then fine-tuning for
-  --finetune-minutes at --lr (the genselfdiff pipeline, segmented with ``genselfdiff.segment``);
-- random init, same fine-tuning compute: the same network from random weights, trained for
-  the same number of fine-tuning steps as the pretrained run took, at --random-lr (each start
-  at the learning rate that served it best in our sweeps: a pretrained network loses what it
-  learnt at 1e-3, a random one learns faster there);
-- random init, same total compute: as many steps more as pretraining took (converted by
-  pixels per step), so pretraining is not given free compute;
+  --finetune-minutes (or --finetune-steps) at --lr (the genselfdiff pipeline, segmented
+  with ``genselfdiff.segment``);
+- random (init), same fine-tuning compute: the same network from random weights, trained
+  for the same number of fine-tuning steps as the pretrained run took, at --random-lr (each
+  start at the learning rate that served it best in our sweeps: a pretrained network loses
+  what it learnt at 1e-3, a random one learns faster there);
+- total: random init at the same total compute, given as many steps more as pretraining
+  took (converted by pixels per step), so pretraining is not given free compute;
 - Otsu on the haematoxylin channel (skimage.color.rgb2hed), per image, no training;
 - a random forest (scikit-learn) on skimage's multiscale_basic_features, trained on the
   same labelled images.
@@ -26,7 +27,10 @@ written as two-level OME-TIFF pyramids in the work folder and both phases use le
 
 Every network run is repeated for each of --seeds (patch sampling, augmentation, head
 initialisation); the table gives the mean over held-out images and seeds and the standard
-deviation between seeds, since one seed can move the mean Dice by a few hundredths.
+deviation between seeds, since one seed can move the mean Dice by a few hundredths. Runs of
+one seed see the same patches whatever the start, so the table ends with the difference
+pretrained - random paired by seed, which the data stream does not blur. --runs picks the
+network runs; --jobs N runs N (labelled images, seed) units side by side, one process each.
 
 Run: .venv/bin/python benchmarks/label_efficiency.py [--quick] [options]; it prints the
 command, the machine, a table and one summary line, and writes results.json to --work.
@@ -36,9 +40,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -69,26 +76,36 @@ def parse(argv=None):
     p.add_argument("--pretrain-lr", type=float, default=5e-4,
                    help="pretraining learning rate (the paper's 1e-4 learns slowly in a few minutes)")
     p.add_argument("--pretrain-ema", type=float, default=0.995,
-                   help="EMA decay in pretraining (0.999 keeps ~20%% of the random start after 1500 steps)")
+                   help="EMA decay in pretraining (the bias-corrected ramp reaches 0.995 after 1800 steps)")
     p.add_argument("--labelled", default="1,3,10", help="numbers of labelled images")
-    p.add_argument("--total-compute-at", default="3",
-                   help="labelled-image counts that also get a random-init run at equal total compute ('' = none)")
+    p.add_argument("--runs", default="pretrained,random,forest",
+                   help="runs per labelled-image count and seed: pretrained, random (the same fine-tuning steps), "
+                        "total (random init given pretraining's compute as extra steps), forest")
+    p.add_argument("--finetune-steps", type=int,
+                   help="fine-tuning budget in steps for every run (default: --finetune-minutes for the pretrained "
+                        "run, its step count for the others); needed when the pretrained run is left out")
     p.add_argument("--pretrained", type=Path, help="use this pretrained checkpoint instead of pretraining")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine two spinning OpenMP threads "
                         "were 10-30x slower than one)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="network runs side by side, one process each with --threads threads (e.g. 2 on 2 cores)")
     p.add_argument("--rf-trees", type=int, default=100)
     p.add_argument("--seeds", default="0", help="fine-tuning (and random-forest) seeds, e.g. 0,1: every "
-                   "network run is repeated per seed; pretraining uses the first")
+                   "network run is repeated per seed")
+    p.add_argument("--pretrain-seed", type=int, default=0, help="seed of the pretraining run")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     if args.quick:
         args.pretrain_minutes, args.finetune_minutes = min(args.pretrain_minutes, 0.5), min(args.finetune_minutes, 0.5)
-        args.labelled, args.total_compute_at, args.rf_trees = "1,3", "", 10
+        args.labelled, args.rf_trees = "1,3", 10
     args.labelled = [int(n) for n in args.labelled.split(",")]
     args.seeds = [int(n) for n in args.seeds.split(",")]
-    args.seed = args.seeds[0]
-    args.total_compute_at = [int(n) for n in args.total_compute_at.split(",") if n.strip()]
+    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if set(args.runs) - {"pretrained", "random", "total", "forest"}:
+        p.error("--runs takes pretrained, random, total and forest")
+    if "pretrained" not in args.runs and args.finetune_steps is None:
+        p.error("without the pretrained run, give the fine-tuning budget as --finetune-steps")
     return args
 
 
@@ -114,8 +131,12 @@ def read_mask(data: Path, image: Path) -> np.ndarray:
     return np.asarray(imread(data / "masks" / image.name)) > 0
 
 
-def prepare(args, pool):
-    """Training inputs at the working scale: (image sources, mask sources, Resolution)."""
+def prepare(args, pool, held):
+    """Training inputs at the working scale: (image sources, mask sources, Resolution).
+
+    At half scale the held-out images are written as pyramids here too, once, before any
+    parallel run reads them.
+    """
     from genselfdiff.config import Resolution
 
     if args.scale == 1:
@@ -128,7 +149,7 @@ def prepare(args, pool):
     folder.mkdir(parents=True, exist_ok=True)
     images, masks = {}, {}
     for p in pool:
-        tif, png = folder / f"{p.stem}.ome.tif", folder / f"{p.stem}_mask.png"
+        tif, png = source_of(args, p), folder / f"{p.stem}_mask.png"
         if not tif.exists():
             write_pyramidal_tiff(tif, read_rgb(p), mpp=MPP, min_side=400)
         if not png.exists():
@@ -136,7 +157,15 @@ def prepare(args, pool):
             half = (m[0::2, 0::2] + m[1::2, 0::2] + m[0::2, 1::2] + m[1::2, 1::2]) / 4
             imsave(png, (half >= 0.5).astype(np.uint8), check_contrast=False)
         images[p.stem], masks[p.stem] = tif, png
+    for p in held:
+        if not source_of(args, p).exists():
+            write_pyramidal_tiff(source_of(args, p), read_rgb(p), mpp=MPP, min_side=400)
     return images, masks, Resolution(level=1)
+
+
+def source_of(args, image: Path) -> Path:
+    """The pyramid an image is read from at half scale."""
+    return args.work / "half" / f"{image.stem}.ome.tif"
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -151,11 +180,7 @@ def score_model(path, held, args) -> list:
     model = load_model(path, args.device)
     scores = []
     for p in held:
-        source = args.work / "half" / f"{p.stem}.ome.tif" if args.scale == 2 else read_rgb(p)
-        if args.scale == 2 and not Path(source).exists():
-            from genselfdiff.synthetic import write_pyramidal_tiff
-
-            write_pyramidal_tiff(source, read_rgb(p), mpp=MPP, min_side=400)
+        source = source_of(args, p) if args.scale == 2 else read_rgb(p)
         labels = np.asarray(segment(model, source, skip_background=False).labels)
         truth = read_mask(args.data, p)
         if labels.shape != truth.shape:  # in memory, segment returns the processing level: nearest up
@@ -214,7 +239,6 @@ def main(argv=None) -> int:
     import torch
 
     from genselfdiff.config import PretrainConfig
-    from genselfdiff.finetune import FinetuneConfig, finetune
     from genselfdiff.pretrain import pretrain
 
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -224,16 +248,15 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     held, pool = split(args.data)
     print(f"held out: {', '.join(p.stem for p in held)}")
-    images, masks, resolution = prepare(args, pool)
+    images, masks, resolution = prepare(args, pool, held)
     patch = args.patch
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": {}}
 
-    t = time.perf_counter()
-    _add(results, "otsu", dice=otsu_scores(held, args), seconds=time.perf_counter() - t)
+    _add(results, "otsu", **_timed(otsu_scores, held, args))
 
     pre_path = args.pretrained or args.work / "pretrained.pt"
     pcfg = PretrainConfig.from_preset(args.preset, minutes=args.pretrain_minutes, patch=patch, batch=args.batch,
-                                      resolution=resolution, seed=args.seed, ema_decay=args.pretrain_ema, lr=args.pretrain_lr,
+                                      resolution=resolution, seed=args.pretrain_seed, ema_decay=args.pretrain_ema, lr=args.pretrain_lr,
                                       val_every=100 if args.quick else 200)
     if args.pretrained is None:
         pre = pretrain(list(images.values()), pre_path, pcfg, device=args.device, progress=ticker("pretrain"))
@@ -245,40 +268,70 @@ def main(argv=None) -> int:
     results["pretrain"] = {"steps": pre_steps, "seconds": pre_seconds, "patch": pcfg.patch, "batch": pcfg.batch}
     print(f"pretrained {pre_steps} steps in {pre_seconds / 60:.1f} min ({pcfg.patch}-px patches, batch {pcfg.batch})")
 
-    for n in args.labelled:
-        subset = pool[:n]
-        imgs, msks = [images[p.stem] for p in subset], [masks[p.stem] for p in subset]
-        for seed in args.seeds:
-            base = dict(patch=patch, batch=args.batch, loss=args.loss, lr_schedule=args.lr_schedule, patience=0, seed=seed,
-                        resolution=resolution, class_names=["background", "nucleus"])
-            cfg = FinetuneConfig.from_preset(args.preset, minutes=args.finetune_minutes, lr=args.lr, **base)
-            out = args.work / f"ft_pretrained_{n}_s{seed}.pt"
-            r = finetune(imgs, msks, out, cfg, pretrained=pre_path, device=args.device, progress=ticker(out.stem))
-            runs = {f"pretrained_{n}": (out, r)}
-            per_step = (pcfg.batch * pcfg.patch**2) / (cfg.batch * cfg.patch**2)
-            budgets = {f"random_{n}": r.steps}  # the same number of fine-tuning steps
-            if n in args.total_compute_at and seed == args.seeds[0]:
-                budgets[f"random_total_{n}"] = r.steps + int(round(pre_steps * per_step))
-            for name, steps in budgets.items():
-                rcfg = FinetuneConfig.from_preset(args.preset, steps=steps, lr=args.random_lr, **base)
-                path = args.work / f"ft_{name}_s{seed}.pt"
-                runs[name] = (path, finetune(imgs, msks, path, rcfg, pretrained=None, device=args.device,
-                                             progress=ticker(path.stem)))
-            for name, (path, res) in runs.items():
-                _add(results, name, dice=score_model(path, held, args), steps=res.steps, seconds=res.seconds,
-                     val_dice=res.best_dice)
-            t = time.perf_counter()
-            _add(results, f"rf_{n}", dice=rf_scores(subset, held, args, seed), seconds=time.perf_counter() - t)
-            (args.work / "results.json").write_text(json.dumps(results, indent=1, default=float))
-        _table(results)
-
+    units = [(n, seed) for n in args.labelled for seed in args.seeds]
+    per_step = (pcfg.batch * pcfg.patch**2) / (args.batch * (patch or pcfg.patch) ** 2)
+    extra_steps = int(round(pre_steps * per_step))  # pretraining's compute, in fine-tuning steps
+    job = partial(unit_runs, args, pool, held, images, masks, resolution, pre_path, extra_steps)
+    if args.jobs > 1:  # one process per (labelled images, seed), side by side
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_threads, initargs=(args.threads,)) as ex:
+            outcomes = list(ex.map(job, units))
+    else:
+        outcomes = [job(u) for u in units]
+    for outcome in outcomes:  # in the order of the units, whatever finished first
+        for name, values in outcome.items():
+            _add(results, name, **values)
     (args.work / "results.json").write_text(json.dumps(results, indent=1, default=float))
     _table(results)
     parts = [f"{k} {np.mean(v['dice']):.3f}" for k, v in results["runs"].items()]
     print(f"summary: MoNuSeg held-out Dice (6 images) | {args.preset} {pcfg.patch}px scale 1/{args.scale} | "
-          f"pretrain {args.pretrain_minutes:g} min ({pre_steps} steps) + fine-tune {args.finetune_minutes:g} min | "
+          f"pretrain {pre_seconds / 60:.1f} min ({pre_steps} steps) + fine-tune "
+          f"{f'{args.finetune_steps} steps' if args.finetune_steps else f'{args.finetune_minutes:g} min'} | "
           + " | ".join(parts))
     return 0
+
+
+def unit_runs(args, pool, held, images, masks, resolution, pre_path, extra_steps, unit) -> dict:
+    """The runs of one (labelled images, seed): fine-tuning from each start, and the forest."""
+    from genselfdiff.finetune import FinetuneConfig, finetune
+
+    n, seed = unit
+    subset = pool[:n]
+    imgs, msks = [images[p.stem] for p in subset], [masks[p.stem] for p in subset]
+    base = dict(patch=args.patch, batch=args.batch, loss=args.loss, lr_schedule=args.lr_schedule, patience=0,
+                seed=seed, resolution=resolution, class_names=["background", "nucleus"])
+    runs, steps = {}, args.finetune_steps
+    if "pretrained" in args.runs:
+        budget = dict(steps=steps) if steps else dict(minutes=args.finetune_minutes)
+        cfg = FinetuneConfig.from_preset(args.preset, lr=args.lr, **budget, **base)
+        out = args.work / f"ft_pretrained_{n}_s{seed}.pt"
+        r = finetune(imgs, msks, out, cfg, pretrained=pre_path, device=args.device, progress=ticker(out.stem))
+        runs[f"pretrained_{n}"], steps = (out, r), r.steps
+    budgets = {f"random_{n}": steps, f"total_{n}": steps + extra_steps}  # random: as many steps as pretrained
+    budgets = {name: b for name, b in budgets.items() if name.split("_")[0] in args.runs}
+    for name, steps in budgets.items():
+        rcfg = FinetuneConfig.from_preset(args.preset, steps=steps, lr=args.random_lr, **base)
+        path = args.work / f"ft_{name}_s{seed}.pt"
+        runs[name] = (path, finetune(imgs, msks, path, rcfg, pretrained=None, device=args.device,
+                                     progress=ticker(path.stem)))
+    scores = {name: dict(dice=score_model(path, held, args), steps=res.steps, seconds=res.seconds,
+                         val_dice=res.best_dice, seed=seed)
+              for name, (path, res) in runs.items()}
+    if "forest" in args.runs:
+        scores[f"rf_{n}"] = dict(**_timed(rf_scores, subset, held, args, seed), seed=seed)
+    return scores
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _timed(fn, *args) -> dict:
+    t = time.perf_counter()
+    return dict(dice=fn(*args), seconds=time.perf_counter() - t)
 
 
 def _add(results: dict, name: str, **values) -> None:
@@ -289,14 +342,27 @@ def _add(results: dict, name: str, **values) -> None:
 
 
 def _table(results: dict) -> None:
-    """Dice: mean over held-out images and seeds; sd: between seeds; min/max: per image."""
+    """Dice: mean over held-out images and seeds; sd: between seeds; min/max: per image.
+
+    Then, per labelled-image count, pretrained minus random init paired by seed: both runs of
+    a seed see the same patches and augmentations, so the pairing removes what the data
+    stream does to both and leaves what the start does.
+    """
     print(f"\n{'method':<22} {'Dice':>6} {'sd':>6} {'seeds':>5} {'min':>6} {'max':>6} {'steps':>7} {'minutes':>8}")
-    for name, r in results["runs"].items():
+    runs = results["runs"]
+    for name, r in runs.items():
         d = np.array(r["dice"], float)  # seeds x images
         sd = d.mean(1).std(ddof=1) if len(d) > 1 else float("nan")
         steps = int(np.mean(r["steps"])) if "steps" in r else ""
         print(f"{name:<22} {d.mean():6.3f} {sd:6.3f} {len(d):>5} {d.min():6.3f} {d.max():6.3f} {steps:>7} "
               f"{np.mean(r['seconds']) / 60:8.1f}")
+    for name in runs:
+        other = name.replace("pretrained_", "random_")
+        if name.startswith("pretrained_") and other in runs and runs[name].get("seed") == runs[other].get("seed"):
+            diff = np.array(runs[name]["dice"], float).mean(1) - np.array(runs[other]["dice"], float).mean(1)
+            sd = f" ± {diff.std(ddof=1):.3f}" if len(diff) > 1 else ""
+            print(f"{name} - {other}, paired by seed: {diff.mean():+.3f}{sd} "
+                  f"(pretrained better in {int((diff > 0).sum())} of {len(diff)} seeds)")
     sys.stdout.flush()
 
 
