@@ -104,8 +104,8 @@ def parse(argv=None):
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     if set(args.runs) - {"pretrained", "random", "total", "forest"}:
         p.error("--runs takes pretrained, random, total and forest")
-    if "pretrained" not in args.runs and args.finetune_steps is None:
-        p.error("without the pretrained run, give the fine-tuning budget as --finetune-steps")
+    if {"random", "total"} & set(args.runs) and "pretrained" not in args.runs and args.finetune_steps is None:
+        p.error("random-init runs without the pretrained run need the fine-tuning budget as --finetune-steps")
     return args
 
 
@@ -272,16 +272,19 @@ def main(argv=None) -> int:
     per_step = (pcfg.batch * pcfg.patch**2) / (args.batch * (patch or pcfg.patch) ** 2)
     extra_steps = int(round(pre_steps * per_step))  # pretraining's compute, in fine-tuning steps
     job = partial(unit_runs, args, pool, held, images, masks, resolution, pre_path, extra_steps)
-    if args.jobs > 1:  # one process per (labelled images, seed), side by side
-        ctx = multiprocessing.get_context("spawn")
+
+    def outcomes():  # in the order of the units, whatever finishes first
+        if args.jobs <= 1:
+            yield from map(job, units)
+            return
+        ctx = multiprocessing.get_context("spawn")  # one process per unit, side by side
         with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_threads, initargs=(args.threads,)) as ex:
-            outcomes = list(ex.map(job, units))
-    else:
-        outcomes = [job(u) for u in units]
-    for outcome in outcomes:  # in the order of the units, whatever finished first
+            yield from ex.map(job, units)
+
+    for outcome in outcomes():
         for name, values in outcome.items():
             _add(results, name, **values)
-    (args.work / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        (args.work / "results.json").write_text(json.dumps(results, indent=1, default=float))  # kept if a run fails
     _table(results)
     parts = [f"{k} {np.mean(v['dice']):.3f}" for k, v in results["runs"].items()]
     print(f"summary: MoNuSeg held-out Dice (6 images) | {args.preset} {pcfg.patch}px scale 1/{args.scale} | "
@@ -307,10 +310,13 @@ def unit_runs(args, pool, held, images, masks, resolution, pre_path, extra_steps
         out = args.work / f"ft_pretrained_{n}_s{seed}.pt"
         r = finetune(imgs, msks, out, cfg, pretrained=pre_path, device=args.device, progress=ticker(out.stem))
         runs[f"pretrained_{n}"], steps = (out, r), r.steps
-    budgets = {f"random_{n}": steps, f"total_{n}": steps + extra_steps}  # random: as many steps as pretrained
-    budgets = {name: b for name, b in budgets.items() if name.split("_")[0] in args.runs}
-    for name, steps in budgets.items():
-        rcfg = FinetuneConfig.from_preset(args.preset, steps=steps, lr=args.random_lr, **base)
+    budgets = {}  # random init: as many steps as the pretrained start; total: plus pretraining's compute
+    if "random" in args.runs:
+        budgets[f"random_{n}"] = steps
+    if "total" in args.runs:
+        budgets[f"total_{n}"] = steps + extra_steps
+    for name, budget_steps in budgets.items():
+        rcfg = FinetuneConfig.from_preset(args.preset, steps=budget_steps, lr=args.random_lr, **base)
         path = args.work / f"ft_{name}_s{seed}.pt"
         runs[name] = (path, finetune(imgs, msks, path, rcfg, pretrained=None, device=args.device,
                                      progress=ticker(path.stem)))
