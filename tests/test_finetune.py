@@ -9,7 +9,7 @@ from skimage.io import imsave
 
 from genselfdiff.annotations import (PatchSampler, WindowReader, match_by_stem, open_labelled, scan, split_tiles,
                                      to_targets)
-from genselfdiff.augment import Augment, augment
+from genselfdiff.augment import Augment, augment, hed_jitter
 from genselfdiff.checkpoint import save_checkpoint
 from genselfdiff.cli import main
 from genselfdiff.config import NetConfig, Resolution, get_preset
@@ -85,6 +85,19 @@ def test_photometric_changes_leave_labels_alone(rng, synthetic_pair):
     img, lab = synthetic_pair
     a, b = augment(img, lab.astype(np.int64), rng, Augment(flips=False, rotate90=False, blur=1, color=1, elastic=0))
     assert np.array_equal(b, lab) and not np.array_equal(a, img)
+
+
+def test_hed_jitter_changes_stain_amounts_and_nothing_else(rng, synthetic_pair):
+    img, _ = synthetic_pair
+    assert np.array_equal(hed_jitter(img, rng, 0.0), img)  # no perturbation: the image back exactly
+    out = hed_jitter(img, rng, 0.2)
+    assert out.shape == img.shape and out.dtype == np.uint8 and not np.array_equal(out, img)
+    # Only the stain amounts move: pixels of one colour stay of one colour.
+    flat = np.full((4, 4, 3), (180, 90, 160), np.uint8)
+    assert len(np.unique(hed_jitter(flat, rng, 0.2).reshape(-1, 3), axis=0)) == 1
+    a, b = augment(img, np.zeros(img.shape[:2], np.int64), rng, Augment(
+        flips=False, rotate90=False, blur=0, color=0, elastic=0, hed=1.0, hed_sigma=0.2))
+    assert not np.array_equal(a, img) and not b.any()
 
 
 def test_masks_are_matched_by_stem(tmp_path):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from genselfdiff.losses import IGNORE, ce_loss, dice_loss, focal_loss, make_loss, ss_loss
+from genselfdiff.losses import IGNORE, affinity_loss, ce_loss, dice_loss, focal_loss, make_loss, ss_loss
 
 # One image, two classes, 2 x 2 pixels. P1 is the probability of class 1 per pixel.
 P1 = [[0.9, 0.2], [0.6, 0.5]]
@@ -104,3 +104,31 @@ def test_losses_fall_as_the_prediction_improves():
     better = _logits([[0.95, 0.05], [0.9, 0.1]])
     for name in ("paper", "ce", "dice"):
         assert make_loss(name)(better, t) < make_loss(name)(worse, t)
+
+
+def test_affinity_loss_by_hand_and_its_pull_towards_colour_edges():
+    # Two pixels side by side: one pair at distance 1, radius 1 leaves only (0, 1).
+    image = torch.tensor([[[[0.0, 0.1]], [[0.0, 0.1]], [[0.0, 0.1]]]])  # (1, 3, 1, 2)
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2, 1, 2)
+    p = logits.softmax(1)[0, :, 0]
+    w = torch.exp(torch.tensor(-3 * 0.1**2 / (2 * 0.15**2)))
+    expected = w * (1 - (p[:, 0] * p[:, 1]).sum())
+    assert affinity_loss(logits, image, radius=1).item() == pytest.approx(expected.item(), rel=1e-6)
+    # A uniform prediction costs nothing; splitting a uniform region costs more than
+    # splitting along a colour edge.
+    flat = torch.zeros(1, 3, 8, 8)
+    edge = flat.clone()
+    edge[..., 4:] = 1.0
+    split = torch.zeros(1, 2, 8, 8)
+    split[:, 0, :, :4], split[:, 1, :, 4:] = 10.0, 10.0
+    assert affinity_loss(torch.zeros(1, 2, 8, 8), flat).item() == pytest.approx(0.5, abs=1e-6)  # p = 1/2 everywhere
+    assert affinity_loss(split, edge).item() < 0.1 * affinity_loss(split, flat).item()
+
+
+def test_make_loss_adds_the_affinity_term_only_when_asked():
+    logits, target = torch.randn(1, 2, 8, 8), torch.randint(0, 2, (1, 8, 8))
+    image = torch.rand(1, 3, 8, 8) * 2 - 1
+    plain = make_loss("ce")(logits, target, image)
+    assert plain.item() == pytest.approx(make_loss("ce")(logits, target).item())
+    both = make_loss("ce", affinity=2.0)(logits, target, image)
+    assert both.item() == pytest.approx(plain.item() + 2 * affinity_loss(logits, image).item(), rel=1e-6)

@@ -62,6 +62,7 @@ class FinetuneConfig:
     ss_beta: float = 0.1
     ss_c: float = 0.01
     focal_gamma: float = 2.0
+    affinity: Optional[float] = None  # weight of the colour-affinity loss; default on for sparse labels
     # Budget: whichever comes first; none given means DEFAULT_EPOCHS (early stopping still applies).
     epochs: Optional[int] = None
     steps: Optional[int] = None
@@ -194,7 +195,8 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
         net = _build_net(start, n_classes, cfg).to(dev)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     loss_fn = make_loss(cfg.loss, ss_weight=cfg.ss_weight, focal_weight=cfg.focal_weight, beta=cfg.ss_beta,
-                        c=cfg.ss_c, gamma=cfg.focal_gamma)
+                        c=cfg.ss_c, gamma=cfg.focal_gamma,
+                        affinity=cfg.affinity if cfg.affinity is not None else 0.0)
 
     run = _Run(cfg=cfg, net=net, optimizer=optimizer, out=out, names=names, colors=colors, start=start,
                items=items, val=val, spe=spe)
@@ -306,23 +308,35 @@ class _Run:
         self.names, self.colors, self.start, self.items, self.val, self.spe = names, colors, start, items, val, spe
         self.step = self.epoch = self.since_best = 0
         self.history: list = []
-        self.best = {"dice": -1.0, "per_class": [], "step": 0, "state": None}
+        self.best = {"dice": -1.0, "score": -math.inf, "per_class": [], "step": 0, "state": None}
         self.last_val_step = -1
         self.seconds = 0.0
 
     # validation
     @torch.no_grad()
     def validate(self, dev) -> tuple:
+        """Score the held-out tiles: Dice per class and the mean cross-entropy ("val_loss").
+
+        Dense labels choose the best network by Dice; painted strokes by the loss, since
+        strokes along object cores are easy and their Dice reaches 1 within a few steps,
+        while the loss keeps telling a confident network from a hesitant one.
+        """
         val: ValidationSet = self.val
         k = len(self.names)
         conf = np.zeros((k, k), np.int64)
+        ce, counted = 0.0, 0
         self.net.eval()
         for b in range(0, len(val.images), self.cfg.batch):
             x = to_input(val.images[b : b + self.cfg.batch], dev)
             with autocast(dev, self.cfg.amp):
-                pred = self.net(x).float().argmax(1).cpu().numpy()
+                logits = self.net(x).float()
             t = val.targets[b : b + self.cfg.batch]
             sel = t != IGNORE
+            target = torch.from_numpy(np.where(sel, t, 0)).to(dev).long()
+            nll = -logits.log_softmax(1).gather(1, target[:, None])[:, 0]
+            ce += float(nll[torch.from_numpy(sel).to(dev)].sum())
+            counted += int(sel.sum())
+            pred = logits.argmax(1).cpu().numpy()
             conf += np.bincount(t[sel] * k + pred[sel], minlength=k * k).reshape(k, k)
         self.net.train()
         tp = np.diag(conf).astype(float)
@@ -330,17 +344,19 @@ class _Run:
         with np.errstate(invalid="ignore", divide="ignore"):
             per_class = np.where(denom > 0, 2 * tp / denom, np.nan)
         mean = _mean_dice(per_class)
+        val_loss = ce / max(counted, 1)
         self.last_val_step = self.step
-        entry = {"step": self.step, "epoch": self.epoch, "val_dice": mean,
+        entry = {"step": self.step, "epoch": self.epoch, "val_dice": mean, "val_loss": val_loss,
                  "per_class_dice": [float(v) for v in per_class]}
         self.history.append(entry)
-        improved = mean > self.best["dice"] + 1e-4
+        score = -val_loss if self.cfg.sparse else mean
+        improved = score > self.best["score"] + 1e-4
         # A tie keeps the later network (trained longer on the same score): a small validation
         # set often saturates (Dice 1 on a few painted strokes), and the first network to reach
         # it is the least trained. Only a real improvement resets the patience.
-        tied = not improved and self.step > 0 and mean >= self.best["dice"] - 1e-4
+        tied = not improved and self.step > 0 and score >= self.best["score"] - 1e-4
         if improved or tied:
-            self.best = {"dice": mean, "per_class": entry["per_class_dice"], "step": self.step,
+            self.best = {"dice": mean, "score": score, "per_class": entry["per_class_dice"], "step": self.step,
                          "state": {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}}
         self.since_best = 0 if improved else self.since_best + 1
         return mean, improved or tied
@@ -362,7 +378,8 @@ class _Run:
         st = ckpt["train_state"]
         self.step, self.epoch, self.since_best = int(ckpt["step"]), int(st["epoch"]), int(st["since_best"])
         best = load_checkpoint(self.out)["state_dict"] if self.out.exists() else ckpt["state_dict"]
-        self.best = {"dice": float(st["best_dice"]), "per_class": list(st["per_class_dice"]),
+        self.best = {"dice": float(st["best_dice"]), "score": float(st.get("best_score", st["best_dice"])),
+                     "per_class": list(st["per_class_dice"]),
                      "step": int(st["best_step"]), "state": best}
         self.history = list(ckpt.get("history") or [])
         self.seconds = float(st.get("seconds", 0.0))
@@ -449,7 +466,7 @@ class _Run:
                 x, y = to_input(imgs, dev), torch.from_numpy(tgts).to(dev)
                 with autocast(dev, cfg.amp):
                     logits = self.net(x)
-                loss = loss_fn(logits, y)
+                loss = loss_fn(logits, y, x)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -472,8 +489,10 @@ class _Run:
                     self.seconds = time.perf_counter() - t0
                     self.save(best=improved)
                     progress(Progress("finetune", self.step, self._total(self.seconds),
-                                      {"loss": float(np.mean(losses)), "val_dice": dice},
+                                      {"loss": float(np.mean(losses)), "val_dice": dice,
+                                       "val_loss": self.history[-1]["val_loss"]},
                                       payload={"epoch": self.epoch, "val_dice": dice, "improved": improved,
+                                               "val_loss": self.history[-1]["val_loss"],
                                                "per_class_dice": self.history[-1]["per_class_dice"],
                                                "classes": self.names}))
                     if cfg.patience and self.since_best >= cfg.patience:
@@ -522,6 +541,7 @@ class _Run:
             **common, "state_dict": last, "step": self.step, "optimizer": self.optimizer.state_dict(),
             "rng": capture_rng(),
             "train_state": {"epoch": self.epoch, "since_best": self.since_best, "best_dice": float(self.best["dice"]),
+                            "best_score": float(self.best["score"]),
                             "best_step": self.best["step"], "per_class_dice": list(self.best["per_class"]),
                             "seconds": self.seconds, "finished": final}})
         if best or not self.out.exists():

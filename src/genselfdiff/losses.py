@@ -24,6 +24,14 @@ the prediction where they exist and nowhere else.
 
 Focal loss as in the official ``FLoss``: ``-sum_c (1 - p_c)^gamma y_c log p_c``
 averaged over (annotated) pixels; the sum over classes picks the true class's term.
+
+For brush strokes, not in the paper: an affinity loss over *all* pixels, labelled or
+not (the pairwise term of a dense CRF used as a loss, Tang et al. 2018 "On regularized
+losses for weakly-supervised CNN segmentation"; Obukhov et al. 2019 "Gated CRF loss").
+Strokes say what the cores of objects and the middle of the background are, not where
+an object ends; this term asks neighbouring pixels of similar colour to get the same
+class, so the boundary settles on the colour edge instead of anywhere between a
+nucleus stroke and a background stroke.
 """
 
 from __future__ import annotations
@@ -94,13 +102,46 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
     return 1 - ((2 * inter + smooth) / (total + smooth)).mean()
 
 
+def affinity_loss(logits: torch.Tensor, image: torch.Tensor, radius: int = 3, sigma_color: float = 0.15,
+                  sigma_space: float = 2.0) -> torch.Tensor:
+    """Mean over pixel pairs within ``radius`` of ``w_ij (1 - p_i . p_j)``.
+
+    ``w_ij = exp(-|x_i - x_j|^2 / 2 sigma_color^2 - d_ij^2 / 2 sigma_space^2)``, with
+    ``image`` the network input (N, 3, H, W) in [-1, 1]; 0 when every pair agrees.
+    """
+    p = logits.float().softmax(1)
+    x = image.float()
+    total = p.new_zeros(())
+    weights = 0.0
+    for dy in range(0, radius + 1):  # half the window: each unordered pair once
+        for dx in range(-radius, radius + 1):
+            if dy == 0 and dx <= 0:
+                continue
+            h, w = x.shape[2] - dy, x.shape[3] - abs(dx)
+            if h <= 0 or w <= 0:
+                continue
+            a, b = slice(0, w) if dx >= 0 else slice(-dx, None), slice(dx, dx + w) if dx >= 0 else slice(0, w)
+            xi, xj = x[:, :, :h, a], x[:, :, dy:, b]
+            wij = torch.exp(-((xi - xj) ** 2).sum(1) / (2 * sigma_color**2))
+            agree = (p[:, :, :h, a] * p[:, :, dy:, b]).sum(1)
+            space = float(torch.exp(torch.tensor(-(dy * dy + dx * dx) / (2 * sigma_space**2))))
+            total = total + space * (wij * (1 - agree)).mean()
+            weights += space
+    return total / weights
+
+
 def make_loss(name: str = "paper", *, ss_weight: float = 1.0, focal_weight: float = 1.0,
-              beta: float = 0.1, c: float = 0.01, gamma: float = 2.0) -> Callable:
-    """``loss(logits, target) -> scalar``: "paper" (SS + focal, 1:1 by default), "ce" or "dice"."""
+              beta: float = 0.1, c: float = 0.01, gamma: float = 2.0, affinity: float = 0.0) -> Callable:
+    """``loss(logits, target, image) -> scalar``: "paper" (SS + focal, 1:1 by default), "ce"
+    or "dice", plus ``affinity`` times :func:`affinity_loss` on the input ``image`` when > 0."""
     if name == "paper":
-        return lambda lo, t: ss_weight * ss_loss(lo, t, beta, c) + focal_weight * focal_loss(lo, t, gamma)
-    if name == "ce":
-        return ce_loss
-    if name == "dice":
-        return dice_loss
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+        base = lambda lo, t: ss_weight * ss_loss(lo, t, beta, c) + focal_weight * focal_loss(lo, t, gamma)  # noqa: E731
+    elif name == "ce":
+        base = ce_loss
+    elif name == "dice":
+        base = dice_loss
+    else:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    if not affinity:
+        return lambda lo, t, image=None: base(lo, t)
+    return lambda lo, t, image: base(lo, t) + affinity * affinity_loss(lo, image)
