@@ -265,13 +265,46 @@ def test_a_saturated_validation_keeps_the_later_network():
     targets[:, :4] = 1
     run = object.__new__(_Run)
     run.val, run.net, run.names = ValidationSet(images, targets), Perfect(), ["background", "nucleus"]
-    run.cfg, run.history, run.epoch = SimpleNamespace(batch=8, amp=False), [], 0
-    run.best, run.since_best = {"dice": -1.0, "per_class": [], "step": 0, "state": None}, 0
+    run.cfg, run.history, run.epoch = SimpleNamespace(batch=8, amp=False, sparse=False), [], 0
+    run.best, run.since_best = {"dice": -1.0, "score": -np.inf, "per_class": [], "step": 0, "state": None}, 0
     for step in (0, 10, 20):
         run.step = step
         dice, kept = run.validate(torch.device("cpu"))
         assert dice == 1.0 and kept
     assert run.best["step"] == 20 and run.since_best == 2
+
+
+def test_strokes_choose_the_network_by_validation_loss():
+    """Painted strokes saturate Dice; the held-out cross-entropy still ranks networks."""
+    from types import SimpleNamespace
+
+    from genselfdiff.annotations import ValidationSet
+    from genselfdiff.finetune import _Run
+
+    class Scaled(torch.nn.Module):  # always right, more or less confident
+        def __init__(self):
+            super().__init__()
+            self.scale = 1.0
+
+        def forward(self, x):
+            dark = (x.mean(1, keepdim=True) < 0).float()
+            return self.scale * torch.cat([1 - dark, dark], 1)
+
+    images = np.full((1, 8, 8, 3), 255, np.uint8)
+    images[:, :4] = 0
+    targets = np.full((1, 8, 8), IGNORE, np.int64)
+    targets[:, 1], targets[:, 6] = 1, 0
+    run = object.__new__(_Run)
+    run.val, run.net, run.names = ValidationSet(images, targets), Scaled(), ["background", "nucleus"]
+    run.cfg, run.history, run.epoch = SimpleNamespace(batch=8, amp=False, sparse=True), [], 0
+    run.best, run.since_best = {"dice": -1.0, "score": -np.inf, "per_class": [], "step": 0, "state": None}, 0
+    for step, scale in ((0, 1.0), (10, 4.0), (20, 2.0)):
+        run.step, run.net.scale = step, scale
+        dice, _ = run.validate(torch.device("cpu"))
+        assert dice == 1.0
+        # the cross-entropy of a right answer given with margin `scale`
+        assert run.history[-1]["val_loss"] == pytest.approx(float(np.log1p(np.exp(-scale))), rel=1e-5)
+    assert run.best["step"] == 10 and run.since_best == 1
 
 
 def test_continuing_from_a_segmentation_model(tmp_path, synthetic_pair):
