@@ -7,8 +7,9 @@ from scipy import ndimage as ndi
 from skimage.draw import disk
 
 from genselfdiff.errors import UserError
-from genselfdiff.geojson import (export_geojson, labels_to_features, open_label_image, rasterize, read_geojson,
-                                 read_geojson_labels)
+from genselfdiff.labels import open_label_image
+from genselfdiff.qupath import export_geojson, labels_to_features, read_geojson
+from genselfdiff.rasterize import rasterize, read_geojson_labels
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAMES = ["background", "nucleus", "stroma"]
@@ -97,7 +98,7 @@ def test_scale_and_offset_map_to_level0():
     ring = _polygons(f)[0][0]
     assert ring[:, 0].min() == 1000 + 3 * 4 and ring[:, 0].max() == 1000 + 7 * 4
     assert ring[:, 1].min() == 100 + 2 * 4 and ring[:, 1].max() == 100 + 4 * 4
-    assert f["properties"]["classification"]["name"] == "Class 1"
+    assert f["properties"]["classification"]["name"] == "class 1"
 
 
 def test_diagonal_neighbours_are_separate_objects():

@@ -142,7 +142,7 @@ def _index(source: Path, role: str) -> dict:
 
 def _read(path: Path) -> tuple:
     """(2-D label array, class names or None)."""
-    from .geojson import open_label_image
+    from .labels import open_label_image
 
     img = open_label_image(path)
     arr = np.asarray(img.array)

@@ -33,7 +33,8 @@ import numpy as np
 
 from . import tiling
 from .errors import UserError
-from .omezarr import LabelImage, load_labels  # noqa: F401  (re-exported for the napari reader)
+from .labels import load_labels  # noqa: F401  (re-exported: the public way to read an output back)
+from .omezarr import LabelImage
 from .progress import Progress, resolve
 
 PNG_MAX_PIXELS = 100_000_000  # --png is skipped above this many level-0 pixels

@@ -28,7 +28,7 @@ def run(args) -> int:
     import math
 
     from ..errors import UserError
-    from ..geojson import read_geojson_labels
+    from ..rasterize import read_geojson_labels
     from ..slides import open_slide
 
     slide = open_slide(args.like)
