@@ -52,6 +52,8 @@ import numpy as np
 
 from _common import machine  # benchmarks/ is on sys.path when a benchmark is run as a script
 
+from genselfdiff.atomic import atomic_path, write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "monuseg" / "train"
 MPP = 0.2527
@@ -155,7 +157,8 @@ def prepare(args, pool, held):
         if not png.exists():
             m = read_mask(args.data, p).astype(np.float32)
             half = (m[0::2, 0::2] + m[1::2, 0::2] + m[0::2, 1::2] + m[1::2, 1::2]) / 4
-            imsave(png, (half >= 0.5).astype(np.uint8), check_contrast=False)
+            with atomic_path(png) as tmp:
+                imsave(tmp, (half >= 0.5).astype(np.uint8), check_contrast=False)
         images[p.stem], masks[p.stem] = tif, png
     for p in held:
         if not source_of(args, p).exists():
@@ -284,7 +287,7 @@ def main(argv=None) -> int:
     for outcome in outcomes():
         for name, values in outcome.items():
             _add(results, name, **values)
-        (args.work / "results.json").write_text(json.dumps(results, indent=1, default=float))  # kept if a run fails
+        write_text(args.work / "results.json", json.dumps(results, indent=1, default=float))  # kept if a run fails
     _table(results)
     parts = [f"{k} {np.mean(v['dice']):.3f}" for k, v in results["runs"].items()]
     print(f"summary: MoNuSeg held-out Dice (6 images) | {args.preset} {pcfg.patch}px scale 1/{args.scale} | "

@@ -14,13 +14,13 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from .atomic import write_text
 from .errors import UserError
 from .metrics import aji, instances_from_mask, segmentation_scores
 from .progress import Progress, resolve
@@ -58,7 +58,7 @@ class EvaluationReport:
         writer.writerow(cols)
         for row in self.rows + [{"image": "mean", **self.mean}]:
             writer.writerow([_csv_value(row.get(c)) for c in cols])
-        return _write_atomic(path, buf.getvalue())
+        return write_text(path, buf.getvalue())
 
     def to_json(self, path) -> Path:
         """Rows, means, unpaired files and failures; undefined values are ``null``."""
@@ -71,7 +71,7 @@ class EvaluationReport:
             "missing_prediction": self.missing_prediction,
             "failures": [{"image": n, "error": e} for n, e in self.failures],
         }
-        return _write_atomic(path, json.dumps(doc, indent=2) + "\n")
+        return write_text(path, json.dumps(doc, indent=2) + "\n")
 
     def table(self) -> str:
         """A plain-text table: one line per image, then the mean."""
@@ -106,21 +106,6 @@ def _csv_value(v):
 
 def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
-def _write_atomic(path, text: str) -> Path:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --- pairing and reading ----------------------------------------------------------------
