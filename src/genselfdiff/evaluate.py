@@ -22,6 +22,7 @@ import numpy as np
 
 from .atomic import write_text
 from .errors import UserError
+from .labels import default_class_name, open_label_image
 from .metrics import aji, instances_from_mask, segmentation_scores
 from .progress import Progress, resolve
 
@@ -127,8 +128,6 @@ def _index(source: Path, role: str) -> dict:
 
 def _read(path: Path) -> tuple:
     """(2-D label array, class names or None)."""
-    from .labels import open_label_image
-
     img = open_label_image(path)
     arr = np.asarray(img.array)
     if arr.dtype.kind == "b":
@@ -163,7 +162,7 @@ def score_pair(pred: np.ndarray, truth: np.ndarray, *, scale_um=None, instances=
         row["aji"] = aji(p_inst, t_inst)
     elif len(scores["per_class"]) > 1:
         for k, vals in scores["per_class"].items():
-            name = class_names[k] if class_names is not None and k < len(class_names) else str(k)
+            name = class_names[k] if class_names is not None and k < len(class_names) else default_class_name(k)
             for key, v in vals.items():
                 row[f"{key}[{name}]"] = v
     return row
