@@ -314,3 +314,22 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert main(["import-geojson", str(FIXTURES / "qupath_v02_annotations.geojson"), "--like",
                  str(tmp_path / "img.png"), "--out", str(tmp_path / "m.jpg")]) == 2
     assert "m.jpg: write the mask as .png" in capsys.readouterr().err
+
+
+def test_training_classes_number_the_files_of_a_run_from_python(tmp_path):
+    from genselfdiff.rasterize import training_classes
+
+    def feature(cls, color):
+        ring = [[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"classification": {"name": cls, "color": color}}}
+
+    a, b = tmp_path / "a.geojson", tmp_path / "b.geojson"
+    a.write_text(json.dumps([feature("Tumor", [200, 0, 0])]))
+    b.write_text(json.dumps([feature("Stroma", [0, 200, 0]), feature("Background", [9, 9, 9])]))
+    names, colors, warns = training_classes([a, b], sparse=False)
+    assert names == ["Background", "Tumor", "Stroma"] and colors[1:] == [[200, 0, 0], [0, 200, 0]] and not warns
+    names, _, warns = training_classes([a], sparse=True)
+    assert names == ["Tumor"] and "no QuPath class is called 'background'" in warns[0]
+    names, _, _ = training_classes([a], sparse=False)
+    assert names == ["background", "Tumor"]
