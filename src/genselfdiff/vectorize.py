@@ -175,7 +175,7 @@ def _douglas_peucker(pts: list, tol: float) -> list:
 @dataclass
 class Region:
     """One 4-connected region of one label: its shells and holes as exact and midpoint rings
-    (open, in global pixel-corner coordinates); :meth:`polygons` simplifies them."""
+    (open, in global pixel-corner coordinates); :func:`region_polygons` simplifies them."""
 
     label: int
     shells: list = field(default_factory=list)  # [(exact, mid)] open rings
