@@ -1,6 +1,7 @@
 # Two commands on a fresh Debian machine with Python 3.11:
 #   make demo   - set up .venv and run the whole pipeline on a built-in sample
-#   make test   - set up .venv with the test tools and run the whole test suite
+#   make test   - install the system packages the GUI tests need (.ci/system-packages.txt) when
+#                 that needs no password, else name them; set up .venv with the test tools; run the suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +13,7 @@ TORCH  ?= torch==2.13.0
 demo: $(VENV)/.installed
 	$(VENV)/bin/genselfdiff demo --out out/demo
 
-test: $(VENV)/.installed-dev check-system
+test: check-system $(VENV)/.installed-dev
 	$(PY) -m pytest
 
 $(VENV)/.created:

@@ -52,6 +52,8 @@ import numpy as np
 
 from _common import machine, simulate_strokes  # benchmarks/ is on sys.path when a benchmark is run as a script
 
+from genselfdiff.atomic import atomic_path, write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "monuseg" / "train"
 MPP = 0.2527
@@ -171,7 +173,8 @@ def prepare(args, pool, held):
             half = (m[0::2, 0::2] + m[1::2, 0::2] + m[0::2, 1::2] + m[1::2, 1::2]) / 4 >= 0.5
             # strokes are drawn once per image (fixed seed): every run and seed sees the same ones
             labels = half if args.annotation == "dense" else simulate_strokes(half, np.random.default_rng([7, i]))
-            imsave(png, labels.astype(np.uint8), check_contrast=False)
+            with atomic_path(png) as tmp:
+                imsave(tmp, labels.astype(np.uint8), check_contrast=False)
         images[p.stem], masks[p.stem] = tif, png
     for p in held:
         if not source_of(args, p).exists():
@@ -324,7 +327,7 @@ def main(argv=None) -> int:
     for outcome in outcomes():
         for name, values in outcome.items():
             _add(results, name, **values)
-        (args.work / "results.json").write_text(json.dumps(results, indent=1, default=float))  # kept if a run fails
+        write_text(args.work / "results.json", json.dumps(results, indent=1, default=float))  # kept if a run fails
     _table(results)
     parts = [f"{k} {np.mean(v['dice']):.3f}" for k, v in results["runs"].items()]
     print(f"summary: MoNuSeg held-out Dice (6 images) | {args.preset} {pcfg.patch}px scale 1/{args.scale} | "

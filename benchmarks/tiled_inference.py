@@ -35,6 +35,8 @@ import numpy as np
 
 from _common import machine  # benchmarks/ is on sys.path when a benchmark is run as a script
 
+from genselfdiff.atomic import atomic_path
+
 
 def tiny_model(device, preset="tiny", classes=2):
     import torch
@@ -95,12 +97,10 @@ def write_spotted_pyramid(path: Path, side: int, spots: int = 5, spot: int = 512
     meta = {"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 0.5,
             "PhysicalSizeYUnit": "µm"}
     opts = dict(photometric="rgb", tile=(tile, tile), compression="jpeg", dtype=np.uint8)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
         tw.write(tiles(0), shape=(side, side, 3), subifds=len(sides) - 1, metadata=meta, **opts)
         for k in range(1, len(sides)):
             tw.write(tiles(k), shape=(sides[k], sides[k], 3), subfiletype=1, metadata=None, **opts)
-    tmp.replace(path)
     return path
 
 

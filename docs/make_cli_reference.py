@@ -33,5 +33,7 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    (HERE / "cli.md").write_text(render())
+    from genselfdiff.atomic import write_text
+
+    write_text(HERE / "cli.md", render())
     print(f"wrote {HERE / 'cli.md'}", file=sys.stderr)

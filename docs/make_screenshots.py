@@ -48,7 +48,10 @@ def screenshot(viewer, name: str, fit: bool = True):
     if fit:
         viewer.reset_view()
         wait(lambda: True)
-    viewer.screenshot(str(OUT / name), canvas_only=False)
+    from genselfdiff.atomic import atomic_path
+
+    with atomic_path(OUT / name) as tmp:
+        viewer.screenshot(str(tmp), canvas_only=False)
 
 
 def strokes_over(truth: np.ndarray, box, rng) -> np.ndarray:

@@ -8,7 +8,6 @@ decoded until napari draws it, ``scale`` in µm when the file states its pixel s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ._layers import META, labels_kwargs
@@ -31,19 +30,20 @@ def get_reader(path):
 
 
 def read(path) -> list:
+    from genselfdiff.omezarr import ome_attributes
+
     if isinstance(path, (list, tuple)):
         path = path[0]
     path = Path(path)
-    attrs = _zarr_attrs(path) if path.is_dir() else None
+    attrs = ome_attributes(path) if path.is_dir() else None
     if attrs is not None and ("image-label" in attrs or "genselfdiff" in attrs):
-        return [read_label_image(path, attrs)]
+        return [read_label_image(path)]
     layers = [read_image(path)]
     if attrs is not None and (path / "labels").is_dir():  # NGFF: labels stored beside the image
         for name in _label_names(path / "labels"):
             sub = path / "labels" / name
-            sub_attrs = _zarr_attrs(sub)
-            if sub_attrs and "image-label" in sub_attrs:
-                layers.append(read_label_image(sub, sub_attrs))
+            if "image-label" in (ome_attributes(sub) or {}):
+                layers.append(read_label_image(sub))
     return layers
 
 
@@ -64,61 +64,34 @@ def read_image(path) -> tuple:
     return data, meta, "image"
 
 
-def read_label_image(path, attrs: dict) -> tuple:
+def read_label_image(path) -> tuple:
     """An NGFF label image (a genselfdiff output or any NGFF label image) as a (multiscale)
     Labels layer with its class names and colours."""
-    from genselfdiff.omezarr import load_labels, read_attributes
+    from genselfdiff.labels import default_class_names, default_colors, open_label_image
 
-    levels = load_labels(path)  # says in plain words when an output is unfinished
-    levels = [lv[(0,) * (lv.ndim - 2)] for lv in levels]  # 2-D labels; drop leading axes if any
-    ms = attrs["multiscales"][0]
-    scale, translate = [1.0, 1.0], [0.0, 0.0]
-    for t in ms["datasets"][0].get("coordinateTransformations", []):
-        if t.get("type") == "scale":
-            scale = [float(v) for v in t["scale"][-2:]]
-        elif t.get("type") == "translation":
-            translate = [float(v) for v in t["translation"][-2:]]
-    info = attrs.get("image-label", {})
-    top = max([int(c["label-value"]) for c in info.get("colors", [])] + [0])
-    colors = [[0, 0, 0] for _ in range(top + 1)]
-    for c in info.get("colors", []):
-        colors[int(c["label-value"])] = [int(v) for v in c["rgba"][:3]]
-    names = [f"class {v}" for v in range(top + 1)]
-    for prop in info.get("properties", []):
-        value = int(prop.get("label-value", -1))
-        if 0 <= value <= top:
-            names[value] = str(prop.get("class") or prop.get("name") or names[value])
+    source = open_label_image(path)  # says in plain words when an output is unfinished
+    levels = source.levels
+    names = source.class_names or default_class_names(1)
+    colors = source.colors or default_colors(len(names))
     # Where labels written from a napari layer lie on their slide (level-0 pixels), for GeoJSON export.
-    placement = ((read_attributes(path) or {}).get("genselfdiff") or {}).get("placement") or {}
-    in_um = ms.get("axes") and isinstance(ms["axes"][-1], dict) and ms["axes"][-1].get("unit") == "micrometer"
+    placement = source.genselfdiff.get("placement") or {}
     path = Path(path)
     stem = path.name[: -len(".ome.zarr")] if path.name.lower().endswith(".ome.zarr") else path.stem
     meta = {
         "name": stem,
         "multiscale": len(levels) > 1,
-        "scale": scale,
-        "translate": translate,
-        **labels_kwargs(names, colors, path=str(path), mpp=scale[-1] if in_um else None, **placement),
+        "scale": list(source.scale),
+        "translate": list(source.translation),
+        **labels_kwargs(names, colors, path=str(path), mpp=source.scale[-1] if source.unit == "micrometer" else None,
+                        **placement),
     }
     return (levels if len(levels) > 1 else levels[0]), meta, "labels"
 
 
-def _zarr_attrs(path: Path):
-    """The OME attributes of a zarr group (v3 ``ome`` key or v2 top level), or None."""
-    for name in ("zarr.json", ".zattrs"):
-        f = path / name
-        if f.exists():
-            try:
-                data = json.loads(f.read_text())
-            except ValueError:
-                return None
-            attrs = data.get("attributes", {}) if name == "zarr.json" else data
-            return attrs.get("ome", attrs)
-    return None
-
-
 def _label_names(labels_dir: Path) -> list:
-    attrs = _zarr_attrs(labels_dir) or {}
+    from genselfdiff.omezarr import ome_attributes
+
+    attrs = ome_attributes(labels_dir) or {}
     return list(attrs.get("labels", [])) or sorted(p.name for p in labels_dir.iterdir() if p.is_dir())
 
 
@@ -143,9 +116,9 @@ def read_geojson(path) -> list:
     import math
     import warnings
 
-    from genselfdiff.geojson import read_geojson as parse
-    from genselfdiff.geojson import read_geojson_labels
-    from genselfdiff.model import default_colors
+    from genselfdiff.labels import default_colors
+    from genselfdiff.qupath import read_geojson as parse
+    from genselfdiff.rasterize import read_geojson_labels
 
     if isinstance(path, (list, tuple)):
         path = path[0]

@@ -15,7 +15,7 @@ CLASSES = ["background", "nucleus"]
 
 
 def make_sample(shape=SAMPLE_SHAPE, seed: int = 0) -> list:
-    from genselfdiff.model import default_colors
+    from genselfdiff.labels import default_colors
     from genselfdiff.synthetic import synthetic_tissue
 
     rgb, truth = synthetic_tissue(tuple(shape), seed=seed)

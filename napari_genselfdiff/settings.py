@@ -14,6 +14,8 @@ from pathlib import Path
 
 from psygnal import Signal
 
+from genselfdiff.atomic import write_text
+
 ENV_DIR = "GENSELFDIFF_NAPARI_CONFIG_DIR"
 
 
@@ -41,10 +43,7 @@ class Settings:
         data[key] = value
         path = settings_file()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, path)
+            write_text(path, json.dumps(data, indent=1))
         except OSError:  # a read-only home must not break the widgets
             pass
         self.changed.emit(key, value)

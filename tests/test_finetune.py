@@ -419,7 +419,6 @@ def test_loading_a_model_never_runs_code_from_it(tmp_path, folders, capsys, monk
 
 
 def test_cli_geojson_annotations(tmp_path, folders, capsys):
-    pytest.importorskip("genselfdiff.geojson")
     images, _ = folders
     ann = tmp_path / "ann"
     ann.mkdir()

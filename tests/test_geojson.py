@@ -7,8 +7,9 @@ from scipy import ndimage as ndi
 from skimage.draw import disk
 
 from genselfdiff.errors import UserError
-from genselfdiff.geojson import (export_geojson, labels_to_features, open_label_image, rasterize, read_geojson,
-                                 read_geojson_labels)
+from genselfdiff.labels import open_label_image
+from genselfdiff.qupath import export_geojson, labels_to_features, read_geojson
+from genselfdiff.rasterize import rasterize, read_geojson_labels
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAMES = ["background", "nucleus", "stroma"]
@@ -97,7 +98,7 @@ def test_scale_and_offset_map_to_level0():
     ring = _polygons(f)[0][0]
     assert ring[:, 0].min() == 1000 + 3 * 4 and ring[:, 0].max() == 1000 + 7 * 4
     assert ring[:, 1].min() == 100 + 2 * 4 and ring[:, 1].max() == 100 + 4 * 4
-    assert f["properties"]["classification"]["name"] == "Class 1"
+    assert f["properties"]["classification"]["name"] == "class 1"
 
 
 def test_diagonal_neighbours_are_separate_objects():
@@ -313,3 +314,22 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert main(["import-geojson", str(FIXTURES / "qupath_v02_annotations.geojson"), "--like",
                  str(tmp_path / "img.png"), "--out", str(tmp_path / "m.jpg")]) == 2
     assert "m.jpg: write the mask as .png" in capsys.readouterr().err
+
+
+def test_training_classes_number_the_files_of_a_run_from_python(tmp_path):
+    from genselfdiff.rasterize import training_classes
+
+    def feature(cls, color):
+        ring = [[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"classification": {"name": cls, "color": color}}}
+
+    a, b = tmp_path / "a.geojson", tmp_path / "b.geojson"
+    a.write_text(json.dumps([feature("Tumor", [200, 0, 0])]))
+    b.write_text(json.dumps([feature("Stroma", [0, 200, 0]), feature("Background", [9, 9, 9])]))
+    names, colors, warns = training_classes([a, b], sparse=False)
+    assert names == ["Background", "Tumor", "Stroma"] and colors[1:] == [[200, 0, 0], [0, 200, 0]] and not warns
+    names, _, warns = training_classes([a], sparse=True)
+    assert names == ["Tumor"] and "no QuPath class is called 'background'" in warns[0]
+    names, _, _ = training_classes([a], sparse=False)
+    assert names == ["background", "Tumor"]

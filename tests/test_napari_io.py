@@ -205,3 +205,25 @@ def test_label_pyramid_of_a_whole_slide_lives_in_compressed_zarr_chunks(monkeypa
         pyramid.write(17, 251, tile)
     for a, b in zip(big.levels, small.levels):
         np.testing.assert_array_equal(np.asarray(a[:]), b)
+
+
+def test_opening_a_geojson_and_the_sample_does_not_import_torch(tmp_path):
+    """napari opens these often; torch takes seconds to import and is not needed for them."""
+    from genselfdiff.qupath import export_geojson
+
+    labels = np.zeros((40, 50), np.uint8)
+    labels[5:20, 10:30] = 1
+    export_geojson(labels, tmp_path / "objects.geojson")
+    code = (
+        "import sys\n"
+        "from napari_genselfdiff._reader import get_geojson_reader\n"
+        "from napari_genselfdiff._sample_data import make_sample\n"
+        f"path = {str(tmp_path / 'objects.geojson')!r}\n"
+        "[(labels, meta, kind)] = get_geojson_reader(path)(path)\n"
+        "assert kind == 'labels' and labels.max() == 1, (kind, labels.max())\n"
+        "assert len(make_sample((128, 128))) == 2\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])\n"
+        "sys.exit(1 if 'torch' in sys.modules else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -11,7 +11,8 @@ from genselfdiff import omezarr
 from genselfdiff.checkpoint import save_checkpoint
 from genselfdiff.config import Resolution, get_preset
 from genselfdiff.errors import UserError
-from genselfdiff.model import Model, default_colors, load_model
+from genselfdiff.labels import default_colors, open_label_image
+from genselfdiff.model import Model, load_model
 from genselfdiff.segment import load_labels, segment, segment_batch, segment_tiles
 from genselfdiff.synthetic import synthetic_tissue
 from genselfdiff.unet import UNet, to_segmentation
@@ -159,8 +160,8 @@ def test_pyramid_output_has_level0_shape_and_valid_ngff(tmp_path, synthetic_slid
 
     assert r.png == tmp_path / "synthetic.png" and (imread(r.png) == lab0).all()
     assert not (out / omezarr.PROGRESS).exists()
-    info = omezarr.label_info(out)
-    assert info["classes"] == ["background", "a", "b"] and info["mpp"] == 0.5
+    info = open_label_image(out)
+    assert info.class_names == ["background", "a", "b"] and info.scale == (0.5, 0.5) and info.unit == "micrometer"
 
 
 def test_probabilities_and_skipped_glass(tmp_path):
@@ -171,7 +172,7 @@ def test_probabilities_and_skipped_glass(tmp_path):
     r = segment(model, rgb, out, tile=64, overlap=16, chunk=96, probabilities=True)
     assert r.skipped_tiles > 0 and r.tiles > r.skipped_tiles
     labels = np.asarray(r.labels)
-    probs = np.asarray(omezarr.load_labels(out)[0])  # labels level 0
+    probs = np.asarray(load_labels(out)[0])  # labels level 0
     assert (probs == labels).all()
     p = zarr_array(out / "probabilities" / "0")
     assert p.shape == (3, 192, 192) and p.dtype == np.float32

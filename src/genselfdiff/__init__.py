@@ -13,7 +13,7 @@ and ``should_stop`` (returns True to stop cleanly) callbacks. Nothing here impor
 from importlib import import_module
 
 from ._version import __version__
-from .errors import Cancelled, UserError
+from .errors import UserError
 from .progress import Progress
 
 # Heavy modules (torch, dask) load on first use, so ``import genselfdiff`` stays cheap.
@@ -32,7 +32,7 @@ _LAZY = {
     "evaluate": ".evaluate",
 }
 
-__all__ = ["__version__", "UserError", "Cancelled", "Progress", *_LAZY]
+__all__ = ["__version__", "UserError", "Progress", *_LAZY]
 
 
 def __getattr__(name):

@@ -21,7 +21,6 @@ training patch (their pixels may appear as context, never as targets).
 from __future__ import annotations
 
 import threading
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import UserError
+from .labels import as_label_array, open_label_image, require_integers
 from .losses import IGNORE
 from .slides import IMAGE_SUFFIXES, Slide, find_images, image_stem, open_slide
 
@@ -93,47 +93,8 @@ class WindowReader:
 
 
 def read_mask(path) -> object:
-    """A label image as a 2-D integer array (lazy for TIFF, whole for PNG and the like)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Mask {path} does not exist.")
-    lower = path.name.lower()
-    try:
-        if lower.endswith((".tif", ".tiff")):
-            import dask.array as da
-            import tifffile
-            import zarr
-
-            store = tifffile.imread(path, aszarr=True, series=0, level=0)
-            arr = da.from_zarr(zarr.open(store, mode="r"))
-        else:
-            from skimage import io
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                arr = np.asarray(io.imread(path))
-    except Exception as e:
-        raise UserError(f"Mask {path} could not be read ({type(e).__name__}: {e}).") from None
-    return as_label_array(arr, str(path))
-
-
-def as_label_array(arr, name: str):
-    """Check and squeeze a label array to 2-D integers; colour masks must be grey-valued."""
-    if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        first = np.asarray(arr[..., 0]) if isinstance(arr, np.ndarray) else arr[..., 0]
-        if isinstance(arr, np.ndarray) and not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise UserError(f"{name} is a colour image; a mask must hold one class number per pixel (grey levels 0, 1, 2, ...).")
-        arr = first
-    while arr.ndim > 2 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 2:
-        raise UserError(f"{name} has shape {tuple(arr.shape)}; a mask must be a 2-D image of class numbers.")
-    dtype = np.dtype(arr.dtype)
-    if dtype == np.bool_:
-        arr = arr.astype(np.uint8)
-    elif dtype.kind not in "iu":
-        raise UserError(f"{name} holds {dtype} values; a mask must hold integer class numbers.")
-    return arr
+    """A mask file as a 2-D integer label array (lazy for TIFF and OME-Zarr, whole for PNG)."""
+    return require_integers(open_label_image(path).array, f"Mask {path}")
 
 
 def match_by_stem(images: Sequence, sources: Sequence, suffixes: Optional[tuple] = None):
@@ -225,7 +186,7 @@ def open_labelled(image, labels, resolution, *, index: int = 0, label_name: Opti
         lab = read_mask(labels)
     else:
         label_name = label_name or f"the labels of {source or name}"
-        lab = as_label_array(labels, label_name)
+        lab = require_integers(as_label_array(labels, label_name), label_name)
     if tuple(lab.shape) != tuple(arr.shape[:2]):
         where = f" at pyramid level {level}" if level else ""
         raise UserError(f"{label_name} is {lab.shape[0]}x{lab.shape[1]} pixels but {source or name} is "

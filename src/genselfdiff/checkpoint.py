@@ -1,8 +1,8 @@
 """Checkpoints: written atomically, read without executing anything from the file.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, saved with
-``torch.save`` to a temporary name in the same folder and renamed over the target, so a
-crash never leaves a half-written file. It is read back with ``weights_only=True``:
+``torch.save`` through :func:`genselfdiff.atomic.atomic_open`, so a crash never leaves a
+half-written file. It is read back with ``weights_only=True``:
 models travel between labs, and a pickle could run arbitrary code.
 
 Keys (``kind`` is "pretrained" or "segmentation"):
@@ -14,13 +14,12 @@ classes / colors (segmentation), pretrained_from, normalization, resolution, his
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ._version import __version__
+from .atomic import atomic_open
 from .errors import UserError
 
 FORMAT = "genselfdiff"
@@ -31,16 +30,8 @@ def save_checkpoint(path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
     return path
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from .atomic import atomic_path, write_text
 from .progress import Progress, resolve
 
 SLIDE_SIDE = 2048
@@ -110,12 +111,12 @@ def run_demo(out, *, pretrain_steps: int = 300, finetune_steps: int = 300, devic
     held = np.ones(truth.shape, bool)
     held[:ANNOTATED, :ANNOTATED] = False
     result.metrics["dice_outside_annotation"] = _dice(pred[held] == 1, truth[held] == 1)
-    (out / "metrics.md").write_text(_metrics_table(result.metrics, result.seconds))
+    write_text(out / "metrics.md", _metrics_table(result.metrics, result.seconds))
     _overlay(out / "overlay.png", rgb, pred, truth)
     _loss_plot(out / "loss.png", pre.history, ft.history)
     result.files.update(overlay=out / "overlay.png", loss_plot=out / "loss.png", metrics=out / "metrics.md")
     lap("evaluate")
-    (out / "summary.json").write_text(json.dumps(
+    write_text(out / "summary.json", json.dumps(
         {"files": {k: str(v) for k, v in result.files.items()}, "metrics": result.metrics,
          "seconds": result.seconds}, indent=2, default=float))
     return result
@@ -129,7 +130,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def _save_png(path: Path, labels: np.ndarray) -> None:
     from skimage.io import imsave
 
-    imsave(path, labels.astype(np.uint8), check_contrast=False)
+    with atomic_path(path) as tmp:
+        imsave(tmp, labels.astype(np.uint8), check_contrast=False)
 
 
 def _overlay(path: Path, rgb: np.ndarray, pred: np.ndarray, truth: np.ndarray, side: int = 768) -> None:
@@ -144,7 +146,8 @@ def _overlay(path: Path, rgb: np.ndarray, pred: np.ndarray, truth: np.ndarray, s
     a = min(ANNOTATED, side) - 1
     view[[0, a], : a + 1] = (40, 90, 255)
     view[: a + 1, [0, a]] = (40, 90, 255)
-    imsave(path, view, check_contrast=False)
+    with atomic_path(path) as tmp:
+        imsave(tmp, view, check_contrast=False)
 
 
 def _loss_plot(path: Path, pre_history: list, ft_history: list) -> None:
@@ -162,7 +165,8 @@ def _loss_plot(path: Path, pre_history: list, ft_history: list) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
 
 
 def _metrics_table(metrics: dict, seconds: dict) -> str:

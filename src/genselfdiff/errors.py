@@ -7,7 +7,3 @@ widgets show it as a notification; any other exception is a bug and keeps its tr
 
 class UserError(Exception):
     """A problem with the user's input: a bad file, a wrong shape, a mismatched model."""
-
-
-class Cancelled(Exception):
-    """Raised inside long work when the caller's cancel check says stop."""

@@ -14,14 +14,15 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from .atomic import write_text
 from .errors import UserError
+from .labels import default_class_name, open_label_image
 from .metrics import aji, instances_from_mask, segmentation_scores
 from .progress import Progress, resolve
 
@@ -58,7 +59,7 @@ class EvaluationReport:
         writer.writerow(cols)
         for row in self.rows + [{"image": "mean", **self.mean}]:
             writer.writerow([_csv_value(row.get(c)) for c in cols])
-        return _write_atomic(path, buf.getvalue())
+        return write_text(path, buf.getvalue())
 
     def to_json(self, path) -> Path:
         """Rows, means, unpaired files and failures; undefined values are ``null``."""
@@ -71,7 +72,7 @@ class EvaluationReport:
             "missing_prediction": self.missing_prediction,
             "failures": [{"image": n, "error": e} for n, e in self.failures],
         }
-        return _write_atomic(path, json.dumps(doc, indent=2) + "\n")
+        return write_text(path, json.dumps(doc, indent=2) + "\n")
 
     def table(self) -> str:
         """A plain-text table: one line per image, then the mean."""
@@ -108,21 +109,6 @@ def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def _write_atomic(path, text: str) -> Path:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 # --- pairing and reading ----------------------------------------------------------------
 
 def _index(source: Path, role: str) -> dict:
@@ -142,8 +128,6 @@ def _index(source: Path, role: str) -> dict:
 
 def _read(path: Path) -> tuple:
     """(2-D label array, class names or None)."""
-    from .geojson import open_label_image
-
     img = open_label_image(path)
     arr = np.asarray(img.array)
     if arr.dtype.kind == "b":
@@ -178,7 +162,7 @@ def score_pair(pred: np.ndarray, truth: np.ndarray, *, scale_um=None, instances=
         row["aji"] = aji(p_inst, t_inst)
     elif len(scores["per_class"]) > 1:
         for k, vals in scores["per_class"].items():
-            name = class_names[k] if class_names is not None and k < len(class_names) else str(k)
+            name = class_names[k] if class_names is not None and k < len(class_names) else default_class_name(k)
             for key, v in vals.items():
                 row[f"{key}[{name}]"] = v
     return row

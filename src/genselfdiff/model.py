@@ -18,13 +18,8 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import NetConfig, Resolution
 from .errors import UserError
+from .labels import default_colors  # noqa: F401  (kept importable from here: finetune uses it)
 from .unet import SegmentationNet, UNet, to_segmentation
-
-DEFAULT_COLORS = [
-    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
-    (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60),
-]
-
 
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' prefers CUDA, then Apple MPS, then the CPU; a named device must exist."""
@@ -52,10 +47,6 @@ def available_devices() -> list:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         out.append("mps")
     return out + ["cpu"]
-
-
-def default_colors(n: int) -> list:
-    return [list(DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i in range(n)]
 
 
 def to_input(rgb: np.ndarray, device) -> torch.Tensor:

@@ -218,43 +218,59 @@ class LabelImage:
 
 
 def read_attributes(path) -> Optional[dict]:
-    """The root group's attributes, or None when ``path`` is no zarr 3 group."""
-    meta = Path(path) / "zarr.json"
+    """The root group's attributes (zarr 3 ``zarr.json``, or zarr 2 ``.zattrs``), or None when
+    ``path`` is no zarr group."""
+    path = Path(path)
     try:
-        data = json.loads(meta.read_text())
+        if (path / "zarr.json").exists():
+            data = json.loads((path / "zarr.json").read_text())
+            return data.get("attributes", {}) if data.get("node_type") == "group" else None
+        data = json.loads((path / ".zattrs").read_text())
     except (OSError, ValueError):
         return None
-    return data.get("attributes", {}) if data.get("node_type") == "group" else None
+    return data if isinstance(data, dict) else None
 
 
-def load_labels(path) -> list:
-    """A finished label image as a list of dask arrays (y, x), finest first."""
-    import dask.array as da
-    import zarr
-
+def ome_attributes(path) -> Optional[dict]:
+    """The NGFF metadata of a zarr group: the ``ome`` attribute (NGFF 0.5), or the attributes
+    themselves (NGFF 0.4 and older keep ``multiscales`` at the top); None when no group."""
     attrs = read_attributes(path)
-    if attrs is None:
-        raise UserError(f"{path} is not an OME-Zarr label image.")
-    ome = attrs.get("ome", {})
-    if not ome.get("multiscales"):
-        if "genselfdiff" in attrs:
-            raise UserError(f"{path} is unfinished; run the same segment command again to complete it.")
-        raise UserError(f"{path} has no OME-Zarr multiscales metadata.")
-    group = zarr.open_group(path, mode="r")
-    return [da.from_zarr(group[d["path"]]) for d in ome["multiscales"][0]["datasets"]]
+    return None if attrs is None else attrs.get("ome", attrs)
 
 
-def label_info(path) -> dict:
-    """Class names, colours (RGB, by label value) and level-0 pixel size of a finished label image."""
-    attrs = read_attributes(path) or {}
-    ome = attrs.get("ome", {})
-    label = ome.get("image-label", {})
-    names = {p["label-value"]: p.get("class", str(p["label-value"])) for p in label.get("properties", [])}
-    colors = {c["label-value"]: c.get("rgba") for c in label.get("colors", [])}
-    scale = None
-    if ome.get("multiscales"):
-        ms = ome["multiscales"][0]
-        if ms["axes"][-1].get("unit"):
-            scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"][-1]
-    return {"classes": [names[k] for k in sorted(names)], "colors": [colors.get(k) for k in sorted(names)],
-            "mpp": scale, "genselfdiff": attrs.get("genselfdiff", {})}
+def placed_transform(downsample: float, offset, mpp: Optional[float]) -> dict:
+    """``scale``, ``translation`` and ``unit`` for :meth:`LabelImage.finish` of labels made on a
+    coarser level or a crop of a slide.
+
+    Such labels cover level-0 pixels ``[offset + downsample * i, ... + downsample)``, so the
+    centre of their first pixel lies at ``offset + (downsample - 1) / 2`` level-0 pixels: in µm
+    when the pixel size ``mpp`` (µm per label pixel) is known, else in level-0 pixels. Read
+    back, the labels then lie over their slide.
+    """
+    d = float(downsample)
+    centre = [float(o) + (d - 1) / 2 for o in offset]
+    if mpp:
+        return {"scale": float(mpp), "translation": [c * mpp / d for c in centre], "unit": "micrometer"}
+    return {"scale": d, "translation": centre, "unit": None}
+
+
+def write_label_array(path, labels, *, name: str, classes: list, colors: list, run: dict, downsample: float = 1.0,
+                      offset=(0.0, 0.0), mpp: Optional[float] = None) -> Path:
+    """Write a whole 2-D label array (numpy, dask or zarr; read a chunk at a time) as a finished
+    label image; ``downsample``, ``offset`` and ``mpp`` place it over its slide
+    (:func:`placed_transform`) and are kept in the attributes for GeoJSON export."""
+    from .tiling import TARGET_CHUNK, pyramid_levels
+
+    path = Path(path)
+    shape = tuple(int(s) for s in labels.shape[-2:])
+    image = LabelImage.create(path, shape=shape, chunk=TARGET_CHUNK, levels=pyramid_levels(shape, TARGET_CHUNK), run=run)
+    c = TARGET_CHUNK
+    for i, j in image.units():
+        block = np.asarray(labels[i * c : (i + 1) * c, j * c : (j + 1) * c])
+        if block.size and block.max() > 255:
+            raise UserError(f"{name} has label values above 255; OME-Zarr class labels are 8-bit here (0-255), "
+                            f"so {path} was not written.")
+        image.write((i, j), block.astype(np.uint8), empty=not block.any())
+    placement = {"downsample": float(downsample), "offset": [float(o) for o in offset]}
+    image.finish(name, classes, colors, info={"placement": placement}, **placed_transform(downsample, offset, mpp))
+    return path

@@ -33,7 +33,8 @@ import numpy as np
 
 from . import tiling
 from .errors import UserError
-from .omezarr import LabelImage, load_labels  # noqa: F401  (re-exported for the napari reader)
+from .labels import load_labels  # noqa: F401  (re-exported: the public way to read an output back)
+from .omezarr import LabelImage
 from .progress import Progress, resolve
 
 PNG_MAX_PIXELS = 100_000_000  # --png is skipped above this many level-0 pixels
@@ -629,22 +630,16 @@ def png_path(out) -> Path:
 
 
 def _write_png(out: Path, shape0: tuple):
-    import os
-    import tempfile
-
     from skimage.io import imsave
+
+    from .atomic import atomic_path
 
     path = png_path(out)
     if shape0[0] * shape0[1] > PNG_MAX_PIXELS:
         return None, f"{path.name} not written: the image has more than {PNG_MAX_PIXELS // 10**6} Mpx."
     labels = load_labels(out)[0].compute(**LOCAL)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         imsave(tmp, labels, check_contrast=False)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path, None
 
 

@@ -14,6 +14,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.draw import ellipse
 
+from .atomic import atomic_path
+
 STROMA = np.array([236, 168, 208], np.float32)
 FIBRE = np.array([205, 110, 170], np.float32)
 NUCLEUS = np.array([88, 52, 140], np.float32)
@@ -78,10 +80,8 @@ def write_pyramidal_tiff(path, rgb: np.ndarray, mpp: Optional[float] = 0.5, min_
     if mpp:
         meta.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
     opts = dict(photometric="rgb", tile=(tile, tile), compression=compression)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
         tw.write(levels[0], subifds=len(levels) - 1, metadata=meta, **opts)
         for lv in levels[1:]:
             tw.write(lv, subfiletype=1, metadata=None, **opts)
-    tmp.replace(path)
     return path

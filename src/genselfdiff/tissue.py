@@ -53,13 +53,3 @@ class TissueMap:
         y1, x1 = int(np.ceil((y + h) * f)), int(np.ceil((x + w) * f))
         window = self.mask[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)]
         return float(window.mean()) if window.size else 0.0
-
-    def sample_points(self, level: int, n: int, rng: np.random.Generator) -> np.ndarray:
-        """``n`` random (y, x) tissue positions in ``level`` pixel coordinates."""
-        ys, xs = np.nonzero(self.mask)
-        if len(ys) == 0:
-            return np.empty((0, 2), int)
-        pick = rng.integers(0, len(ys), size=n)
-        f = self.scale / self.slide.downsample(level)
-        jitter = rng.random((n, 2)) * f
-        return (np.stack([ys[pick], xs[pick]], 1) * f + jitter).astype(int)

@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--simplify", type=float, default=0.35, metavar="PX",
                    help="largest outline deviation in label pixels; 0 = exact pixel outlines (default: %(default)s)")
     p.add_argument("--class-names", metavar="A,B,...",
-                   help="names of labels 1, 2, ... (default: from the OME-Zarr metadata, else 'Class N')")
+                   help="names of labels 1, 2, ... (default: from the OME-Zarr metadata, else 'class N')")
     p.add_argument("--scale", type=float, default=1.0, metavar="F",
                    help="level-0 pixels per label pixel, if the labels are at a lower resolution (default: 1)")
     p.add_argument("--pretty", action="store_true", help="one feature per line")
@@ -33,7 +33,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..cli import ProgressBar, StopOnInterrupt
     from ..errors import UserError
-    from ..geojson import export_geojson
+    from ..qupath import export_geojson
 
     names = None
     if args.class_names:

@@ -63,6 +63,7 @@ def run(args) -> int:
     from ..config import Resolution
     from ..errors import UserError
     from ..finetune import FinetuneConfig, finetune
+    from ..rasterize import training_labels
 
     images = image_paths(args.images)
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
@@ -81,7 +82,9 @@ def run(args) -> int:
                         "images (a.svs -> a.png or a_mask.png).")
     colors = None
     if args.annotations:
-        labels, names, colors = _rasterise(pairs, resolution, names, args.sparse)
+        labels, names, colors, warns = training_labels(pairs, resolution, names, sparse=args.sparse)
+        for w in warns:
+            print(f"warning: {w}", file=sys.stderr)
     else:
         labels = [m for _, m in pairs]
 
@@ -140,56 +143,6 @@ def _preset_of(model) -> str | None:
     from ..checkpoint import load_checkpoint
 
     return (load_checkpoint(model).get("config") or {}).get("preset")
-
-
-def _rasterise(pairs, resolution, names, sparse: bool):
-    """GeoJSON -> label arrays at the training level, one class numbering for all images.
-
-    Dense: 0 = no object = background. Sparse: 0 = unlabelled and class k is label k + 1;
-    a QuPath class called "background" (any case) becomes class 0. Without --class-names
-    the classes are those of the files in order of appearance; unclassified objects are
-    left out. Returns ``(labels, class_names, colors or None)``.
-    """
-    from ..errors import UserError
-    from ..model import default_colors
-    from ..slides import open_slide
-
-    try:
-        from ..geojson import read_geojson, read_geojson_labels
-    except ImportError:
-        raise UserError("GeoJSON import is not available in this installation; export masks instead.") from None
-    colors = None
-    if names is None:
-        found, color_of = [], {}
-        for _, path in pairs:
-            for obj in read_geojson(path)[0]:
-                if obj.name is not None and obj.name not in found:
-                    found.append(obj.name)
-                    color_of[obj.name] = obj.color
-        if not found:
-            raise UserError(f"{pairs[0][1]} holds no classified object to train on; set classes in QuPath.")
-        bg = next((n for n in found if n.lower() == "background"), None)
-        others = [n for n in found if n != bg]
-        if sparse:
-            names = [bg] + others if bg else others
-            if bg is None:
-                print(f"warning: no QuPath class is called 'background'; {names[0]!r} becomes class 0, which "
-                      "segmentation shows as background. Pass --class-names to choose.", file=sys.stderr)
-        else:
-            names = [bg or "background"] + others
-        fallback = default_colors(len(names))
-        colors = [list(color_of.get(n) or fallback[k]) if k else fallback[0] for k, n in enumerate(names)]
-    wanted = ["unlabelled"] + names if sparse else names
-    labels = []
-    for image, path in pairs:
-        slide = open_slide(image)
-        level = slide.level_for(resolution)
-        lab, _, warns = read_geojson_labels(path, slide.levels[level].shape[:2], downsample=slide.downsample(level),
-                                            class_names=wanted)
-        for w in warns:
-            print(f"warning: {path}: {w}", file=sys.stderr)
-        labels.append(lab)
-    return labels, names, colors
 
 
 def _summary(result) -> None:

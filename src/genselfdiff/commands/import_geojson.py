@@ -28,7 +28,7 @@ def run(args) -> int:
     import math
 
     from ..errors import UserError
-    from ..geojson import read_geojson_labels
+    from ..rasterize import read_geojson_labels
     from ..slides import open_slide
 
     slide = open_slide(args.like)
@@ -60,19 +60,17 @@ def run(args) -> int:
 
 
 def write_mask(path, labels):
-    """Write a label mask as PNG or TIFF through a temporary file in the same folder."""
-    import os
+    """Write a label mask as PNG or TIFF, atomically."""
     from pathlib import Path
 
+    from ..atomic import atomic_path
     from ..errors import UserError
 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".png", ".tif", ".tiff"):
         raise UserError(f"{path}: write the mask as .png, .tif or .tiff.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{suffix}")  # same folder: the rename is atomic
-    try:
+    with atomic_path(path) as tmp:
         if suffix == ".png":
             from skimage.io import imsave
 
@@ -81,9 +79,4 @@ def write_mask(path, labels):
             import tifffile
 
             tifffile.imwrite(tmp, labels, compression="zlib")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path

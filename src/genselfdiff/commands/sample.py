@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 ORDER = 15
@@ -46,15 +44,9 @@ def run(args) -> int:
 
 
 def write_png(path: Path, rgb) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(rgb).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..atomic import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(rgb).save(f, format="PNG")
