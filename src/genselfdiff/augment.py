@@ -33,6 +33,9 @@ class Augment:
     elastic: float = 0.5  # probability
     elastic_sigma: float = 8.0  # smoothness of the displacement field, px
     elastic_px: float = 3.0  # standard deviation of the displacement, px
+    # True: blur_sigma is one fixed (x, y) pair, as torchvision's gaussian_blur reads the
+    # official [1.0, 2.0]; False: a range each blur draws one isotropic sigma from.
+    blur_fixed: bool = False
 
     @classmethod
     def off(cls) -> "Augment":
@@ -66,8 +69,12 @@ def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cfg
     image = np.ascontiguousarray(image)
     labels = np.ascontiguousarray(labels)
     if cfg.blur and rng.random() < cfg.blur:
-        s = rng.uniform(*cfg.blur_sigma)
-        image = ndi.gaussian_filter(image, (s, s, 0), radius=(1, 1, 0))  # 3x3, as the official blur
+        if cfg.blur_fixed:  # rows blur with sigma y; torchvision pads by reflection (scipy's "mirror")
+            sx, sy = cfg.blur_sigma
+            image = ndi.gaussian_filter(image, (sy, sx, 0), radius=(1, 1, 0), mode="mirror")
+        else:
+            s = rng.uniform(*cfg.blur_sigma)
+            image = ndi.gaussian_filter(image, (s, s, 0), radius=(1, 1, 0))  # 3x3, as the official blur
     if cfg.color and rng.random() < cfg.color:
         image = color_jitter(image, rng, cfg.brightness, cfg.contrast, cfg.saturation)
     return image, labels
