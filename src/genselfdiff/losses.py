@@ -97,7 +97,7 @@ def ss_loss_official(logits: torch.Tensor, target: torch.Tensor, beta: float = 0
     e_max = e.flatten(2).amax(2)[..., None, None]
     f = ((e > beta * e_max) & (m > 0)).float()
     batch_ce = pixel_ce(logp, y).sum() / m.sum().clamp_min(1.0)
-    return (e * f).sum() * batch_ce / f.sum().clamp_min(1.0)
+    return (e * f * batch_ce).sum() / f.sum().clamp_min(1.0)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
