@@ -19,7 +19,7 @@ scalar, the batch-mean cross-entropy; we use each pixel's own cross-entropy, as 
 al. define it: then ``e * f`` really weights the pixels whose local structure is wrong,
 instead of rescaling one global number (with a scalar CE the CE term's gradient is the
 same for every pixel, whatever e says). :func:`ss_loss_official` is the official form,
-for the official recipe (on a random batch the two differ by about 28 %). With an ignore mask the means and deviations
+for the official recipe (on random batches the two differ by a fifth or more). With an ignore mask the means and deviations
 are taken over the annotated pixels of each image only, so scribbles are compared with
 the prediction where they exist and nowhere else.
 
