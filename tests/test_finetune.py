@@ -252,7 +252,7 @@ def test_a_saturated_validation_keeps_the_later_network():
     targets[:, :4] = 1
     run = object.__new__(_Run)
     run.val, run.net, run.names = ValidationSet(images, targets), Perfect(), ["background", "nucleus"]
-    run.cfg, run.history, run.epoch = SimpleNamespace(batch=8, amp=False), [], 0
+    run.cfg, run.history, run.epoch = SimpleNamespace(batch=8, amp=False, recipe="default"), [], 0
     run.best, run.since_best = {"dice": -1.0, "per_class": [], "step": 0, "state": None}, 0
     for step in (0, 10, 20):
         run.step = step
