@@ -50,13 +50,11 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import machine, simulate_strokes  # benchmarks/ is on sys.path when a benchmark is run as a script
+# benchmarks/ is on sys.path when a benchmark is run as a script
+from _common import DATA, MPP, dice, machine, read_mask, read_rgb, simulate_strokes, split
 
 from genselfdiff.atomic import atomic_path, write_text
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "monuseg" / "train"
-MPP = 0.2527
 
 
 def parse(argv=None):
@@ -122,28 +120,6 @@ def parse(argv=None):
     return args
 
 
-def split(data: Path):
-    images = sorted((data / "images").glob("*.png"))
-    if len(images) != 30:
-        sys.exit(f"expected the 30 MoNuSeg training images in {data / 'images'}, found {len(images)}")
-    held = [p for i, p in enumerate(images) if i % 5 == 4]
-    pool = [p for i, p in enumerate(images) if i % 5 != 4]
-    order = np.random.default_rng(2024).permutation(len(pool))
-    return held, [pool[i] for i in order]
-
-
-def read_rgb(path) -> np.ndarray:
-    from skimage.io import imread
-
-    return np.asarray(imread(path))[..., :3]
-
-
-def read_mask(data: Path, image: Path) -> np.ndarray:
-    from skimage.io import imread
-
-    return np.asarray(imread(data / "masks" / image.name)) > 0
-
-
 def prepare(args, pool, held):
     """Training inputs at the working scale: (image sources, mask sources, Resolution).
 
@@ -185,11 +161,6 @@ def prepare(args, pool, held):
 def source_of(args, image: Path) -> Path:
     """The pyramid an image is read from at half scale."""
     return args.work / "half" / f"{image.stem}.ome.tif"
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    s = pred.sum() + truth.sum()
-    return 1.0 if s == 0 else float(2 * (pred & truth).sum() / s)
 
 
 def score_model(path, held, args) -> list:

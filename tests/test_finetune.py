@@ -265,7 +265,7 @@ def test_a_saturated_validation_keeps_the_later_network():
     targets[:, :4] = 1
     run = object.__new__(_Run)
     run.val, run.net, run.names = ValidationSet(images, targets), Perfect(), ["background", "nucleus"]
-    run.cfg, run.history, run.epoch = SimpleNamespace(batch=8, amp=False, sparse=False), [], 0
+    run.cfg, run.history, run.epoch = SimpleNamespace(batch=8, amp=False, sparse=False, recipe="default"), [], 0
     run.best, run.since_best = {"dice": -1.0, "score": -np.inf, "per_class": [], "step": 0, "state": None}, 0
     for step in (0, 10, 20):
         run.step = step
@@ -296,7 +296,7 @@ def test_strokes_choose_the_network_by_validation_loss():
     targets[:, 1], targets[:, 6] = 1, 0
     run = object.__new__(_Run)
     run.val, run.net, run.names = ValidationSet(images, targets), Scaled(), ["background", "nucleus"]
-    run.cfg, run.history, run.epoch = SimpleNamespace(batch=8, amp=False, sparse=True), [], 0
+    run.cfg, run.history, run.epoch = SimpleNamespace(batch=8, amp=False, sparse=True, recipe="default"), [], 0
     run.best, run.since_best = {"dice": -1.0, "score": -np.inf, "per_class": [], "step": 0, "state": None}, 0
     for step, scale in ((0, 1.0), (10, 4.0), (20, 2.0)):
         run.step, run.net.scale = step, scale

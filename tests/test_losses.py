@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from genselfdiff.losses import IGNORE, affinity_loss, ce_loss, dice_loss, focal_loss, make_loss, ss_loss
+from genselfdiff.losses import IGNORE, affinity_loss, ce_loss, dice_loss, focal_loss, make_loss, ss_loss, ss_loss_official
 
 # One image, two classes, 2 x 2 pixels. P1 is the probability of class 1 per pixel.
 P1 = [[0.9, 0.2], [0.6, 0.5]]
@@ -57,6 +57,40 @@ def test_ss_loss_matches_the_official_formula_with_pixel_cross_entropy():
     assert got > 0
 
 
+# A fixed batch of two images for the official form, whose cross-entropy is one batch mean.
+P1_B = [[0.3, 0.7], [0.8, 0.1]]
+TARGET_B = [[0, 1], [1, 1]]
+
+
+def _hand_ss_official(images, beta=0.1, c=0.01):
+    """The official ``SSLoss`` in plain Python: e * f times the batch-mean cross-entropy,
+    summed over images, classes and pixels and divided by the number of flagged pixels."""
+    ce_terms, terms = [], []
+    for p1, target in images:
+        pix = [(i, j) for i in range(len(p1)) for j in range(len(p1[0]))]
+        probs = {k: [1 - p1[i][j] if k == 0 else p1[i][j] for i, j in pix] for k in (0, 1)}
+        ce_terms += [-math.log(probs[target[i][j]][n]) for n, (i, j) in enumerate(pix)]
+        for k in (0, 1):
+            y = [1.0 if target[i][j] == k else 0.0 for i, j in pix]
+            p = probs[k]
+            my, sy, mp, sp = sum(y) / len(y), _std(y), sum(p) / len(p), _std(p)
+            e = [abs((a - my + c) / (sy + c) - (b - mp + c) / (sp + c)) for a, b in zip(y, p)]
+            terms += [(v, 1.0 if v > beta * max(e) else 0.0) for v in e]
+    lce = sum(ce_terms) / len(ce_terms)
+    return sum(v * g * lce for v, g in terms) / sum(g for _, g in terms)
+
+
+def test_official_ss_loss_matches_hand_values_on_a_fixed_batch():
+    logits = torch.cat([_logits(P1), _logits(P1_B)])
+    target = torch.cat([_target(TARGET), _target(TARGET_B)])
+    want = _hand_ss_official([(P1, TARGET), (P1_B, TARGET_B)])
+    assert ss_loss_official(logits, target).item() == pytest.approx(want, rel=1e-5)
+    # It is not the per-pixel form: one scalar cross-entropy instead of each pixel's own.
+    assert abs(ss_loss(logits, target).item() - want) > 0.01 * want
+    both = make_loss("official")(logits, target).item()
+    assert both == pytest.approx(want + focal_loss(logits, target).item(), rel=1e-6)
+
+
 def test_dice_loss_hand_value():
     p = torch.tensor(P1)
     # class 1: inter 0.9+0.6, sums 2.2 (p) + 2 (y); class 0: inter 0.8+0.5, sums 1.8 + 2
@@ -71,7 +105,7 @@ def test_paper_loss_is_ss_plus_focal():
         make_loss("nope")
 
 
-@pytest.mark.parametrize("name", ["paper", "ce", "dice"])
+@pytest.mark.parametrize("name", ["paper", "official", "ce", "dice"])
 def test_ignored_pixels_get_zero_gradient_and_do_not_change_the_loss(name):
     torch.manual_seed(0)
     loss = make_loss(name)
@@ -86,10 +120,11 @@ def test_ignored_pixels_get_zero_gradient_and_do_not_change_the_loss(name):
     assert g[:, :, :, :3].abs().sum() > 0
     # Same value as the annotated part alone: statistics are taken over annotated pixels only.
     crop = loss(logits.detach()[:, :, :, :3], target[:, :, :3])
-    assert value.item() == pytest.approx(crop.item(), rel=1e-9)
+    # float32 sums: the official batch-mean cross-entropy adds up a different run of zeros
+    assert value.item() == pytest.approx(crop.item(), rel=1e-6 if name == "official" else 1e-9)
 
 
-@pytest.mark.parametrize("name", ["paper", "ce", "dice"])
+@pytest.mark.parametrize("name", ["paper", "official", "ce", "dice"])
 def test_nothing_annotated_gives_finite_loss_and_gradient(name):
     logits = torch.randn(1, 2, 4, 4, requires_grad=True)
     target = torch.full((1, 4, 4), IGNORE)
@@ -102,7 +137,7 @@ def test_losses_fall_as_the_prediction_improves():
     t = _target(TARGET)
     worse = _logits([[0.6, 0.4], [0.55, 0.45]])
     better = _logits([[0.95, 0.05], [0.9, 0.1]])
-    for name in ("paper", "ce", "dice"):
+    for name in ("paper", "official", "ce", "dice"):
         assert make_loss(name)(better, t) < make_loss(name)(worse, t)
 
 

@@ -41,6 +41,9 @@ class Augment:
     elastic_px: float = 3.0  # standard deviation of the displacement, px
     hed: float = 0.0  # probability of a HED stain perturbation (not in the paper)
     hed_sigma: float = 0.05  # Tellez et al.'s "HED-light" is 0.05, "HED-strong" 0.2
+    # True: blur_sigma is one fixed (x, y) pair, as torchvision's gaussian_blur reads the
+    # official [1.0, 2.0]; False: a range each blur draws one isotropic sigma from.
+    blur_fixed: bool = False
 
     @classmethod
     def off(cls) -> "Augment":
@@ -74,8 +77,12 @@ def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cfg
     image = np.ascontiguousarray(image)
     labels = np.ascontiguousarray(labels)
     if cfg.blur and rng.random() < cfg.blur:
-        s = rng.uniform(*cfg.blur_sigma)
-        image = ndi.gaussian_filter(image, (s, s, 0), radius=(1, 1, 0))  # 3x3, as the official blur
+        if cfg.blur_fixed:  # rows blur with sigma y; torchvision pads by reflection (scipy's "mirror")
+            sx, sy = cfg.blur_sigma
+            image = ndi.gaussian_filter(image, (sy, sx, 0), radius=(1, 1, 0), mode="mirror")
+        else:
+            s = rng.uniform(*cfg.blur_sigma)
+            image = ndi.gaussian_filter(image, (s, s, 0), radius=(1, 1, 0))  # 3x3, as the official blur
     if cfg.hed and rng.random() < cfg.hed:
         image = hed_jitter(image, rng, cfg.hed_sigma)
     if cfg.color and rng.random() < cfg.color:

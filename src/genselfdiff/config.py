@@ -24,6 +24,8 @@ class NetConfig:
     groups: int = 8
     heads: int = 4
     head_dim: int = 32
+    # The official code's final residual block takes no time input; ours does (see recipe.py).
+    final_time: bool = True
 
     @property
     def downsampling(self) -> int:
@@ -105,12 +107,20 @@ class PretrainConfig:
     compile: bool = False
     amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (measured faster there)
     channels_last: bool = True
+    recipe: str = "default"  # "official": the official code's choices (genselfdiff.recipe)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "PretrainConfig":
         p = get_preset(name)
         cfg = cls(preset=name, net=p.net, patch=p.patch, batch=p.batch)
-        return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("recipe") == "official":  # the recipe's values, then what the caller chose
+            from .recipe import official_pretrain_fields
+
+            cfg = replace(cfg, **official_pretrain_fields())
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        if cfg.recipe == "official":  # its architecture, whatever network the caller passed
+            cfg = replace(cfg, net=replace(cfg.net, final_time=False))
+        return cfg
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -7,6 +7,7 @@ the 1x1 output head is new (one logit per class) and the timestep is fixed at 0
 around annotated pixels (:mod:`genselfdiff.annotations`) and augmented consistently
 (:mod:`genselfdiff.augment`). Pixels are scaled to [-1, 1] exactly as in pretraining
 (:func:`genselfdiff.model.to_input`), so the pretrained filters see what they learnt on.
+``recipe="official"`` follows the official code instead (:mod:`genselfdiff.recipe`).
 
 An epoch is a fixed number of steps (by default about one pass over the annotated
 tiles); after each one the held-out tiles are scored, the best network by mean Dice
@@ -39,9 +40,10 @@ from .losses import IGNORE, LOSSES, make_loss
 from .model import autocast, default_colors, pick_device, to_input
 from .pretrain import last_path
 from .progress import Progress, resolve
+from .recipe import NORMALIZATIONS, check_recipe, official_finetune_fields, official_segmentation_net
 from .unet import SegmentationNet, UNet, to_segmentation
 
-NORMALIZATION = "[-1, 1]"  # uint8 / 127.5 - 1, as in pretraining
+NORMALIZATION = NORMALIZATIONS["default"]  # uint8 / 127.5 - 1, as in pretraining (the official recipe: [0, 1])
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_EPOCHS = 50  # when no budget is given; early stopping usually ends sooner
 
@@ -84,6 +86,7 @@ class FinetuneConfig:
     workers: int = 0  # threads preparing batches ahead of the network
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     log_every: int = 10
+    recipe: str = "default"  # "official": the official code's choices (genselfdiff.recipe)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "FinetuneConfig":
@@ -92,6 +95,8 @@ class FinetuneConfig:
         if isinstance(net, dict):
             net = NetConfig.from_dict({**p.net.to_dict(), **net})
         cfg = cls(preset=name, net=net or p.net, patch=p.patch, batch=p.batch)
+        if overrides.get("recipe") == "official":  # the recipe's values, then what the caller chose
+            cfg = replace(cfg, **official_finetune_fields())
         return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
@@ -159,6 +164,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
         raise UserError(f"Got {len(images)} images but {len(labels)} label images; give one mask per image.")
     if cfg.loss not in LOSSES:
         raise UserError(f"Unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}.")
+    check_recipe(cfg.recipe)
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"Unknown learning-rate schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
     dev = pick_device(device) if not isinstance(device, torch.device) else device
@@ -200,6 +206,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
 
     run = _Run(cfg=cfg, net=net, optimizer=optimizer, out=out, names=names, colors=colors, start=start,
                items=items, val=val, spe=spe)
+    run.loss_fn = loss_fn  # the official recipe keeps the network of the lowest validation loss
     if resume:
         run.resume()
     else:
@@ -237,6 +244,8 @@ def _load_start(pretrained, cfg: FinetuneConfig) -> _Start:
 
 
 def _build_net(start: _Start, n_classes: int, cfg: FinetuneConfig) -> SegmentationNet:
+    if cfg.recipe == "official" and start.kind != "segmentation":  # fresh final block and head
+        return official_segmentation_net(start.net_cfg if start.kind else cfg.net, n_classes, start.weights)
     if start.kind == "segmentation":
         net = to_segmentation(UNet(replace(start.net_cfg, out_channels=3)), len(start.classes))
         net.load_state_dict(start.weights)
@@ -324,13 +333,16 @@ class _Run:
         val: ValidationSet = self.val
         k = len(self.names)
         conf = np.zeros((k, k), np.int64)
-        ce, counted = 0.0, 0
+        official = self.cfg.recipe == "official"
+        ce, counted, loss_sum = 0.0, 0, 0.0
         self.net.eval()
         for b in range(0, len(val.images), self.cfg.batch):
-            x = to_input(val.images[b : b + self.cfg.batch], dev)
+            x = to_input(val.images[b : b + self.cfg.batch], dev, NORMALIZATIONS[self.cfg.recipe])
             with autocast(dev, self.cfg.amp):
                 logits = self.net(x).float()
             t = val.targets[b : b + self.cfg.batch]
+            if official:
+                loss_sum += float(self.loss_fn(logits, torch.from_numpy(t).to(dev))) * len(t)
             sel = t != IGNORE
             target = torch.from_numpy(np.where(sel, t, 0)).to(dev).long()
             nll = -logits.log_softmax(1).gather(1, target[:, None])[:, 0]
@@ -348,13 +360,18 @@ class _Run:
         self.last_val_step = self.step
         entry = {"step": self.step, "epoch": self.epoch, "val_dice": mean, "val_loss": val_loss,
                  "per_class_dice": [float(v) for v in per_class]}
+        if official:  # the official code's own loss, averaged over images
+            entry["val_loss"] = loss_sum / max(1, len(val.images))
         self.history.append(entry)
-        score = -val_loss if self.cfg.sparse else mean
-        improved = score > self.best["score"] + 1e-4
+        # Dense labels: the best Dice. Strokes and the official recipe: the lowest loss (the
+        # official code keeps the lowest validation loss, a tie to the earlier network).
+        by_loss = official or self.cfg.sparse
+        score = -entry["val_loss"] if by_loss else mean
+        improved = score > self.best["score"] + (0 if official else 1e-4)
         # A tie keeps the later network (trained longer on the same score): a small validation
         # set often saturates (Dice 1 on a few painted strokes), and the first network to reach
         # it is the least trained. Only a real improvement resets the patience.
-        tied = not improved and self.step > 0 and score >= self.best["score"] - 1e-4
+        tied = not official and not improved and self.step > 0 and score >= self.best["score"] - 1e-4
         if improved or tied:
             self.best = {"dice": mean, "score": score, "per_class": entry["per_class_dice"], "step": self.step,
                          "state": {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}}
@@ -463,7 +480,7 @@ class _Run:
                     for group in self.optimizer.param_groups:
                         group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * self._done_fraction(elapsed)))
                 imgs, tgts = next(batches)
-                x, y = to_input(imgs, dev), torch.from_numpy(tgts).to(dev)
+                x, y = to_input(imgs, dev, NORMALIZATIONS[cfg.recipe]), torch.from_numpy(tgts).to(dev)
                 with autocast(dev, cfg.amp):
                     logits = self.net(x)
                 loss = loss_fn(logits, y, x)
@@ -528,7 +545,7 @@ class _Run:
             "colors": [list(map(int, c)) for c in self.colors[: len(self.names)]],
             "config": cfg.to_dict(),
             "resolution": _resolution(self.items, cfg).to_dict(),
-            "normalization": NORMALIZATION,
+            "normalization": NORMALIZATIONS[cfg.recipe],
             "pretrained_from": self.start.provenance,
             "data": data,
             "history": self.history,

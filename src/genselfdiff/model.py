@@ -2,7 +2,7 @@
 
 Both training phases see pixels scaled to [-1, 1] (the official code used [-1, 1] for
 pretraining but [0, 1] for fine-tuning; one normalisation keeps the pretrained filters
-meaningful). :class:`Model` carries that scaling, the class names and colours and the
+meaningful; the official recipe keeps its [0, 1] and its models say so). :class:`Model` carries that scaling, the class names and colours and the
 resolution the model was trained at, so every caller segments the same way.
 """
 
@@ -49,12 +49,17 @@ def available_devices() -> list:
     return out + ["cpu"]
 
 
-def to_input(rgb: np.ndarray, device) -> torch.Tensor:
-    """uint8 (N, H, W, 3) or (H, W, 3) -> float (N, 3, H, W) in [-1, 1] on ``device``."""
+def to_input(rgb: np.ndarray, device, normalization: str = "[-1, 1]") -> torch.Tensor:
+    """uint8 (N, H, W, 3) or (H, W, 3) -> float (N, 3, H, W) on ``device``, in [-1, 1] or, for
+    models of the official recipe, ``normalization="[0, 1]"``."""
     t = torch.from_numpy(np.ascontiguousarray(rgb))
     if t.dim() == 3:
         t = t[None]
     t = t.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    if normalization == "[0, 1]":
+        return t / 255.0
+    if normalization != "[-1, 1]":
+        raise ValueError(f"unknown input normalization {normalization!r}")
     return t / 127.5 - 1.0
 
 
@@ -79,6 +84,7 @@ class Model:
     patch: int = 256
     path: Optional[Path] = None
     meta: dict = field(default_factory=dict)  # the checkpoint without weights or optimizer
+    normalization: str = "[-1, 1]"  # input scaling it was trained with ("[0, 1]": the official recipe)
 
     @property
     def multiple(self) -> int:
@@ -95,7 +101,7 @@ class Model:
     def predict(self, rgb: np.ndarray) -> np.ndarray:
         """Class probabilities (N, C, H, W) float32 for uint8 (N, H, W, 3); sides a multiple of ``multiple``."""
         net = self.require_segmentation()
-        x = to_input(rgb, self.device)
+        x = to_input(rgb, self.device, self.normalization)
         with autocast(self.device):
             logits = net(x)
         return logits.float().softmax(1).cpu().numpy()
@@ -130,5 +136,5 @@ def load_model(path, device="auto", use_ema: bool = True) -> Model:
         net=net, kind=kind, net_config=net_cfg, device=dev, classes=classes,
         colors=list(ckpt.get("colors") or default_colors(len(classes))),
         resolution=Resolution(**ckpt.get("resolution", {})), patch=int(ckpt.get("config", {}).get("patch", 256)),
-        path=Path(path), meta=meta,
+        path=Path(path), meta=meta, normalization=str(ckpt.get("normalization", "[-1, 1]")),
     )

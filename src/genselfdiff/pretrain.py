@@ -6,6 +6,7 @@ sqrt(1 - abar_t) eps, loss = lambda_t * |eps - eps_theta(x_t, t)|^2 with the P2 
 lambda_t = 1 / (1 + SNR_t). Adam at 1e-4 as in the paper; EMA of the weights, gradient
 clipping and a linear warm-up are our additions (each off at 0). The checkpoint kept at
 ``out`` is the best by the loss on fixed validation patches, timesteps and noise.
+``recipe="official"`` follows the official code instead (:mod:`genselfdiff.recipe`).
 
 Everything random in step ``s`` (patches, flips, timesteps, noise) derives from
 (seed, rank, s), so ``<out>.last.pt`` (weights, EMA, Adam state, step, history) is all
@@ -31,6 +32,7 @@ from .errors import UserError
 from .model import pick_device, to_input
 from .patches import PatchStream, batches, plan_data, val_noise
 from .progress import Progress, resolve
+from .recipe import check_recipe, official_init
 from .schedule import Schedule, p2_loss, q_sample
 from .unet import UNet
 
@@ -79,6 +81,7 @@ def check_config(cfg: PretrainConfig) -> None:
         raise UserError("EMA decay must be in [0, 1); clipping, warm-up and workers cannot be negative.")
     if not 0 <= cfg.val_fraction < 1:
         raise UserError("The validation fraction must be in [0, 1).")
+    check_recipe(cfg.recipe)
 
 
 def pretrain(sources, out, config: PretrainConfig, *, device="auto", resume: bool = False, progress=None,
@@ -126,6 +129,8 @@ class _Trainer:
         with torch.random.fork_rng(devices=[]):  # same initial weights for a seed, caller's RNG untouched
             torch.manual_seed(cfg.seed)
             self.net = UNet(cfg.net)
+            if cfg.recipe == "official":
+                official_init(self.net)
         self.net.to(self.device, memory_format=self.memory_format)
         self.ema = copy.deepcopy(self.net).requires_grad_(False) if cfg.ema_decay > 0 else None
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, fused=self.device.type == "cuda" or None)
@@ -268,7 +273,8 @@ class _Trainer:
             eps = self.model(q_sample(self.schedule, x0, t, noise), t)
         loss = p2_loss(self.schedule, eps, noise, t, cfg.p2_k, cfg.p2_gamma)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # The official loss sums over the batch; the history keeps the per-image mean either way.
+        (loss * x0.shape[0] if cfg.recipe == "official" else loss).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
         for group in self.opt.param_groups:

@@ -336,6 +336,7 @@ class _Predictor:
         self.torch = torch
         self.net = model.require_segmentation()
         self.device = model.device
+        self.normalization = getattr(model, "normalization", "[-1, 1]")
         self.probabilities = probabilities
         self.cuda = self.device.type == "cuda"
 
@@ -345,7 +346,7 @@ class _Predictor:
         torch = self.torch
         with torch.inference_mode():
             # to_input is the one normalisation; .numpy() of a pinned tensor keeps its pinned memory.
-            inp = to_input(x.numpy(), self.device)
+            inp = to_input(x.numpy(), self.device, self.normalization)
             with autocast(self.device):
                 logits = self.net(inp)
             labels = logits.argmax(1).to(torch.uint8)

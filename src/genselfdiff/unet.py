@@ -7,12 +7,16 @@ and 4x4 transposed convolutions up, skip concatenation, full attention in the mi
 At width 64 and multipliers (1, 2, 4, 8) it has about 31 M parameters.
 
 For segmentation the same network is kept whole and only the last 1x1 convolution
-(``head``) is replaced, with the timestep fixed at 0 (:func:`to_segmentation`).
+(``head``) is replaced, with the timestep fixed at 0 (:func:`to_segmentation`). The
+official code's final residual block has no time input (``NetConfig.final_time`` False,
+the official recipe) and its fine-tuning starts that block and the head afresh
+(:mod:`genselfdiff.recipe`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,17 +51,19 @@ class ConvNormAct(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Two conv-norm-SiLU blocks; the time embedding is added between them."""
+    """Two conv-norm-SiLU blocks; the time embedding is added between them (``time_dim`` None: no time input)."""
 
-    def __init__(self, dim_in: int, dim_out: int, time_dim: int, groups: int):
+    def __init__(self, dim_in: int, dim_out: int, time_dim: Optional[int], groups: int):
         super().__init__()
-        self.time = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, dim_out))
+        self.time = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, dim_out)) if time_dim else None
         self.block1 = ConvNormAct(dim_in, dim_out, groups)
         self.block2 = ConvNormAct(dim_out, dim_out, groups)
         self.skip = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
 
     def forward(self, x, temb):
-        h = self.block1(x) + self.time(temb)[:, :, None, None]
+        h = self.block1(x)
+        if self.time is not None:
+            h = h + self.time(temb)[:, :, None, None]
         return self.block2(h) + self.skip(x)
 
 
@@ -145,7 +151,7 @@ class UNet(nn.Module):
         self.ups = nn.ModuleList(
             Level(2 * b, a, time_dim, cfg, nn.ConvTranspose2d(a, a, 4, 2, 1)) for a, b in reversed(pairs[1:])
         )
-        self.final = ResBlock(w, w, time_dim, cfg.groups)
+        self.final = ResBlock(w, w, time_dim if cfg.final_time else None, cfg.groups)
         self.head = nn.Conv2d(w, cfg.out_channels, 1)
 
     def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

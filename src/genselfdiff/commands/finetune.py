@@ -41,7 +41,13 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"],
                    help="constant (the paper's, default) or cosine: decay to 0 over the budget")
-    p.add_argument("--loss", choices=["paper", "ce", "dice"], help="paper = structural similarity + focal (default)")
+    p.add_argument("--recipe", choices=["default", "official"], default="default",
+                   help="official: the official code's fresh final block and head, [0, 1] inputs, initialisation, "
+                        "augmentations, loss, fp32 and 150 epochs keeping the best validation loss "
+                        "(default: %(default)s)")
+    p.add_argument("--loss", choices=["paper", "official", "ce", "dice"],
+                   help="paper = structural similarity + focal (default); official = the same with the official "
+                        "code's batch-mean cross-entropy")
     p.add_argument("--steps-per-epoch", type=int, metavar="N", help="default: about one pass over the annotated tiles")
     p.add_argument("--val-fraction", type=float, metavar="F", help="share of annotated tiles held out (default 0.1)")
     p.add_argument("--patience", type=int, metavar="N", help="epochs without improvement before stopping (default 10)")
@@ -94,7 +100,7 @@ def run(args) -> int:
                      steps=args.steps, minutes=args.minutes, steps_per_epoch=args.steps_per_epoch,
                      val_fraction=args.val_fraction, patience=args.patience, classes=args.classes,
                      class_names=names, colors=colors, workers=args.workers, seed=args.seed, sparse=args.sparse,
-                     resolution=resolution)
+                     resolution=resolution, recipe=args.recipe)
     if args.no_augment:
         overrides["augment"] = Augment.off()
     cfg = FinetuneConfig.from_preset(preset, **overrides)

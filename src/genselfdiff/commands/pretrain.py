@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--preset", default="paper", choices=list(PRESETS),
                    help="paper: as published (width 64, 256-px patches, batch 8); small, tiny: for laptops and CPUs "
                         "(default: %(default)s)")
+    p.add_argument("--recipe", choices=["default", "official"], default="default",
+                   help="official: the official code's initialisation, fp32, no EMA, clipping or warm-up, "
+                        "summed loss and a final block without time input (default: %(default)s)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="number of training steps")
     budget.add_argument("--minutes", type=float, help="train for this long instead (neither: until Ctrl-C)")
@@ -74,7 +77,7 @@ def build_config(args):
         args.preset, net=net, patch=args.patch, batch=args.batch, lr=args.lr, steps=args.steps,
         minutes=args.minutes, ema_decay=args.ema, grad_clip=args.grad_clip, warmup_steps=args.warmup,
         val_every=args.val_every, val_fraction=args.val_fraction, seed=args.seed, workers=workers,
-        compile=args.compile, amp=args.amp, resolution=resolution)
+        compile=args.compile, amp=args.amp, resolution=resolution, recipe=args.recipe)
 
 
 def run(args) -> int:
