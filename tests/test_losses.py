@@ -105,7 +105,7 @@ def test_paper_loss_is_ss_plus_focal():
         make_loss("nope")
 
 
-@pytest.mark.parametrize("name", ["paper", "official", "ce", "dice"])
+@pytest.mark.parametrize("name", ["paper", "official", "ce", "dice", "dice_ce"])
 def test_ignored_pixels_get_zero_gradient_and_do_not_change_the_loss(name):
     torch.manual_seed(0)
     loss = make_loss(name)
@@ -124,7 +124,7 @@ def test_ignored_pixels_get_zero_gradient_and_do_not_change_the_loss(name):
     assert value.item() == pytest.approx(crop.item(), rel=1e-6 if name == "official" else 1e-9)
 
 
-@pytest.mark.parametrize("name", ["paper", "official", "ce", "dice"])
+@pytest.mark.parametrize("name", ["paper", "official", "ce", "dice", "dice_ce"])
 def test_nothing_annotated_gives_finite_loss_and_gradient(name):
     logits = torch.randn(1, 2, 4, 4, requires_grad=True)
     target = torch.full((1, 4, 4), IGNORE)
@@ -137,7 +137,7 @@ def test_losses_fall_as_the_prediction_improves():
     t = _target(TARGET)
     worse = _logits([[0.6, 0.4], [0.55, 0.45]])
     better = _logits([[0.95, 0.05], [0.9, 0.1]])
-    for name in ("paper", "official", "ce", "dice"):
+    for name in ("paper", "official", "ce", "dice", "dice_ce"):
         assert make_loss(name)(better, t) < make_loss(name)(worse, t)
 
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -1
-LOSSES = ("paper", "official", "ce", "dice")
+LOSSES = ("paper", "official", "ce", "dice", "dice_ce")
 
 
 def _prepare(logits: torch.Tensor, target: torch.Tensor):
@@ -147,7 +147,8 @@ def affinity_loss(logits: torch.Tensor, image: torch.Tensor, radius: int = 3, si
 def make_loss(name: str = "paper", *, ss_weight: float = 1.0, focal_weight: float = 1.0,
               beta: float = 0.1, c: float = 0.01, gamma: float = 2.0, affinity: float = 0.0) -> Callable:
     """``loss(logits, target, image) -> scalar``: "paper" (SS + focal, 1:1 by default), "official"
-    (the same with the official code's batch-mean cross-entropy in SS), "ce" or "dice", plus
+    (the same with the official code's batch-mean cross-entropy in SS), "ce", "dice" or
+    "dice_ce" (their sum), plus
     ``affinity`` times :func:`affinity_loss` on the input ``image`` when > 0."""
     if name == "paper":
         base = lambda lo, t: ss_weight * ss_loss(lo, t, beta, c) + focal_weight * focal_loss(lo, t, gamma)  # noqa: E731
@@ -157,6 +158,8 @@ def make_loss(name: str = "paper", *, ss_weight: float = 1.0, focal_weight: floa
         base = ce_loss
     elif name == "dice":
         base = dice_loss
+    elif name == "dice_ce":  # nnU-Net's default: Dice for overlap, cross-entropy for calibration
+        base = lambda lo, t: dice_loss(lo, t) + ce_loss(lo, t)  # noqa: E731
     else:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     if not affinity:

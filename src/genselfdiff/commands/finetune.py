@@ -45,8 +45,8 @@ def register(sub) -> None:
                    help="official: the official code's fresh final block and head, [0, 1] inputs, initialisation, "
                         "augmentations, loss, fp32 and 150 epochs keeping the best validation loss "
                         "(default: %(default)s)")
-    p.add_argument("--loss", choices=["paper", "official", "ce", "dice"],
-                   help="paper = structural similarity + focal (default); official = the same with the official "
+    p.add_argument("--loss", choices=["paper", "official", "ce", "dice", "dice_ce"],
+                   help="paper = structural similarity + focal; official = the same with the official "
                         "code's batch-mean cross-entropy")
     p.add_argument("--steps-per-epoch", type=int, metavar="N", help="default: about one pass over the annotated tiles")
     p.add_argument("--val-fraction", type=float, metavar="F", help="share of annotated tiles held out (default 0.1)")
