@@ -184,17 +184,23 @@ def score_pair(pred: np.ndarray, truth: np.ndarray, *, scale_um=None, instances=
     return row
 
 
-def evaluate(pred, truth, *, scale_um=None, instances=None, progress=None, class_names=None) -> EvaluationReport:
+def evaluate(pred, truth, *, pixel_size=None, scale_um=None, instances=None, progress=None,
+             class_names=None) -> EvaluationReport:
     """Score predictions against truths; both are a label image or a folder of them.
 
-    ``scale_um`` (µm per pixel) adds HD95 in µm. ``instances``: None decides from each truth
+    Scores are computed at the truth's size: a prediction of the same field at another
+    resolution (both sides scaled by one factor) is resampled to it by nearest neighbour.
+    ``pixel_size`` (µm per pixel of the truths; ``scale_um`` is its old name) adds HD95 in µm. ``instances``: None decides from each truth
     (instance map or not), True treats every truth as instances (connected components if it
     is a class map) and adds AJI, False never computes AJI. Unpaired files and images that
     cannot be scored are listed in the report; a single pair that cannot be scored raises
     :class:`UserError`.
     """
+    from .pixelsize import check_pixel_size
+
     progress, _ = resolve(progress, None)
     pred, truth = Path(pred), Path(truth)
+    scale_um = check_pixel_size(pixel_size if pixel_size is not None else scale_um, truth)
     preds, truths = _index(pred, "prediction"), _index(truth, "truth")
     single = not pred.is_dir() or pred.name.lower().endswith(".zarr")
     single = single and (not truth.is_dir() or truth.name.lower().endswith(".zarr"))
@@ -227,6 +233,10 @@ def _score_stem(stem, pred_files, truth_file, scale_um, instances, class_names) 
     shapes = []
     for f in pred_files:
         pred, names = _read(f)
+        if pred.shape != truth.shape and same_field(pred.shape, truth.shape):
+            from .slides import resize_labels
+
+            pred = np.asarray(resize_labels(pred, truth.shape))
         if pred.shape == truth.shape:
             row = {"image": stem}
             row.update(score_pair(pred, truth, scale_um=scale_um, instances=instances,
@@ -236,6 +246,14 @@ def _score_stem(stem, pred_files, truth_file, scale_um, instances, class_names) 
     f, shape = shapes[0]
     raise UserError(f"{f} is {shape[1]} x {shape[0]} pixels but its truth {truth_file} is "
                     f"{truth.shape[1]} x {truth.shape[0]}; compare predictions at the truth's resolution.")
+
+
+def same_field(shape: tuple, other: tuple, tolerance: float = 0.01) -> bool:
+    """Whether two label images can cover the same field at different resolutions: one factor
+    scales both sides (within ``tolerance``, or one pixel of rounding)."""
+    fy, fx = other[0] / shape[0], other[1] / shape[1]
+    slack = max(tolerance, 1 / min(shape[0], shape[1]))
+    return abs(fy / fx - 1) <= slack
 
 
 def _means(rows: list) -> dict:

@@ -8,7 +8,7 @@ ORDER = 20
 
 
 def register(sub) -> None:
-    from ..cli import add_device_argument
+    from ..cli import add_device_argument, add_pixel_size_arguments
 
     p = sub.add_parser(
         "finetune", help="fine-tune a (pretrained) diffusion U-Net for segmentation from masks or scribbles",
@@ -46,8 +46,10 @@ def register(sub) -> None:
     p.add_argument("--val-fraction", type=float, metavar="F", help="share of annotated tiles held out (default 0.1)")
     p.add_argument("--patience", type=int, metavar="N", help="epochs without improvement before stopping (default 10)")
     res = p.add_mutually_exclusive_group()
-    res.add_argument("--level", type=int, metavar="N", help="pyramid level to train at (default 0)")
-    res.add_argument("--mpp", type=float, metavar="UM", help="train at the level nearest this many µm per pixel")
+    res.add_argument("--level", type=int, metavar="N",
+                     help="pyramid level to train at (default: 0.5 µm/px where the pixel size is known, else level 0)")
+    res.add_argument("--mpp", type=float, metavar="UM", help="train at this many µm per pixel")
+    add_pixel_size_arguments(p)
     p.add_argument("--no-augment", action="store_true", help="switch off flips, rotations, blur, colour and elastic")
     p.add_argument("--workers", type=int, help="threads preparing batches (default 0)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,7 +70,7 @@ def run(args) -> int:
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     if names is not None and (len(names) < 2 or not all(names)):
         raise UserError("--class-names needs at least two non-empty names, background first (e.g. background,nucleus).")
-    resolution = Resolution(level=args.level or 0, mpp=args.mpp)
+    resolution = Resolution(level=args.level or 0, mpp=args.mpp) if args.level is not None or args.mpp else None
     if args.masks:
         pairs, unmatched, unused = match_by_stem(images, args.masks)
         kind = "mask"
@@ -81,7 +83,8 @@ def run(args) -> int:
                         "images (a.svs -> a.png or a_mask.png).")
     colors = None
     if args.annotations:
-        labels, names, colors = _rasterise(pairs, resolution, names, args.sparse)
+        labels, names, colors = _rasterise(pairs, resolution, names, args.sparse, args.pixel_size,
+                                           args.override_pixel_size)
     else:
         labels = [m for _, m in pairs]
 
@@ -100,7 +103,8 @@ def run(args) -> int:
           f"batch {cfg.batch}, loss {cfg.loss}.", file=sys.stderr)
     with StopOnInterrupt() as stop, ProgressBar() as bar:
         result = finetune([i for i, _ in pairs], labels, args.out, cfg, pretrained=args.model, device=args.device,
-                          progress=_EpochPrinter(bar), should_stop=stop, resume=args.resume)
+                          progress=_EpochPrinter(bar), should_stop=stop, resume=args.resume,
+                          pixel_size=args.pixel_size, override_pixel_size=args.override_pixel_size)
     _summary(result)
     return 0
 
@@ -142,7 +146,7 @@ def _preset_of(model) -> str | None:
     return (load_checkpoint(model).get("config") or {}).get("preset")
 
 
-def _rasterise(pairs, resolution, names, sparse: bool):
+def _rasterise(pairs, resolution, names, sparse: bool, pixel_size=None, override_pixel_size: bool = False):
     """GeoJSON -> label arrays at the training level, one class numbering for all images.
 
     Dense: 0 = no object = background. Sparse: 0 = unlabelled and class k is label k + 1;
@@ -152,6 +156,7 @@ def _rasterise(pairs, resolution, names, sparse: bool):
     """
     from ..errors import UserError
     from ..model import default_colors
+    from ..pixelsize import working_resolution
     from ..slides import open_slide
 
     try:
@@ -182,8 +187,8 @@ def _rasterise(pairs, resolution, names, sparse: bool):
     wanted = ["unlabelled"] + names if sparse else names
     labels = []
     for image, path in pairs:
-        slide = open_slide(image)
-        level = slide.level_for(resolution)
+        slide = open_slide(image, pixel_size, override_pixel_size)  # the grid finetune() will read
+        level = slide.level_for(working_resolution(resolution))
         lab, _, warns = read_geojson_labels(path, slide.levels[level].shape[:2], downsample=slide.downsample(level),
                                             class_names=wanted)
         for w in warns:
