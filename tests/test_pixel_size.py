@@ -104,14 +104,18 @@ def test_evaluate_takes_the_pixel_size_and_refuses_a_bad_one(tmp_path, png, caps
 
 
 def test_evaluate_compares_at_the_truths_size(tmp_path, png):
-    _, mask, _, labels = png
-    (tmp_path / "half").mkdir()
-    imsave(tmp_path / "half" / "tile.png", labels[1::2, 1::2], check_contrast=False)  # same field, half resolution
-    report = evaluate(tmp_path / "half" / "tile.png", mask)
+    from genselfdiff.omezarr import LabelImage
+
+    _, mask, _, labels = png  # the truth, at 0.25 µm/px
+    half = labels[1::2, 1::2]  # the same field at 0.5 µm/px, as OME-Zarr stating it
+    out = LabelImage.create(tmp_path / "tile.ome.zarr", shape=half.shape, chunk=128, levels=1, run={})
+    for index in out.units():
+        out.write(index, half[index[0] * 128:(index[0] + 1) * 128, index[1] * 128:(index[1] + 1) * 128])
+    out.finish("tile", ["background", "nucleus"], [[0, 0, 0], [255, 0, 0]], 0.5)
+    report = evaluate(tmp_path / "tile.ome.zarr", mask, pixel_size=0.25)
     assert 0.8 < report.rows[0]["dice"] < 1.0
-    imsave(tmp_path / "crop.png", labels[:100, :50], check_contrast=False)  # another field: refused
-    with pytest.raises(UserError, match="truth's resolution"):
-        evaluate(tmp_path / "crop.png", mask)
+    with pytest.raises(UserError, match="truth's resolution"):  # without the truth's size: no guessing
+        evaluate(tmp_path / "tile.ome.zarr", mask)
 
 
 # --- segmenting at the model's µm/px ------------------------------------------------------------

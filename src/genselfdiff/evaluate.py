@@ -188,9 +188,10 @@ def evaluate(pred, truth, *, pixel_size=None, scale_um=None, instances=None, pro
              class_names=None) -> EvaluationReport:
     """Score predictions against truths; both are a label image or a folder of them.
 
-    Scores are computed at the truth's size: a prediction of the same field at another
-    resolution (both sides scaled by one factor) is resampled to it by nearest neighbour.
-    ``pixel_size`` (µm per pixel of the truths; ``scale_um`` is its old name) adds HD95 in µm. ``instances``: None decides from each truth
+    Scores are computed at the truth's size: with ``pixel_size`` (µm per pixel of the truths;
+    ``scale_um`` is its old name), a prediction that states its own µm/px (OME-Zarr) and covers
+    the same field at another resolution is resampled to the truth's grid by nearest neighbour.
+    ``pixel_size`` also adds HD95 in µm. ``instances``: None decides from each truth
     (instance map or not), True treats every truth as instances (connected components if it
     is a class map) and adds AJI, False never computes AJI. Unpaired files and images that
     cannot be scored are listed in the report; a single pair that cannot be scored raises
@@ -233,7 +234,7 @@ def _score_stem(stem, pred_files, truth_file, scale_um, instances, class_names) 
     shapes = []
     for f in pred_files:
         pred, names = _read(f)
-        if pred.shape != truth.shape and same_field(pred.shape, truth.shape):
+        if pred.shape != truth.shape and same_field(pred.shape, _stated_mpp(f), truth.shape, scale_um):
             from .slides import resize_labels
 
             pred = np.asarray(resize_labels(pred, truth.shape))
@@ -248,12 +249,21 @@ def _score_stem(stem, pred_files, truth_file, scale_um, instances, class_names) 
                     f"{truth.shape[1]} x {truth.shape[0]}; compare predictions at the truth's resolution.")
 
 
-def same_field(shape: tuple, other: tuple, tolerance: float = 0.01) -> bool:
-    """Whether two label images can cover the same field at different resolutions: one factor
-    scales both sides (within ``tolerance``, or one pixel of rounding)."""
-    fy, fx = other[0] / shape[0], other[1] / shape[1]
-    slack = max(tolerance, 1 / min(shape[0], shape[1]))
-    return abs(fy / fx - 1) <= slack
+def _stated_mpp(path: Path) -> Optional[float]:
+    """The µm/px an OME-Zarr label image states (None for PNG/TIFF or without a unit)."""
+    if not path.name.lower().endswith(".zarr"):
+        return None
+    from .omezarr import label_info
+
+    return label_info(path)["mpp"]
+
+
+def same_field(shape: tuple, mpp: Optional[float], truth_shape: tuple, truth_mpp: Optional[float]) -> bool:
+    """Whether a label image of ``shape`` at ``mpp`` µm/px covers the truth's field (to a pixel of the
+    truth's grid in both directions); unknown sizes never do."""
+    if not mpp or not truth_mpp:
+        return False
+    return all(abs(n * mpp / truth_mpp - t) <= 1 for n, t in zip(shape[:2], truth_shape[:2]))
 
 
 def _means(rows: list) -> dict:
