@@ -107,8 +107,8 @@ class SegmentWidget(QWidget):
             return [selected]
         return images[-1:]  # nothing suitable selected: the top image
 
-    def _show_pixel_size(self, *_):
-        layer = self.viewer.layers.selection.active
+    def _show_pixel_size(self, event=None):
+        layer = getattr(event, "value", None) or self.viewer.layers.selection.active
         if layer is not None and type(layer).__name__ == "Image":
             try:
                 self.pixel_size.show_layer(layer)
