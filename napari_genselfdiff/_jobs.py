@@ -25,7 +25,8 @@ def pretrain_job(spec, progress, should_stop):
 
     config = PretrainConfig.from_preset(spec["preset"], **_budget(spec))
     return pretrain(spec["sources"], spec["out"], config, device=spec["device"],
-                    resume=spec.get("resume", False), progress=progress, should_stop=should_stop)
+                    resume=spec.get("resume", False), progress=progress, should_stop=should_stop,
+                    pixel_size=spec.get("pixel_size"))
 
 
 def finetune_job(spec, progress, should_stop):
@@ -33,10 +34,11 @@ def finetune_job(spec, progress, should_stop):
     from genselfdiff.finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig.from_preset(spec["preset"], sparse=spec["sparse"], class_names=spec["classes"],
-                                        resolution=Resolution(**spec.get("resolution", {})),
+                                        resolution=Resolution(**spec["resolution"]) if spec.get("resolution") else None,
                                         **spec.get("overrides", {}), **_budget(spec))
     return finetune(spec["images"], spec["labels"], spec["out"], config, pretrained=spec.get("pretrained"),
-                    device=spec["device"], progress=progress, should_stop=should_stop)
+                    device=spec["device"], progress=progress, should_stop=should_stop,
+                    pixel_size=spec.get("pixel_size"))
 
 
 def sample_job(spec, progress, should_stop):
@@ -55,16 +57,28 @@ JOBS = {"pretrain": pretrain_job, "finetune": finetune_job, "sample": sample_job
 
 
 def run_job(name: str, spec: dict, queue, stop_event) -> None:
-    """Run one job, putting ``("progress", Progress)``, then ``("done", result)`` or
-    ``("error", message, is_user_error, traceback)`` on ``queue``."""
+    """Run one job, putting ``("progress", Progress)`` and ``("note", text)`` (the engine's
+    messages for the user), then ``("done", result)`` or ``("error", message, is_user_error,
+    traceback)`` on ``queue``."""
+    import warnings
+
     from genselfdiff.errors import UserError
+    from genselfdiff.pixelsize import PixelSizeWarning
 
     def progress(p):
         payload = p.payload if isinstance(p.payload, np.ndarray) and p.payload.nbytes <= PAYLOAD_LIMIT else None
         queue.put(("progress", type(p)(p.stage, p.done, p.total, dict(p.metrics), payload)))
 
+    def relay(message, category, *args, show=warnings.showwarning):
+        if issubclass(category, PixelSizeWarning):
+            queue.put(("note", str(message)))
+        else:
+            show(message, category, *args)
+
     try:
-        result = JOBS[name](spec, progress, stop_event.is_set)
+        with warnings.catch_warnings():
+            warnings.showwarning = relay
+            result = JOBS[name](spec, progress, stop_event.is_set)
     except UserError as e:
         queue.put(("error", str(e), True, ""))
     except BaseException as e:  # a bug: the UI shows it in plain words and logs the traceback

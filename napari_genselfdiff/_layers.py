@@ -33,6 +33,16 @@ def layer_mpp(layer) -> Optional[float]:
     return (layer.metadata.get(META) or {}).get("mpp")
 
 
+def layer_pixel_size(layer) -> Optional[float]:
+    """The level-0 µm/px of an image layer: the file's (the reader keeps it), else the layer's
+    scale when it is a physical one (napari's default scale 1 means unknown)."""
+    mpp = layer_mpp(layer)
+    if mpp:
+        return float(mpp)
+    sy, sx = (float(v) for v in layer.scale[-2:])
+    return sx if sx == sy and sx != 1 else None
+
+
 def level_transform(image_layer, level: int, origin=(0, 0)):
     """``(scale, translate)`` for a 2-D array at ``level`` of ``image_layer`` whose first pixel
     is ``origin`` (in that level's pixels)."""

@@ -34,6 +34,7 @@ class JobRunner(QObject):
     progressed = Signal(object)  # genselfdiff.progress.Progress
     finished = Signal(object)  # the job's result
     failed = Signal(str, bool)  # message, whether it is the user's to fix
+    noted = Signal(str)  # a message from the engine for the user (e.g. the pixel size is unknown)
 
     def __init__(self, parent=None, mode=None):
         super().__init__(parent)
@@ -90,6 +91,8 @@ class JobRunner(QObject):
             kind = message[0]
             if kind == "progress":
                 self.progressed.emit(message[1])
+            elif kind == "note":
+                self.noted.emit(message[1])
             elif kind == "done":
                 self._finish()
                 self.finished.emit(message[1])

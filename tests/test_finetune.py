@@ -446,7 +446,9 @@ def test_napari_style_inputs_pyramids_and_counts(synthetic_pair):
     half = truth[::2, ::2]
     item = open_labelled([img, downsample2(img)], [truth, half], Resolution(level=1))
     assert item.shape == (128, 128) and item.level == 1 and item.downsample == 2
+    full = open_labelled([img, downsample2(img)], truth, Resolution(level=1))  # a mask of level 0 follows the image
+    np.testing.assert_array_equal(full.labels.read(0, 0, 128, 128), truth[1::2, 1::2])
     with pytest.raises(UserError, match="128x128"):
-        open_labelled([img, downsample2(img)], truth, Resolution(level=1))
+        open_labelled([img, downsample2(img)], truth[:200], Resolution(level=1))
     with pytest.raises(UserError, match="2 images but 1"):
         finetune([img, img], [truth], "unused.pt", _cfg(), device="cpu")

@@ -293,3 +293,36 @@ def test_a_closed_widget_ignores_new_settings(make_napari_viewer, qtbot, name, k
     assert sip.isdeleted(widget)
     settings.set(key, "/models/new.pt")  # e.g. a model saved by another widget
     settings.set(key, "/models/newer.pt")
+
+
+@pytest.mark.parametrize("name", ["Fine-tune", "Segment"])
+def test_pixel_size_field_is_prefilled_from_the_image_layers_scale(make_napari_viewer, name):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    sample = _open_sample(viewer, (128, 128))  # the sample's scale: 0.5 µm/px
+    unknown = viewer.add_image(rgb, rgb=True, name="plain png")  # scale 1: unknown
+    scaled = viewer.add_image(rgb, rgb=True, name="at 40x", scale=(0.25, 0.25))
+    for layer, text in ((sample, "0.5"), (unknown, ""), (scaled, "0.25")):
+        if name == "Fine-tune":
+            widget.image.setCurrentText(layer.name)
+        else:
+            viewer.layers.selection.active = layer
+        assert widget.pixel_size.text() == text
+    widget.pixel_size.setText("0.3")  # editable; the value reaches the engine
+    if name == "Fine-tune":
+        assert widget.pixel_size.value("x") == 0.3
+    else:
+        [item] = widget.items()
+        assert item["image"].mpp == 0.3 and item["image"].notes  # 0.3 for a layer at 0.25: said so
+
+
+def test_a_bad_pixel_size_in_a_widget_is_one_sentence_naming_the_image(make_napari_viewer):
+    from genselfdiff.errors import UserError
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="plain png")
+    widget.pixel_size.setText("-2")
+    with pytest.raises(UserError, match="given for plain png must be a positive number"):
+        widget.items()

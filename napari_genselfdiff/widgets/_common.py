@@ -127,6 +127,28 @@ class LayerBox(QComboBox):
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
 
+class PixelSizeEdit(QLineEdit):
+    """The level-0 µm/px of the input images; empty means unknown (or: as the files state)."""
+
+    def __init__(self, placeholder: str = "unknown", parent=None):
+        super().__init__(parent)
+        self.setPlaceholderText(placeholder)
+        self.setToolTip("µm per pixel at full resolution, e.g. 0.25 for 40x, 0.5 for 20x; results depend on it")
+
+    def show_layer(self, layer) -> None:
+        """Prefill from an image layer's physical scale (empty when it has none)."""
+        from .._layers import layer_pixel_size
+
+        mpp = layer_pixel_size(layer) if layer is not None else None
+        self.setText(f"{mpp:g}" if mpp else "")
+
+    def value(self, where: str):
+        """The µm/px as a float, or None; a bad entry raises the engine's UserError naming ``where``."""
+        from genselfdiff.pixelsize import check_pixel_size
+
+        return check_pixel_size(self.text().strip() or None, where)
+
+
 def progress_row():
     """A progress bar and the line of text under it."""
     bar = QProgressBar()
@@ -141,6 +163,12 @@ def tell_error(text: str, is_user: bool = True, what: str = "The job") -> None:
     from napari.utils.notifications import show_error
 
     show_error(text if is_user else f"{what} failed because of a bug: {text}")
+
+
+def tell_warning(text: str) -> None:
+    from napari.utils.notifications import show_warning
+
+    show_warning(text)
 
 
 def tell(text: str) -> None:
@@ -166,6 +194,7 @@ class JobWidget(QWidget):
         self.runner.progressed.connect(self._on_progress)
         self.runner.finished.connect(self._on_finished)
         self.runner.failed.connect(self._on_failed)
+        self.runner.noted.connect(tell_warning)
 
     def job_name(self) -> str:
         """How a failure names the job ("Fine-tuning failed because …")."""

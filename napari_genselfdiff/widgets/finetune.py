@@ -13,7 +13,9 @@ from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdi
 
 from .. import _layers
 from ..settings import settings
-from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, LayerBox, PathEdit, tell, tell_error
+from genselfdiff.errors import UserError
+
+from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, LayerBox, PathEdit, PixelSizeEdit, tell, tell_error
 
 SPARSE, DENSE = "scribbles (0 = unpainted, 1 = background, 2 = first class…)", "complete masks (0 = background)"
 
@@ -25,6 +27,9 @@ class FinetuneWidget(JobWidget):
         super().__init__(napari_viewer, parent)
         self.image = LayerBox(napari_viewer, "image")
         self.image.currentTextChanged.connect(self._fill_levels)
+        self.pixel_size = PixelSizeEdit()
+        self.image.currentTextChanged.connect(lambda *_: self.pixel_size.show_layer(self.image.layer()))
+        self.pixel_size.show_layer(self.image.layer())
         self.labels = LayerBox(napari_viewer, "labels")
         self.labels.currentTextChanged.connect(self._guess_mode)
         self.level = QComboBox()
@@ -57,6 +62,7 @@ class FinetuneWidget(JobWidget):
 
         form = QFormLayout()
         form.addRow("Image", self.image)
+        form.addRow("Pixel size (µm/px)", self.pixel_size)
         form.addRow("Annotate at", self.level)
         new_row = QHBoxLayout()
         new_row.addWidget(self.region)
@@ -141,20 +147,20 @@ class FinetuneWidget(JobWidget):
             raise ValueError(f"{labels.name} has nothing painted over {image.name}; paint a few strokes first.")
         out = self.out.text() or str(Path(settings.get("pretrain_folder") or Path.home()) / f"{image.name}-segmenter.pt")
         self.out.setText(out)
-        mpp = _layers.layer_mpp(image)
+        mpp = self.pixel_size.value(image.name)  # at level 0; the arrays are at the painted level
         d = _layers.downsamples(_layers.image_levels(image))[level]
         return {
             "images": [rgb], "labels": [lab], "out": out, "classes": self.class_names(),
             "sparse": self.mode.currentText() == SPARSE, "pretrained": self.base.text() or None,
             "preset": self.preset.currentText(), "device": self.device.currentText(),
-            "resolution": {"level": level, "mpp": mpp * d if mpp else None},
+            "resolution": {"level": level, "mpp": mpp * d if mpp else None}, "pixel_size": mpp * d if mpp else None,
             **self.budget.spec(),
         }
 
     def start(self):
         try:
             spec = self.spec()
-        except ValueError as e:
+        except (ValueError, UserError) as e:
             return tell_error(str(e))
         settings.set("classes", ", ".join(spec["classes"]))
         settings.set("finetune_out", spec["out"])

@@ -8,7 +8,9 @@ from pathlib import Path
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
 
 from ..settings import settings
-from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, PathEdit, tell, tell_error
+from genselfdiff.errors import UserError
+
+from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, PathEdit, PixelSizeEdit, tell, tell_error
 
 SAMPLING_STEPS = 50  # a strided reverse process: a quick look, not the full 1000 steps
 
@@ -78,6 +80,7 @@ class PretrainWidget(JobWidget):
         self.preset.setToolTip("tiny: quick try on a CPU; small: a laptop GPU; paper: the published model")
         self.budget = BudgetEdit(2000)
         self.device = DeviceBox()
+        self.pixel_size = PixelSizeEdit("as the files state (PNG/JPEG: unknown)")
         self.resume = QCheckBox("continue from the saved model")
         self.start_button, self.stop_button = QPushButton("Start"), QPushButton("Stop")
         self.start_button.clicked.connect(self.start)
@@ -95,6 +98,7 @@ class PretrainWidget(JobWidget):
         form.addRow("Save as", self.out)
         form.addRow("Preset", self.preset)
         form.addRow("Train for", self.budget)
+        form.addRow("Pixel size (µm/px)", self.pixel_size)
         form.addRow("Device", self.device)
         form.addRow("", self.resume)
         buttons = QHBoxLayout()
@@ -122,12 +126,13 @@ class PretrainWidget(JobWidget):
             out = str(Path(folder) / "pretrained.pt")
             self.out.setText(out)
         return {"sources": [folder], "out": out, "preset": self.preset.currentText(),
-                "device": self.device.currentText(), "resume": self.resume.isChecked(), **self.budget.spec()}
+                "device": self.device.currentText(), "resume": self.resume.isChecked(),
+                "pixel_size": self.pixel_size.value(f"the images in {folder}"), **self.budget.spec()}
 
     def start(self):
         try:
             spec = self.spec()
-        except ValueError as e:
+        except (ValueError, UserError) as e:
             return tell_error(str(e))
         settings.set("pretrain_folder", spec["sources"][0])
         settings.set("pretrain_out", spec["out"])

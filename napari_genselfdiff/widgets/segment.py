@@ -18,7 +18,7 @@ from superqt import QCollapsible
 from .. import _layers
 from ..settings import settings
 from ..workers import ProgressView, segment_worker
-from ._common import DeviceBox, PathEdit, progress_row, tell, tell_error
+from ._common import DeviceBox, PathEdit, PixelSizeEdit, progress_row, tell, tell_error
 
 SELECTED, ALL = "the selected image", "every open image"
 REFRESH_SECONDS = 0.3
@@ -33,6 +33,10 @@ class SegmentWidget(QWidget):
         self.targets = QComboBox()
         self.targets.addItems([SELECTED, ALL])
         self.visible_only = QCheckBox("visible region only (a quick look)")
+        # The selected image's; with "every open image" it fills in only for images of unknown size.
+        self.pixel_size = PixelSizeEdit()
+        napari_viewer.layers.selection.events.active.connect(self._show_pixel_size)
+        self._show_pixel_size()
         self.out = PathEdit("dir", placeholder="optional: folder for OME-Zarr results")
         self.out.setText(settings.get("segment_out", ""))
         # "auto" (the spin boxes' lowest values) lets the engine choose from the model.
@@ -69,6 +73,7 @@ class SegmentWidget(QWidget):
         form.addRow("Model", self.model)
         form.addRow("Segment", self.targets)
         form.addRow("", self.visible_only)
+        form.addRow("Pixel size (µm/px)", self.pixel_size)
         form.addRow("Save to", self.out)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button, 1)
@@ -102,14 +107,24 @@ class SegmentWidget(QWidget):
             return [selected]
         return images[-1:]  # nothing suitable selected: the top image
 
+    def _show_pixel_size(self, event=None):
+        layer = getattr(event, "value", None) or self.viewer.layers.selection.active
+        if layer is not None and type(layer).__name__ == "Image":
+            try:
+                self.pixel_size.show_layer(layer)
+            except RuntimeError:  # this widget was closed
+                self.viewer.layers.selection.events.active.disconnect(self._show_pixel_size)
+
     def items(self) -> list:
-        from genselfdiff.segment import as_slide
+        from genselfdiff.slides import as_slide, with_pixel_size
 
         items = []
         for layer in self.image_layers():
             meta = layer.metadata.get(_layers.META) or {}
             image = as_slide(_layers.image_levels(layer))
-            image.path, image.mpp = Path(meta.get("path") or layer.name), meta.get("mpp")
+            image.path, image.mpp = Path(meta.get("path") or layer.name), _layers.layer_pixel_size(layer)
+            if self.targets.currentText() == SELECTED or image.mpp is None:
+                image = with_pixel_size(image, self.pixel_size.value(layer.name))
             item = {"key": layer.name, "image": image, "layer": layer}
             if self.visible_only.isChecked():
                 item["region0"] = _layers.visible_box(self.viewer, layer)
@@ -122,7 +137,12 @@ class SegmentWidget(QWidget):
         model = self.model.text()
         if not model:
             return tell_error("Choose a model: fine-tune one with the Fine-tune widget, or open a saved .pt file.")
-        items = self.items()
+        from genselfdiff.errors import UserError
+
+        try:
+            items = self.items()
+        except UserError as e:
+            return tell_error(str(e))
         if not items:
             return tell_error("Open an RGB image to segment (or pan it into view for 'visible region only').")
         out_dir = self.out.text() or None

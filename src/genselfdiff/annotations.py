@@ -31,7 +31,7 @@ import numpy as np
 from .errors import UserError
 from .labels import as_label_array, open_label_image, require_integers
 from .losses import IGNORE
-from .slides import IMAGE_SUFFIXES, Slide, find_images, image_stem, open_slide
+from .slides import IMAGE_SUFFIXES, Slide, find_images, image_stem, open_slide, resize_labels
 
 # Mask files are matched to images by stem, with or without one of these suffixes.
 MASK_SUFFIXES = ("", "_mask", "_masks", "-mask", "_label", "_labels", "-labels", "_annotation", "_annotations")
@@ -187,6 +187,8 @@ def open_labelled(image, labels, resolution, *, index: int = 0, label_name: Opti
     else:
         label_name = label_name or f"the labels of {source or name}"
         lab = require_integers(as_label_array(labels, label_name), label_name)
+    if isinstance(image, Slide) and level and tuple(lab.shape) == tuple(image.shape[:2]):
+        lab = resize_labels(lab, arr.shape[:2])  # a mask of the whole image, read at a coarser working scale
     if tuple(lab.shape) != tuple(arr.shape[:2]):
         where = f" at pyramid level {level}" if level else ""
         raise UserError(f"{label_name} is {lab.shape[0]}x{lab.shape[1]} pixels but {source or name} is "

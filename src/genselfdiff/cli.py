@@ -13,6 +13,7 @@ import pkgutil
 import signal
 import sys
 import time
+import warnings
 
 from ._version import __version__
 from .errors import UserError
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USAGE
+    warnings.showwarning = _show_warning
     try:
         return int(args.run(args) or 0)
     except UserError as e:
@@ -127,6 +129,30 @@ class ProgressBar:
 
 def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else v
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """The engine's messages for the user as one plain line; other warnings as Python prints them."""
+    from .pixelsize import PixelSizeWarning
+
+    if issubclass(category, PixelSizeWarning):
+        print(f"genselfdiff: warning: {message}", file=sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
+def add_pixel_size_arguments(parser, override: bool = True) -> None:
+    """--pixel-size (passed as typed: the engine checks it and names the file) and --override-pixel-size."""
+    parser.add_argument("--pixel-size", metavar="UM",
+                        help="µm per pixel at full resolution of the input images, for files that state none "
+                             "(PNG, JPEG, plain TIFF): e.g. 0.25 for 40x, 0.5 for 20x. Wins over a size the file "
+                             "states within 2x (a warning when they differ by more than 10 %%)")
+    if override:
+        parser.add_argument("--override-pixel-size", action="store_true",
+                            help="use --pixel-size even where it is more than 2x from the size the file states")
 
 
 def add_device_argument(parser) -> None:

@@ -168,17 +168,24 @@ def score_pair(pred: np.ndarray, truth: np.ndarray, *, scale_um=None, instances=
     return row
 
 
-def evaluate(pred, truth, *, scale_um=None, instances=None, progress=None, class_names=None) -> EvaluationReport:
+def evaluate(pred, truth, *, pixel_size=None, scale_um=None, instances=None, progress=None,
+             class_names=None) -> EvaluationReport:
     """Score predictions against truths; both are a label image or a folder of them.
 
-    ``scale_um`` (µm per pixel) adds HD95 in µm. ``instances``: None decides from each truth
+    Scores are computed at the truth's size: with ``pixel_size`` (µm per pixel of the truths;
+    ``scale_um`` is its old name), a prediction that states its own µm/px (OME-Zarr) and covers
+    the same field at another resolution is resampled to the truth's grid by nearest neighbour.
+    ``pixel_size`` also adds HD95 in µm. ``instances``: None decides from each truth
     (instance map or not), True treats every truth as instances (connected components if it
     is a class map) and adds AJI, False never computes AJI. Unpaired files and images that
     cannot be scored are listed in the report; a single pair that cannot be scored raises
     :class:`UserError`.
     """
+    from .pixelsize import check_pixel_size
+
     progress, _ = resolve(progress, None)
     pred, truth = Path(pred), Path(truth)
+    scale_um = check_pixel_size(pixel_size if pixel_size is not None else scale_um, truth)
     preds, truths = _index(pred, "prediction"), _index(truth, "truth")
     single = not pred.is_dir() or pred.name.lower().endswith(".zarr")
     single = single and (not truth.is_dir() or truth.name.lower().endswith(".zarr"))
@@ -211,6 +218,10 @@ def _score_stem(stem, pred_files, truth_file, scale_um, instances, class_names) 
     shapes = []
     for f in pred_files:
         pred, names = _read(f)
+        if pred.shape != truth.shape and same_field(pred.shape, _stated_mpp(f), truth.shape, scale_um):
+            from .slides import resize_labels
+
+            pred = np.asarray(resize_labels(pred, truth.shape))
         if pred.shape == truth.shape:
             row = {"image": stem}
             row.update(score_pair(pred, truth, scale_um=scale_um, instances=instances,
@@ -220,6 +231,22 @@ def _score_stem(stem, pred_files, truth_file, scale_um, instances, class_names) 
     f, shape = shapes[0]
     raise UserError(f"{f} is {shape[1]} x {shape[0]} pixels but its truth {truth_file} is "
                     f"{truth.shape[1]} x {truth.shape[0]}; compare predictions at the truth's resolution.")
+
+
+def _stated_mpp(path: Path) -> Optional[float]:
+    """The µm/px a label image states (OME-Zarr with a micrometre unit; None otherwise)."""
+    from .labels import open_label_image
+
+    source = open_label_image(path)
+    return float(source.scale[-1]) if source.unit == "micrometer" else None
+
+
+def same_field(shape: tuple, mpp: Optional[float], truth_shape: tuple, truth_mpp: Optional[float]) -> bool:
+    """Whether a label image of ``shape`` at ``mpp`` µm/px covers the truth's field (to a pixel of the
+    truth's grid in both directions); unknown sizes never do."""
+    if not mpp or not truth_mpp:
+        return False
+    return all(abs(n * mpp / truth_mpp - t) <= 1 for n, t in zip(shape[:2], truth_shape[:2]))
 
 
 def _means(rows: list) -> dict:

@@ -38,9 +38,11 @@ from .config import NetConfig, Resolution, get_preset
 from .errors import UserError
 from .losses import IGNORE, LOSSES, make_loss
 from .model import autocast, default_colors, pick_device, to_input
+from .pixelsize import tell, unknown_note, working_resolution
 from .pretrain import last_path
 from .progress import Progress, resolve
 from .recipe import NORMALIZATIONS, check_recipe, official_finetune_fields, official_segmentation_net
+from .slides import Slide, as_slide
 from .unet import SegmentationNet, UNet, to_segmentation
 
 NORMALIZATION = NORMALIZATIONS["default"]  # uint8 / 127.5 - 1, as in pretraining (the official recipe: [0, 1])
@@ -81,7 +83,7 @@ class FinetuneConfig:
     augment: Augment = field(default_factory=Augment)
     grad_clip: float = 0.0  # not in the paper; 0 = off
     lr_schedule: str = "constant"  # the paper's; "cosine" decays to 0 over the budget (not in the paper)
-    resolution: Resolution = field(default_factory=Resolution)
+    resolution: Optional[Resolution] = None  # None: the engine's default (pixelsize.working_resolution)
     seed: int = 0
     workers: int = 0  # threads preparing batches ahead of the network
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
@@ -110,7 +112,7 @@ class FinetuneConfig:
     def from_dict(cls, d: dict) -> "FinetuneConfig":
         d = dict(d)
         d["net"] = NetConfig.from_dict(d.get("net", {}))
-        d["resolution"] = Resolution(**d.get("resolution", {}))
+        d["resolution"] = Resolution(**d["resolution"]) if d.get("resolution") is not None else None
         d["augment"] = Augment.from_dict(d.get("augment", {}))
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
@@ -145,14 +147,17 @@ class _Start:
 
 
 def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *, pretrained=None,
-             device="auto", progress=None, should_stop=None, resume: bool = False) -> FinetuneResult:
+             device="auto", progress=None, should_stop=None, resume: bool = False, pixel_size=None,
+             override_pixel_size: bool = False) -> FinetuneResult:
     """Train a segmentation network from ``images`` and their ``labels``; see the module doc.
 
     ``images``: paths, :class:`~genselfdiff.slides.Slide` objects or uint8 (H, W, 3)
     arrays (numpy or dask); ``labels``: mask paths or integer (H, W) arrays of the same
     size as their image at ``config.resolution``. ``pretrained``: a pretrained (or
     segmentation, to continue) checkpoint; None trains from random initialisation.
-    ``resume``: continue the run whose state is at ``<out>.last.pt``.
+    ``resume``: continue the run whose state is at ``<out>.last.pt``. ``pixel_size``: the level-0
+    µm/px of the images (see :func:`genselfdiff.slides.open_slide`); without ``config.resolution``
+    they are read at ``DEFAULT_MPP`` when their size is known (masks of the full image follow).
     """
     progress, should_stop = resolve(progress, should_stop)
     cfg = replace(config)
@@ -178,10 +183,18 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
 
     progress(Progress("finetune: reading annotations", 0, len(images)))
     items = []
+    resolution = working_resolution(cfg.resolution)
     for i, (im, lab) in enumerate(zip(images, labels)):
-        items.append(open_labelled(im, lab, cfg.resolution, index=i))
+        if pixel_size is not None or isinstance(im, (str, Path, Slide)):
+            im = as_slide(im, pixel_size, override_pixel_size, name=f"image #{i + 1}")
+            for note in im.notes:
+                tell(note)
+        items.append(open_labelled(im, lab, resolution, index=i))
         scan(items[-1], sparse=cfg.sparse, tile=cfg.patch, seed=cfg.seed + i)
         progress(Progress("finetune: reading annotations", i + 1, len(images)))
+    unknown = [it.image_source or it.name for it in items if it.mpp is None]
+    if unknown:
+        tell(unknown_note(unknown))
     names = _check_classes(items, cfg, start)
     n_classes = len(names)
     cfg.class_names, cfg.classes = names, n_classes
@@ -586,9 +599,10 @@ def _pixels_per_class(items: list, sparse: bool, k: int) -> list:
 
 def _resolution(items: list, cfg: FinetuneConfig) -> Resolution:
     """The scale the model learnt at: the requested µm/px, else the images' own when they agree."""
-    if cfg.resolution.mpp is not None:
-        return Resolution(cfg.resolution.level, cfg.resolution.mpp)
+    requested = cfg.resolution or Resolution()  # the default reads DEFAULT_MPP where known: the items say
+    if requested.mpp is not None:
+        return Resolution(requested.level, requested.mpp)
     mpps = [it.mpp for it in items]
     if all(m is not None for m in mpps) and max(mpps) <= 1.1 * min(mpps):
-        return Resolution(cfg.resolution.level, float(np.mean(mpps)))
-    return Resolution(cfg.resolution.level, None)
+        return Resolution(requested.level, float(np.mean(mpps)))
+    return Resolution(requested.level, None)

@@ -17,7 +17,7 @@ chunk rather than one per patch.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from .config import Resolution
 from .errors import UserError
+from .pixelsize import PixelSizeConflict
 from .slides import find_images, open_slide, read_region
 
 MIN_TISSUE = 0.5  # a patch must be at least this much tissue (by the coarse mask)
@@ -54,15 +55,18 @@ class Unusable(Exception):
 class OpenSlide:
     """A slide opened for patch reading: the level and window size that give the target resolution."""
 
-    def __init__(self, path: Path, patch: int, resolution: Resolution, max_tissue_side: int = 2048):
+    def __init__(self, path: Path, patch: int, resolution: Resolution, max_tissue_side: int = 2048,
+                 opening: Optional[dict] = None):
         from .tissue import TissueMap
 
         try:
-            self.slide = open_slide(path)
+            self.slide = open_slide(path, **(opening or {}))  # opening: the user's pixel size, if any
         except UserError as e:  # the message starts with the path, which the report already names
             msg = str(e)[len(str(path)):].strip() if str(e).startswith(str(path)) else str(e)
             msg = _one_line(msg)
-            raise Unusable(msg if msg.startswith("could not be read") else f"could not be read: {msg}") from None
+            if isinstance(e, PixelSizeConflict) or msg.startswith("could not be read"):
+                raise Unusable(msg) from None
+            raise Unusable(f"could not be read: {msg}") from None
         self.level, self.read = _read_plan(self.slide, patch, resolution)
         self.height, self.width = self.slide.levels[self.level].shape[:2]
         if min(self.height, self.width) < self.read:
@@ -142,8 +146,12 @@ def _read_plan(slide, patch: int, resolution: Resolution) -> tuple:
 class SlideCache:
     """A few open slides (least recently used dropped first) and the reasons others were unusable."""
 
-    def __init__(self, files: list, patch: int, resolution: Resolution, size: int = 6, bad: Optional[dict] = None):
+    def __init__(self, files: list, patch: int, resolution: Resolution, size: int = 6, bad: Optional[dict] = None,
+                 opening: Optional[dict] = None):
         self.files, self.patch, self.resolution, self.size = files, patch, resolution, size
+        self.opening = opening
+        self.pixel_sizes: dict = {}  # file index -> level-0 µm/px (None: unknown), of the files opened
+        self.notes: list = []  # the opened slides' notes for the user
         self.open: OrderedDict = OrderedDict()
         self.bad: dict = dict(bad or {})  # file index -> reason
         self.new_bad: list = []  # (path, reason) found since last collected
@@ -157,12 +165,14 @@ class SlideCache:
             return self.open[i]
         self.opened += 1
         try:
-            s = OpenSlide(self.files[i], self.patch, self.resolution)
+            s = OpenSlide(self.files[i], self.patch, self.resolution, opening=self.opening)
         except Unusable as e:
             self.bad[i] = str(e)
             self.new_bad.append((str(self.files[i]), str(e)))
             return None
         self.open[i] = s
+        self.pixel_sizes[i] = s.slide.mpp
+        self.notes += s.slide.notes
         while len(self.open) > self.size:
             self.open.popitem(last=False)
         return s
@@ -189,6 +199,8 @@ class DataPlan:
     bad: dict  # file index -> reason, found while planning
     validation: str  # "held-out files", "held-out regions" or "in-sample"
     opened: int = 0
+    pixel_sizes: dict = field(default_factory=dict)  # file index -> level-0 µm/px (None: unknown), files opened
+    notes: list = field(default_factory=list)  # for the user, from the files opened
 
     @property
     def skipped(self) -> list:
@@ -203,7 +215,7 @@ class DataPlan:
 
 
 def plan_data(sources, patch: int, resolution: Resolution, *, seed: int = 0, val_fraction: float = 0.1,
-              val_patches: int = 32) -> DataPlan:
+              val_patches: int = 32, opening: Optional[dict] = None) -> DataPlan:
     """List the images, split off validation, and check that training can start.
 
     Raises :class:`UserError` for an empty folder, or when no file gives a single patch
@@ -214,7 +226,11 @@ def plan_data(sources, patch: int, resolution: Resolution, *, seed: int = 0, val
         names = ", ".join(str(s) for s in sources) or "(nothing given)"
         raise UserError(f"No images found in {names}; give slide files (.svs, .tif, .ome.tif, .png, ...) "
                         "or folders that contain them.")
-    cache = SlideCache(files, patch, resolution, size=VAL_FILES_READ + 2)
+    if opening and opening.get("pixel_size") is not None:  # a bad value fails once, not per file
+        from .pixelsize import check_pixel_size
+
+        check_pixel_size(opening["pixel_size"], files[0] if len(files) == 1 else f"the {len(files)} images found")
+    cache = SlideCache(files, patch, resolution, size=VAL_FILES_READ + 2, opening=opening)
     order = [int(i) for i in np.random.default_rng([seed, 7]).permutation(len(files))]
     n_val = max(1, round(len(files) * val_fraction)) if val_fraction > 0 and len(files) > 1 else 0
     val_files, train = order[:n_val], order[n_val:]
@@ -249,7 +265,8 @@ def plan_data(sources, patch: int, resolution: Resolution, *, seed: int = 0, val
         windows = [cache.get(first).random_window(first, rng) for _ in range(val_patches)]
         validation = "in-sample"
     patches = np.stack([cache.get(w.file).read_window(w) for w in windows])
-    return DataPlan(files, train, patches, windows, exclude, dict(cache.bad), validation, cache.opened)
+    return DataPlan(files, train, patches, windows, exclude, dict(cache.bad), validation, cache.opened,
+                    dict(cache.pixel_sizes), list(dict.fromkeys(cache.notes)))
 
 
 def _held_out_cells(s: OpenSlide, file: int, rng, fraction: float, wanted: int) -> list:
@@ -302,12 +319,14 @@ class PatchStream(_torch_iterable()):
 
     def __init__(self, files: list, train: list, patch: int, batch: int, resolution: Resolution, *,
                  seed: int = 0, rank: int = 0, start: int = 0, exclude: Optional[dict] = None,
-                 bad: Optional[dict] = None, flips: bool = True, pool: int = 4, chunk: int = 64):
+                 bad: Optional[dict] = None, flips: bool = True, pool: int = 4, chunk: int = 64,
+                 opening: Optional[dict] = None):
         self.files, self.train = [Path(f) for f in files], list(train)
         self.patch, self.batch, self.resolution = patch, batch, resolution
         self.seed, self.rank, self.start = seed, rank, start
         self.exclude, self.bad = dict(exclude or {}), dict(bad or {})
         self.flips, self.pool, self.chunk = flips, pool, chunk
+        self.opening = opening
         self._cache: Optional[SlideCache] = None
         self._pools: dict = {}
 
@@ -355,7 +374,8 @@ class PatchStream(_torch_iterable()):
 
     def _get_cache(self) -> SlideCache:
         if self._cache is None:  # created in the worker process, so no file handle crosses a fork
-            self._cache = SlideCache(self.files, self.patch, self.resolution, size=self.pool + 2, bad=self.bad)
+            self._cache = SlideCache(self.files, self.patch, self.resolution, size=self.pool + 2, bad=self.bad,
+                                     opening=self.opening)
         return self._cache
 
     def _pool(self, c: int) -> list:

@@ -27,10 +27,11 @@ import torch
 
 from . import distributed
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .config import PretrainConfig
+from .config import PretrainConfig, Resolution
 from .errors import UserError
 from .model import pick_device, to_input
 from .patches import PatchStream, batches, plan_data, val_noise
+from .pixelsize import tell, unknown_note, working_resolution
 from .progress import Progress, resolve
 from .recipe import check_recipe, official_init
 from .schedule import Schedule, p2_loss, q_sample
@@ -85,7 +86,8 @@ def check_config(cfg: PretrainConfig) -> None:
 
 
 def pretrain(sources, out, config: PretrainConfig, *, device="auto", resume: bool = False, progress=None,
-             should_stop=None, log_every: Optional[int] = None) -> PretrainResult:
+             should_stop=None, log_every: Optional[int] = None, pixel_size=None,
+             override_pixel_size: bool = False) -> PretrainResult:
     """Pretrain the diffusion U-Net on unlabelled slides; returns where the best checkpoint is.
 
     ``sources``: image files and/or folders (searched recursively). ``out``: the best checkpoint
@@ -95,22 +97,26 @@ def pretrain(sources, out, config: PretrainConfig, *, device="auto", resume: boo
     minutes (whichever first; neither: until ``should_stop``). On stop it saves both files and
     returns with ``stopped=True``. Under ``torchrun`` it trains data-parallel (see
     :mod:`genselfdiff.distributed`). ``log_every``: steps per history entry (default 1 on the
-    CPU, 10 on a GPU, where reading the loss waits for the device).
+    CPU, 10 on a GPU, where reading the loss waits for the device). ``pixel_size``: the level-0
+    µm/px of the slides, for files that state none (see :func:`genselfdiff.slides.open_slide`);
+    without ``config.resolution`` patches are read at ``DEFAULT_MPP`` where the size is known.
     """
     t0 = time.perf_counter()
     progress, should_stop = resolve(progress, should_stop)
     out = Path(out)
     ctx = distributed.setup(pick_device(device))
     try:
-        trainer = _Trainer(sources, out, config, ctx, resume, log_every)
+        opening = {"pixel_size": pixel_size, "override_pixel_size": override_pixel_size}
+        trainer = _Trainer(sources, out, config, ctx, resume, log_every, opening)
         return trainer.run(progress if ctx.is_main else resolve(None, None)[0], should_stop, t0)
     finally:
         distributed.teardown(ctx)
 
 
 class _Trainer:
-    def __init__(self, sources, out: Path, config: PretrainConfig, ctx, resume: bool, log_every):
+    def __init__(self, sources, out: Path, config: PretrainConfig, ctx, resume: bool, log_every, opening=None):
         self.sources, self.out, self.last, self.ctx = list(sources), out, last_path(out), ctx
+        self.opening = opening  # how open_slide is called: the user's pixel size
         self.device = ctx.device
         ckpt = self._load_resume_state(config) if resume else None
         cfg = self.cfg = config if ckpt is None else self._resumed_config(config, ckpt)
@@ -177,16 +183,18 @@ class _Trainer:
     # --- the loop -------------------------------------------------------------------
     def run(self, progress, should_stop, t0: float) -> PretrainResult:
         cfg, ctx = self.cfg, self.ctx
-        plan = plan_data(self.sources, cfg.patch, cfg.resolution, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                         val_patches=cfg.val_batches * cfg.batch)
+        resolution = working_resolution(cfg.resolution)
+        plan = plan_data(self.sources, cfg.patch, resolution, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                         val_patches=cfg.val_batches * cfg.batch, opening=self.opening)
+        self.resolution = _learnt_resolution(cfg.resolution, resolution, plan, ctx.is_main)
         self.plan, self.provenance = plan, plan.provenance(self.sources)
         if getattr(self, "resumed_data", {}).get("files", self.provenance["files"]) != self.provenance["files"]:
             warnings.warn("The slides differ from those of the run being resumed; the data stream will differ.")
         self.skipped = dict(plan.skipped)
         self.val = (plan.val_patches, *val_noise(len(plan.val_windows), cfg.patch, cfg.timesteps, cfg.seed))
 
-        stream = PatchStream(plan.files, plan.train, cfg.patch, cfg.batch, cfg.resolution, seed=cfg.seed,
-                             rank=ctx.rank, start=self.step, exclude=plan.exclude, bad=plan.bad)
+        stream = PatchStream(plan.files, plan.train, cfg.patch, cfg.batch, resolution, seed=cfg.seed,
+                             rank=ctx.rank, start=self.step, exclude=plan.exclude, bad=plan.bad, opening=self.opening)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                              prefetch_factor=4 if cfg.workers else None)
         batches_in = iter(loader)
@@ -330,7 +338,7 @@ class _Trainer:
              "config": cfg.to_dict(), "schedule": schedule_of(cfg).to_dict(), "step": self.step,
              "data": {**self.provenance, "skipped": [list(s) for s in sorted(self.skipped.items())],
                       "world_size": self.ctx.world_size},
-             "resolution": cfg.resolution.to_dict(), "normalization": "[-1, 1]", "history": self.history,
+             "resolution": self.resolution.to_dict(), "normalization": "[-1, 1]", "history": self.history,
              "best_val_loss": self.best_val, "best_step": self.best_step}
         if self.ema is not None:
             d["ema_state_dict"] = self.ema.state_dict()
@@ -338,6 +346,20 @@ class _Trainer:
             d["optimizer"] = self.opt.state_dict()
             d["rng"] = capture_rng()
         return d
+
+
+def _learnt_resolution(requested, used: Resolution, plan, tell_user: bool) -> Resolution:
+    """What the checkpoint records: the µm/px asked for, or the default one when the files opened
+    know their pixel size; the user hears once about files of unknown size."""
+    unknown = [plan.files[i] for i, mpp in sorted(plan.pixel_sizes.items()) if mpp is None]
+    if tell_user:
+        for note in plan.notes:
+            tell(note)
+        if unknown:
+            tell(unknown_note([str(f) for f in unknown]))
+    if requested is None and unknown:
+        return Resolution(used.level, None)
+    return used
 
 
 def amp_enabled(device: torch.device, amp: bool = True) -> bool:

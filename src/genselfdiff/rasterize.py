@@ -140,7 +140,8 @@ def training_classes(paths, *, sparse: bool) -> tuple:
     return names, colors, warns
 
 
-def training_labels(pairs, resolution, class_names=None, *, sparse: bool) -> tuple:
+def training_labels(pairs, resolution, class_names=None, *, sparse: bool, pixel_size=None,
+                    override_pixel_size: bool = False) -> tuple:
     """Label images for fine-tuning from ``(image, GeoJSON file)`` pairs, at the pyramid level
     of each image that ``resolution`` picks.
 
@@ -149,6 +150,7 @@ def training_labels(pairs, resolution, class_names=None, *, sparse: bool) -> tup
     warning); without it :func:`training_classes` decides. Returns ``(labels, class names,
     colours or None, warnings)``; each warning names its file.
     """
+    from .pixelsize import working_resolution
     from .slides import open_slide
 
     colors, warns = None, []
@@ -157,8 +159,8 @@ def training_labels(pairs, resolution, class_names=None, *, sparse: bool) -> tup
     wanted = ["unlabelled"] + list(class_names) if sparse else list(class_names)
     labels = []
     for image, path in pairs:
-        slide = open_slide(image)
-        level = slide.level_for(resolution)
+        slide = open_slide(image, pixel_size, override_pixel_size)  # the grid finetune() will read
+        level = slide.level_for(working_resolution(resolution))
         lab, _, file_warns = read_geojson_labels(path, slide.levels[level].shape[:2], downsample=slide.downsample(level),
                                                  class_names=wanted)
         warns += [f"{path}: {w}" for w in file_warns]

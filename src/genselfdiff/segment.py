@@ -36,6 +36,7 @@ from .errors import UserError
 from .labels import load_labels  # noqa: F401  (re-exported: the public way to read an output back)
 from .omezarr import LabelImage
 from .progress import Progress, resolve
+from .slides import as_slide  # noqa: F401  (re-exported: images of every kind become Slides)
 
 PNG_MAX_PIXELS = 100_000_000  # --png is skipped above this many level-0 pixels
 MPP_TOLERANCE = 1.5  # a level more than this factor off the model's µm/px is a mismatch
@@ -147,28 +148,6 @@ class Plan:
         return self.tissue.coverage(self.level, y0, x0, y1 - y0, x1 - x0) > 0
 
 
-def as_slide(image):
-    """A path, :class:`Slide`, array (H, W[, C]) or list of arrays (a pyramid) as a Slide."""
-    import dask.array as da
-
-    from .slides import Slide, _as_rgb_uint8, open_slide
-
-    if isinstance(image, Slide):
-        return image
-    if isinstance(image, (str, Path)):
-        return open_slide(image)
-    levels = list(image) if isinstance(image, (list, tuple)) else [image]
-    out = []
-    for lv in levels:
-        if not hasattr(lv, "shape") or not hasattr(lv, "dtype"):
-            raise UserError(f"Cannot segment a {type(lv).__name__}; pass an image path or an (H, W, 3) array.")
-        arr = lv if isinstance(lv, da.Array) else da.from_array(np.asarray(lv), chunks=(2048, 2048) + (-1,) * (lv.ndim - 2))
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        out.append(_as_rgb_uint8(arr, "The image"))
-    return Slide(Path("image"), out, None)
-
-
 @contextmanager
 def reading(slide, where: str):
     """Turn a decoder's error on a truncated or corrupt file into a UserError naming the file."""
@@ -179,6 +158,19 @@ def reading(slide, where: str):
     except Exception as e:  # decoders raise all kinds of errors
         raise UserError(f"{slide.path} could not be read ({where}: {type(e).__name__}: {e}); "
                         "it may be corrupt or truncated.") from None
+
+
+def _input_slide(model, image, pixel_size, override: bool):
+    """The image as a Slide at its pixel size; the user hears when that size is unknown to a
+    model that knows its own."""
+    from .pixelsize import tell, unknown_note
+
+    slide = as_slide(image, pixel_size, override)
+    for note in slide.notes:
+        tell(note)
+    if slide.mpp is None and model.resolution.mpp is not None:
+        tell(unknown_note([str(slide.path)]))
+    return slide
 
 
 def make_plan(model, slide, *, tile=None, overlap=None, skip_background=True, chunk=None) -> Plan:
@@ -438,14 +430,14 @@ def _stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, 
 
 def segment_tiles(model, image, *, tile=None, overlap=None, batch: int = 8, skip_background: bool = True,
                   region=None, probabilities: bool = False, chunk=None, progress=None,
-                  should_stop=None) -> Iterator[TileResult]:
+                  should_stop=None, pixel_size=None, override_pixel_size: bool = False) -> Iterator[TileResult]:
     """Yield finished tiles of ``image`` as the network produces them (for live views).
 
     ``region`` = (y0, x0, y1, x1) in processing-level pixels limits the work to the tiles
     whose cores meet it (e.g. the part of the slide on screen). Tiles come unit by unit,
-    row by row. Stops quietly when ``should_stop()`` returns True.
+    row by row. Stops quietly when ``should_stop()`` returns True. ``pixel_size``: as for :func:`segment`.
     """
-    slide = as_slide(image)
+    slide = _input_slide(model, image, pixel_size, override_pixel_size)
     plan = make_plan(model, slide, tile=tile, overlap=overlap, skip_background=skip_background, chunk=chunk)
     region = tuple(int(v) for v in region) if region is not None else None
     yield from _stream(model, plan, plan.units(region), batch=batch, probabilities=probabilities, region=region,
@@ -559,7 +551,8 @@ def _compute_units(model, plan: Plan, units: list, image: Optional[LabelImage], 
 
 def segment(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, skip_background: bool = True,
             probabilities: bool = False, png: bool = False, chunk=None, progress=None, should_stop=None,
-            scheduler=None, worker_device: str = "auto") -> SegmentResult:
+            scheduler=None, worker_device: str = "auto", pixel_size=None,
+            override_pixel_size: bool = False) -> SegmentResult:
     """Segment one image at the model's resolution.
 
     With ``out`` (a ``.ome.zarr`` path) the result is written there as an NGFF 0.5 label
@@ -568,9 +561,12 @@ def segment(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, 
     class ids) when the image has at most ``PNG_MAX_PIXELS``. ``scheduler`` (an address or
     a ``distributed.Client``) runs the chunks on a dask cluster; it needs ``out`` and an
     image path. Stops cleanly, keeping finished chunks, when ``should_stop()`` is True.
+    ``pixel_size``: the level-0 µm/px of the image (see :func:`genselfdiff.slides.open_slide`);
+    an image whose size differs from the model's is resampled to it, and the labels still
+    have the image's own level-0 shape.
     """
     t0 = time.perf_counter()
-    slide = as_slide(image)
+    slide = _input_slide(model, image, pixel_size, override_pixel_size)
     plan = make_plan(model, slide, tile=tile, overlap=overlap, skip_background=skip_background, chunk=chunk)
     units = plan.units()
     base = dict(level=plan.level, downsample=plan.downsample)
@@ -680,14 +676,17 @@ def _worker_model(source, device: str):
         return _WORKER_CACHE[key]
 
 
-def _worker_plan(image: str, model, tile, overlap, skip_background, chunk) -> Plan:
-    """Open the slide on the worker (tifffile's zarr store cannot be pickled) and plan it once."""
+def _worker_plan(image: str, model, tile, overlap, skip_background, chunk, mpp=None) -> Plan:
+    """Open the slide on the worker (tifffile's zarr store cannot be pickled) and plan it once;
+    ``mpp``: the level-0 µm/px the client settled on."""
     from .slides import open_slide
 
-    key = ("plan", image, id(model), tile, overlap, skip_background, chunk)
+    key = ("plan", image, id(model), tile, overlap, skip_background, chunk, mpp)
     with _WORKER_LOCK:
         if key not in _WORKER_CACHE:
-            _WORKER_CACHE[key] = make_plan(model, open_slide(image), tile=tile, overlap=overlap,
+            slide = open_slide(image)
+            slide.mpp = mpp if mpp is not None else slide.mpp
+            _WORKER_CACHE[key] = make_plan(model, slide, tile=tile, overlap=overlap,
                                            skip_background=skip_background, chunk=chunk)
         return _WORKER_CACHE[key]
 
@@ -695,7 +694,8 @@ def _worker_plan(image: str, model, tile, overlap, skip_background, chunk) -> Pl
 def segment_chunk(spec: dict, index: tuple, model_source) -> dict:
     """A dask task: compute and write one output chunk. Runs on a worker; returns counts."""
     model = _worker_model(model_source, spec["device"])
-    plan = _worker_plan(spec["image"], model, spec["tile"], spec["overlap"], spec["skip_background"], spec["chunk"])
+    plan = _worker_plan(spec["image"], model, spec["tile"], spec["overlap"], spec["skip_background"], spec["chunk"],
+                        spec.get("mpp"))
     units = [u for u in plan.units() if u[0] == tuple(index)]
     image = LabelImage.open(spec["out"])
     state = _compute_units(model, plan, units, image, batch=spec["batch"], probabilities=spec["probabilities"])
@@ -732,7 +732,7 @@ def _distributed(model, slide, plan: Plan, image: LabelImage, todo: list, schedu
             [source] = client.scatter([_model_payload(model)], broadcast=True)
         spec = {"image": str(slide.path.resolve()), "out": str(image.path.resolve()), "tile": plan.tile,
                 "overlap": plan.overlap, "chunk": plan.chunk, "skip_background": skip_background, "batch": batch,
-                "probabilities": probabilities, "device": device}
+                "probabilities": probabilities, "device": device, "mpp": slide.mpp}
         # A bounded window of tasks in flight, so stopping cancels little and the client stays light.
         window = max(2, 2 * len(client.scheduler_info().get("workers", {})))
         pending = iter(todo)

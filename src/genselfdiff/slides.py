@@ -2,7 +2,7 @@
 
 Every format becomes a :class:`Slide`: a list of dask arrays, one per pyramid level,
 each ``(Y, X, 3)`` uint8, level 0 first, plus the level-0 pixel size in µm when the file
-states it. Pyramidal TIFF/SVS/OME-TIFF/NDPI are read through tifffile's zarr store, so
+states it or the user gives it (:mod:`genselfdiff.pixelsize` decides which wins). Pyramidal TIFF/SVS/OME-TIFF/NDPI are read through tifffile's zarr store, so
 only the chunks a computation touches are decoded; OME-Zarr is read with zarr; PNG and
 JPEG are small by nature and read whole. The napari reader and the engine share this.
 """
@@ -34,6 +34,7 @@ class Slide:
     levels: list  # dask arrays (Y, X, 3) uint8, level 0 first
     mpp: Optional[float] = None  # µm per pixel at level 0, when known
     metadata: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # one-line messages for the user (e.g. a pixel size overridden)
     _derived: dict = field(default_factory=dict, repr=False)  # (base, factor) -> index of a derived level
 
     @property
@@ -131,9 +132,17 @@ def find_images(sources: Iterable) -> list:
     return unique
 
 
-def open_slide(path) -> Slide:
-    """Open any supported image lazily. Raises :class:`UserError` naming the file."""
+def open_slide(path, pixel_size=None, override_pixel_size: bool = False) -> Slide:
+    """Open any supported image lazily. Raises :class:`UserError` naming the file.
+
+    ``pixel_size``: the µm/px of level 0 as the user gives it, for files that state none
+    (PNG, JPEG, plain TIFF) or to correct one; see :func:`genselfdiff.pixelsize.resolve_pixel_size`
+    for which wins and when ``override_pixel_size`` is needed.
+    """
+    from .pixelsize import check_pixel_size
+
     path = Path(path)
+    check_pixel_size(pixel_size, path)  # a bad value is the user's mistake even when the file is too
     if not path.exists():
         raise UserError(f"{path} does not exist.")
     lower = path.name.lower()
@@ -151,7 +160,52 @@ def open_slide(path) -> Slide:
     except Exception as e:  # corrupt or truncated files raise all kinds of errors in the decoders
         raise UserError(f"{path} could not be read ({type(e).__name__}: {e}); it may be corrupt or truncated.") from None
     slide.levels = [_as_rgb_uint8(lv, path) for lv in slide.levels]
-    return slide
+    return with_pixel_size(slide, pixel_size, override_pixel_size)
+
+
+def with_pixel_size(slide: Slide, pixel_size=None, override: bool = False) -> Slide:
+    """``slide`` with the given level-0 pixel size applied (a copy when it changes; a note when the
+    file stated another)."""
+    from dataclasses import replace
+
+    from .pixelsize import resolve_pixel_size
+
+    mpp, note = resolve_pixel_size(slide.path, slide.mpp, pixel_size, override)
+    if mpp == slide.mpp:
+        return slide
+    return replace(slide, mpp=mpp, levels=list(slide.levels), _derived=dict(slide._derived),
+                   notes=list(slide.notes) + ([note] if note else []), metadata={**slide.metadata, "stated_mpp": slide.mpp})
+
+
+def as_slide(image, pixel_size=None, override_pixel_size: bool = False, name: str = "image") -> Slide:
+    """A path, :class:`Slide`, array (H, W[, C]) or list of arrays (a pyramid) as a Slide, with the
+    given level-0 pixel size applied (see :func:`open_slide`); ``name`` names an array in messages."""
+    if isinstance(image, Slide):
+        return with_pixel_size(image, pixel_size, override_pixel_size)
+    if isinstance(image, (str, Path)):
+        return open_slide(image, pixel_size, override_pixel_size)
+    levels = list(image) if isinstance(image, (list, tuple)) else [image]
+    out = []
+    for lv in levels:
+        if not hasattr(lv, "shape") or not hasattr(lv, "dtype"):
+            raise UserError(f"Cannot use a {type(lv).__name__} as an image; pass an image path or an (H, W, 3) array.")
+        arr = lv if isinstance(lv, da.Array) else da.from_array(np.asarray(lv), chunks=(2048, 2048) + (-1,) * (lv.ndim - 2))
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        out.append(_as_rgb_uint8(arr, "The image"))
+    return with_pixel_size(Slide(Path(name), out, None), pixel_size, override_pixel_size)
+
+
+def resize_labels(labels, shape: tuple):
+    """A label image (numpy or dask) on another grid of the same field of view, by nearest
+    neighbour (the pixel under each new pixel's centre), lazily for dask."""
+    H, W = labels.shape[:2]
+    h, w = int(shape[0]), int(shape[1])
+    if (H, W) == (h, w):
+        return labels
+    rows = np.minimum(((np.arange(h) + 0.5) * H / h).astype(np.intp), H - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * W / w).astype(np.intp), W - 1)
+    return labels[rows, :][:, cols]
 
 
 def read_region(slide: Slide, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:

@@ -20,19 +20,17 @@ def register(sub) -> None:
     p.add_argument("--instances", action="store_true",
                    help="score instances (AJI) even where the truth is a class mask: objects are its connected "
                         "components, as are the predicted ones")
-    p.add_argument("--scale-um", type=float, metavar="UM", help="µm per pixel, to report HD95 in µm too")
+    p.add_argument("--pixel-size", "--scale-um", dest="pixel_size", metavar="UM",
+                   help="µm per pixel of the truths, to report HD95 in µm too")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from ..cli import ProgressBar
-    from ..errors import UserError
     from ..evaluate import evaluate
 
-    if args.scale_um is not None and args.scale_um <= 0:
-        raise UserError(f"--scale-um must be positive (got {args.scale_um}).")
     with ProgressBar(unit="image") as bar:
-        report = evaluate(args.pred, args.truth, scale_um=args.scale_um,
+        report = evaluate(args.pred, args.truth, pixel_size=args.pixel_size,
                           instances=True if args.instances else None, progress=bar)
     print(report.table())
     if args.csv:

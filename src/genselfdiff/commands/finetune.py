@@ -8,7 +8,7 @@ ORDER = 20
 
 
 def register(sub) -> None:
-    from ..cli import add_device_argument
+    from ..cli import add_device_argument, add_pixel_size_arguments
 
     p = sub.add_parser(
         "finetune", help="fine-tune a (pretrained) diffusion U-Net for segmentation from masks or scribbles",
@@ -52,8 +52,10 @@ def register(sub) -> None:
     p.add_argument("--val-fraction", type=float, metavar="F", help="share of annotated tiles held out (default 0.1)")
     p.add_argument("--patience", type=int, metavar="N", help="epochs without improvement before stopping (default 10)")
     res = p.add_mutually_exclusive_group()
-    res.add_argument("--level", type=int, metavar="N", help="pyramid level to train at (default 0)")
-    res.add_argument("--mpp", type=float, metavar="UM", help="train at the level nearest this many µm per pixel")
+    res.add_argument("--level", type=int, metavar="N",
+                     help="pyramid level to train at (default: 0.5 µm/px where the pixel size is known, else level 0)")
+    res.add_argument("--mpp", type=float, metavar="UM", help="train at this many µm per pixel")
+    add_pixel_size_arguments(p)
     p.add_argument("--no-augment", action="store_true", help="switch off flips, rotations, blur, colour and elastic")
     p.add_argument("--workers", type=int, help="threads preparing batches (default 0)")
     p.add_argument("--seed", type=int, default=0)
@@ -75,7 +77,7 @@ def run(args) -> int:
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     if names is not None and (len(names) < 2 or not all(names)):
         raise UserError("--class-names needs at least two non-empty names, background first (e.g. background,nucleus).")
-    resolution = Resolution(level=args.level or 0, mpp=args.mpp)
+    resolution = Resolution(level=args.level or 0, mpp=args.mpp) if args.level is not None or args.mpp else None
     if args.masks:
         pairs, unmatched, unused = match_by_stem(images, args.masks)
         kind = "mask"
@@ -88,7 +90,9 @@ def run(args) -> int:
                         "images (a.svs -> a.png or a_mask.png).")
     colors = None
     if args.annotations:
-        labels, names, colors, warns = training_labels(pairs, resolution, names, sparse=args.sparse)
+        labels, names, colors, warns = training_labels(pairs, resolution, names, sparse=args.sparse,
+                                                        pixel_size=args.pixel_size,
+                                                        override_pixel_size=args.override_pixel_size)
         for w in warns:
             print(f"warning: {w}", file=sys.stderr)
     else:
@@ -109,7 +113,8 @@ def run(args) -> int:
           f"batch {cfg.batch}, loss {cfg.loss}.", file=sys.stderr)
     with StopOnInterrupt() as stop, ProgressBar() as bar:
         result = finetune([i for i, _ in pairs], labels, args.out, cfg, pretrained=args.model, device=args.device,
-                          progress=_EpochPrinter(bar), should_stop=stop, resume=args.resume)
+                          progress=_EpochPrinter(bar), should_stop=stop, resume=args.resume,
+                          pixel_size=args.pixel_size, override_pixel_size=args.override_pixel_size)
     _summary(result)
     return 0
 

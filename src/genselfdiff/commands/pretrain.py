@@ -10,7 +10,7 @@ ORDER = 10
 
 
 def register(sub) -> None:
-    from ..cli import add_device_argument
+    from ..cli import add_device_argument, add_pixel_size_arguments
     from ..config import PRESETS
 
     p = sub.add_parser(
@@ -36,14 +36,16 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run saved next to --out (same data, "
                    "same random stream); --steps counts from the start of the run")
     add_device_argument(p)
+    add_pixel_size_arguments(p)
     h = p.add_argument_group("hyperparameters (default: the preset's)")
     h.add_argument("--patch", type=int, help="patch side in pixels")
     h.add_argument("--batch", type=int, help="patches per step (per process under torchrun)")
     h.add_argument("--lr", type=float, help="Adam learning rate (paper: 1e-4)")
     h.add_argument("--width", type=int, help="base width of the U-Net (paper: 64)")
     res = h.add_mutually_exclusive_group()
-    res.add_argument("--level", type=int, help="pyramid level to read patches from (default 0, full resolution)")
-    res.add_argument("--mpp", type=float, help="read patches at this many µm per pixel (files that state their scale)")
+    res.add_argument("--level", type=int, help="pyramid level to read patches from (default: 0.5 µm/px where the "
+                                                "pixel size is known, else full resolution)")
+    res.add_argument("--mpp", type=float, help="read patches at this many µm per pixel (images of known pixel size)")
     h.add_argument("--ema", type=float, help="EMA decay of the weights; 0 = off (default 0.999)")
     h.add_argument("--grad-clip", type=float, help="clip the gradient norm; 0 = off (default 1.0)")
     h.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps; 0 = off (default 100)")
@@ -91,7 +93,8 @@ def run(args) -> int:
         print("No --steps or --minutes given: training until Ctrl-C.", file=sys.stderr)
     with StopOnInterrupt() as stop, ProgressBar(unit="step", quiet=args.quiet or not main) as bar:
         result = pretrain(args.slides, args.out, cfg, device=args.device, resume=args.resume,
-                          progress=bar, should_stop=stop)
+                          progress=bar, should_stop=stop, pixel_size=args.pixel_size,
+                          override_pixel_size=args.override_pixel_size)
     if not main:
         return EXIT_OK
     print(summary(result))

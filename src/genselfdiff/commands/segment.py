@@ -8,7 +8,7 @@ ORDER = 30
 
 
 def register(sub) -> None:
-    from ..cli import add_device_argument
+    from ..cli import add_device_argument, add_pixel_size_arguments
 
     p = sub.add_parser(
         "segment", help="segment images or whole slides with a fine-tuned model into OME-Zarr labels",
@@ -28,6 +28,7 @@ def register(sub) -> None:
     p.add_argument("--all-tiles", action="store_true", help="run the network on glass too (no tissue detection)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run the tiles on this dask.distributed scheduler "
                                                           "(e.g. tcp://host:8786); workers must see the same files")
+    add_pixel_size_arguments(p)
     add_device_argument(p)
     p.set_defaults(run=run)
 
@@ -51,7 +52,8 @@ def run(args) -> int:
     with StopOnInterrupt() as stop, ProgressBar(unit="tile") as bar:
         results = segment_batch(model, images, args.out, tile=args.tile, overlap=args.overlap, batch=args.batch,
                                 skip_background=not args.all_tiles, probabilities=args.probabilities, png=args.png,
-                                scheduler=args.scheduler, progress=bar, should_stop=stop)
+                                scheduler=args.scheduler, progress=bar, should_stop=stop, pixel_size=args.pixel_size,
+                                override_pixel_size=args.override_pixel_size)
     failed = _summary(results, len(images))
     if results and failed == len(results) == len(images):
         # Nothing could be segmented: a usage problem (wrong model, unsupported files), exit 2.
