@@ -452,3 +452,17 @@ def test_napari_style_inputs_pyramids_and_counts(synthetic_pair):
         open_labelled([img, downsample2(img)], truth[:200], Resolution(level=1))
     with pytest.raises(UserError, match="2 images but 1"):
         finetune([img, img], [truth], "unused.pt", _cfg(), device="cpu")
+
+
+def test_strokes_survive_the_reduction_to_a_coarser_training_level():
+    from genselfdiff.annotations import shrink_strokes
+
+    lab = np.zeros((8, 8), np.uint8)
+    lab[1, :] = 2  # a 1-px stroke on an odd row: nearest neighbour would drop it
+    lab[6, 2] = 1
+    lab[4:6, 4:6] = 3
+    lab[4, 4] = 2  # a block of three 3s and one 2 takes 3
+    out = shrink_strokes(lab, (4, 4))
+    assert out[0].tolist() == [2, 2, 2, 2]
+    assert out[3, 1] == 1 and out[2, 2] == 3
+    assert (out[1] == 0).all() and out.sum() == 2 * 4 + 1 + 3

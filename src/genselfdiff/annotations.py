@@ -165,8 +165,13 @@ class LabelledImage:
         return self.image.shape[:2]
 
 
-def open_labelled(image, labels, resolution, *, index: int = 0, label_name: Optional[str] = None) -> LabelledImage:
-    """Wrap one image (path, :class:`Slide` or array) and its labels (path or array), checking shapes."""
+def open_labelled(image, labels, resolution, *, index: int = 0, label_name: Optional[str] = None,
+                  sparse: bool = False) -> LabelledImage:
+    """Wrap one image (path, :class:`Slide` or array) and its labels (path or array), checking shapes.
+
+    Labels of the whole image's size follow the image to a coarser training level: masks
+    by nearest neighbour, strokes (``sparse``) so that no painted pixel is lost.
+    """
     if isinstance(image, (str, Path)):
         image = open_slide(image)
     elif isinstance(image, (list, tuple)):  # a multiscale pyramid, as napari holds one
@@ -188,13 +193,37 @@ def open_labelled(image, labels, resolution, *, index: int = 0, label_name: Opti
         label_name = label_name or f"the labels of {source or name}"
         lab = require_integers(as_label_array(labels, label_name), label_name)
     if isinstance(image, Slide) and level and tuple(lab.shape) == tuple(image.shape[:2]):
-        lab = resize_labels(lab, arr.shape[:2])  # a mask of the whole image, read at a coarser working scale
+        # a mask of the whole image, read at a coarser working scale
+        lab = shrink_strokes(lab, arr.shape[:2]) if sparse else resize_labels(lab, arr.shape[:2])
     if tuple(lab.shape) != tuple(arr.shape[:2]):
         where = f" at pyramid level {level}" if level else ""
         raise UserError(f"{label_name} is {lab.shape[0]}x{lab.shape[1]} pixels but {source or name} is "
                         f"{arr.shape[0]}x{arr.shape[1]}{where}; a mask must have the size of its image at the training resolution.")
     return LabelledImage(name=name, image=WindowReader(arr, 255), labels=WindowReader(lab, 0), level=level,
                          downsample=downsample, mpp=mpp, image_source=source, label_source=label_name)
+
+
+def shrink_strokes(labels, shape: tuple) -> np.ndarray:
+    """Sparse labels on a coarser grid: each new pixel takes the most painted class of the
+    pixels it covers (0 = unlabelled only where none is painted), so a stroke thinner than
+    the reduction survives; a non-integer ratio falls back to nearest neighbour."""
+    lab = np.asarray(labels)
+    (H, W), (h, w) = lab.shape[:2], (int(shape[0]), int(shape[1]))
+    fy, fx = round(H / h), round(W / w)
+    if fy < 1 or fx < 1 or abs(H / h - fy) > 0.05 * fy or abs(W / w - fx) > 0.05 * fx:
+        return np.asarray(resize_labels(lab, shape))
+    padded = np.zeros((h * fy, w * fx), lab.dtype)
+    padded[: min(H, h * fy), : min(W, w * fx)] = lab[: h * fy, : w * fx]
+    blocks = padded.reshape(h, fy, w, fx)
+    out = np.zeros((h, w), lab.dtype)
+    best = np.zeros((h, w), np.int32)
+    for value in np.unique(lab):
+        if value == 0:
+            continue
+        count = (blocks == value).sum((1, 3))
+        win = count > best
+        out[win], best[win] = value, count[win]
+    return out
 
 
 def _as_rgb(arr, name: str):

@@ -189,7 +189,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
             im = as_slide(im, pixel_size, override_pixel_size, name=f"image #{i + 1}")
             for note in im.notes:
                 tell(note)
-        items.append(open_labelled(im, lab, resolution, index=i))
+        items.append(open_labelled(im, lab, resolution, index=i, sparse=cfg.sparse))
         scan(items[-1], sparse=cfg.sparse, tile=cfg.patch, seed=cfg.seed + i)
         progress(Progress("finetune: reading annotations", i + 1, len(images)))
     unknown = [it.image_source or it.name for it in items if it.mpp is None]
