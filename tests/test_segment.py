@@ -450,7 +450,7 @@ def test_cuda_pipeline_matches_cpu(tmp_path):
     cpu = segment(local_model(), rgb, tile=64, overlap=16, chunk=96, skip_background=False).labels
     model = local_model()
     model.net.to("cuda")
-    model.device = torch.device("cuda")
+    model.device, model.amp = torch.device("cuda"), True
     gpu = segment(model, rgb, tmp_path / "gpu.ome.zarr", tile=64, overlap=16, chunk=96, skip_background=False)
     assert (np.asarray(gpu.labels) == cpu).mean() > 0.98
 

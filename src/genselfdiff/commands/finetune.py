@@ -98,7 +98,8 @@ def run(args) -> int:
     if args.no_augment:
         overrides["augment"] = Augment.off()
     cfg = FinetuneConfig.from_preset(args.preset, **overrides)
-    print(f"Fine-tuning {'from ' + args.model if args.model else 'the ' + args.preset + ' network from random weights'} "
+    network = "the network auto chooses for this device" if args.preset == "auto" else f"the {args.preset} network"
+    print(f"Fine-tuning {'from ' + args.model if args.model else network + ' from random weights'} "
           f"on {len(pairs)} image(s), {'sparse' if cfg.sparse else 'dense'} labels, loss {cfg.loss}.", file=sys.stderr)
     with StopOnInterrupt() as stop, ProgressBar() as bar:
         result = finetune([i for i, _ in pairs], labels, args.out, cfg, pretrained=args.model, device=args.device,
