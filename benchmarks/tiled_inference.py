@@ -14,7 +14,14 @@ In one run, with one model and the same tile, overlap and batch:
     size (peak RSS of the CPU allocator depends on how many batches ran) while the slide, its
     tissue map, its units and its output grow.
 
-    .venv/bin/python benchmarks/tiled_inference.py [--quick] [--device cpu]
+With ``--amp-compare`` it runs only
+
+(e) bf16 against fp32: (a) for each of ``--amp-presets`` (default tiny and small) with
+    ``Model.amp`` off and on, alternating in rounds so that other load slows both alike;
+    the best of ``--repeats`` rounds each. bf16 is only used where ``model.amp_enabled``
+    says (CUDA, CPUs with native bf16); elsewhere both columns are fp32 and say so.
+
+    .venv/bin/python benchmarks/tiled_inference.py [--quick] [--device cpu] [--amp-compare]
 
 Speeds are megapixels of the processing level per second.
 """
@@ -174,6 +181,27 @@ def monai(model, slide_path, tile, overlap, batch, channels_last=False) -> dict:
     return {"seconds": seconds, "mpx_per_s": labels.size / seconds / 1e6, "held_bytes": held}
 
 
+def amp_comparison(device, dense, args) -> None:
+    """(e): the raw forward pass in fp32 and under the autocast rule, per preset, one line each."""
+    from genselfdiff.model import amp_enabled
+
+    bf16 = amp_enabled(device)
+    parts = []
+    for preset in args.amp_presets:
+        model = tiny_model(device, preset)
+        runs = {False: [], True: []}
+        for _ in range(args.repeats):
+            for amp in (False, True):
+                model.amp = amp
+                runs[amp].append(raw_forward(model, dense, args.tile, args.overlap, args.batch)["mpx_per_s"])
+        fp32, low = max(runs[False]), max(runs[True])
+        each = "; ".join(f"{'bf16' if amp else 'fp32'} " + " ".join(f"{v:.3f}" for v in runs[amp]) for amp in runs)
+        print(f"(e) {preset:<5} {args.size}^2 tile {args.tile} batch {args.batch}: fp32 {fp32:.3f}, "
+              f"{'bf16' if bf16 else 'amp (fp32 here)'} {low:.3f} Mpx/s = {low / fp32:.2f}x (runs: {each})")
+        parts.append(f"{preset} fp32 {fp32:.3f} / {'bf16' if bf16 else 'amp=fp32'} {low:.3f} ({low / fp32:.2f}x)")
+    print("summary: raw forward Mpx/s, " + ", ".join(parts))
+
+
 # --- (d) memory in a fresh process --------------------------------------------------------------
 
 def peak_rss() -> int:
@@ -240,6 +268,8 @@ def main() -> None:
     p.add_argument("--spot", type=int, default=512, help="(d): side of a tissue square")
     p.add_argument("--no-monai", action="store_true")
     p.add_argument("--repeats", type=int, default=2, help="runs of (a)-(c), best kept (default %(default)s)")
+    p.add_argument("--amp-compare", action="store_true", help="only (e): bf16 autocast against fp32 per preset")
+    p.add_argument("--amp-presets", nargs="+", default=["tiny", "small"], help="presets for (e) (default: tiny small)")
     p.add_argument("--work", default=None, help="folder for the synthetic slides (default: a temporary one)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -250,7 +280,7 @@ def main() -> None:
     import torch
 
     device = torch.device(args.device)
-    size = args.size or (512 if args.quick else 2048)
+    size = args.size = args.size or (512 if args.quick else 2048)
     sizes = args.memory_sizes if args.memory_sizes is not None else ([1024, 4096] if args.quick else [4096, 16384, 40960])
     if args.quick:
         args.spots, args.repeats = 2, 1
@@ -258,12 +288,14 @@ def main() -> None:
     print("machine:", machine(device))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="genselfdiff-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    model = tiny_model(device, args.preset)
-    print(f"model: {args.preset} preset, tile {args.tile}, overlap {args.overlap}, batch {args.batch}")
-
     dense = work / f"dense_{size}.ome.tif"
     if not dense.exists():
         write_spotted_pyramid(dense, size, dense=True)
+    if args.amp_compare:
+        return amp_comparison(device, dense, args)
+    model = tiny_model(device, args.preset)
+    print(f"model: {args.preset} preset, tile {args.tile}, overlap {args.overlap}, batch {args.batch}")
+
     # (a), (b), (c) in turn, --repeats times, best of each: load from other processes varies.
     runs = {"a": [], "b": [], "c": [], "c2": []}
     for _ in range(args.repeats):

@@ -7,7 +7,7 @@ medians over rounds.
 
   plain      UNet(cfg, fused_attention=False), fp32, contiguous (NCHW), eager
   optimised  what ``genselfdiff pretrain`` does: fused scaled-dot-product attention, bf16
-             autocast on CUDA and on CPUs with native bf16 (pretrain.amp_enabled),
+             autocast on CUDA and on CPUs with native bf16 (model.amp_enabled),
              channels_last on CUDA only (it measured slower on the CPU; --channels-last
              forces it), torch.compile with --compile
 
@@ -119,8 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a few steps, for a smoke test")
     args = p.parse_args(argv)
 
-    from genselfdiff.model import pick_device
-    from genselfdiff.pretrain import amp_enabled
+    from genselfdiff.model import amp_enabled, pick_device
 
     device = pick_device(args.device)
     if args.threads:

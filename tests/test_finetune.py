@@ -466,3 +466,19 @@ def test_strokes_survive_the_reduction_to_a_coarser_training_level():
     assert out[0].tolist() == [2, 2, 2, 2]
     assert out[3, 1] == 1 and out[2, 2] == 3
     assert (out[1] == 0).all() and out.sum() == 2 * 4 + 1 + 3
+
+
+def test_auto_preset_follows_the_base_model_else_the_device(tmp_path, synthetic_pair, monkeypatch):
+    from genselfdiff import config
+
+    img, truth = synthetic_pair
+    monkeypatch.setattr(config, "CPU_AUTO_PRESET", "paper")  # so that the base model's "tiny" must win
+    _pretrained(tmp_path / "pre.pt")
+    auto = FinetuneConfig.from_preset("auto", steps=0, batch=4, seed=0)
+    result = finetune([img], [truth], tmp_path / "a.pt", auto, pretrained=tmp_path / "pre.pt", device="cpu")
+    saved = torch.load(result.path, weights_only=True)["config"]
+    assert saved["preset"] == "tiny" and saved["patch"] == get_preset("tiny").patch
+    monkeypatch.setattr(config, "CPU_AUTO_PRESET", "tiny")
+    result = finetune([img], [truth], tmp_path / "b.pt", auto, device="cpu")
+    saved = torch.load(result.path, weights_only=True)
+    assert saved["config"]["preset"] == "tiny" and saved["net"]["width"] == TINY.width

@@ -248,6 +248,21 @@ def test_batch_mode_segments_every_open_image_and_saves_them(make_napari_viewer,
     assert "Segmented 2 of 2" in widget.status.text()
 
 
+def test_flip_averaging_box_gives_the_engines_tta_result(make_napari_viewer, qtbot, tiny_model):
+    from genselfdiff.model import load_model
+    from genselfdiff.segment import segment
+
+    viewer = make_napari_viewer()
+    image = _open_sample(viewer, (128, 128))
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.model.setText(str(tiny_model))
+    widget.device.setCurrentText("cpu")
+    widget.tta.setChecked(True)
+    _segment(qtbot, widget)
+    want = segment(load_model(tiny_model, "cpu"), image.data, tta=True).labels
+    np.testing.assert_array_equal(viewer.layers[f"{image.name} labels"].data, want)
+
+
 def test_visible_region_only_computes_the_tiles_on_screen(make_napari_viewer, qtbot, tiny_model):
     viewer = make_napari_viewer()
     image = _open_sample(viewer, (1024, 1024))

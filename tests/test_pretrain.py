@@ -271,3 +271,15 @@ def test_resolution_by_microns_per_pixel(synthetic_slide):
     assert OpenSlide(path, 32, Resolution(level=2)).level == 2
     with pytest.raises(UserError, match="larger than every image"):
         plan_data([path], 512, Resolution(level=2))
+
+
+def test_auto_preset_is_resolved_and_recorded_in_the_checkpoint(slides, tmp_path, monkeypatch):
+    from genselfdiff import config
+    from genselfdiff.config import get_preset
+
+    monkeypatch.setattr(config, "CPU_AUTO_PRESET", "small")  # not the tiny default, so it must be followed
+    cfg = PretrainConfig.from_preset("auto", steps=1, val_every=0, **TINY)
+    out = tmp_path / "auto.pt"
+    pretrain([slides], out, cfg, device="cpu")
+    saved = load_checkpoint(out)
+    assert saved["config"]["preset"] == "small" and saved["net"]["width"] == get_preset("small").net.width

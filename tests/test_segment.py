@@ -34,10 +34,12 @@ class LocalNet(nn.Module):
         return self.body(x) * 20  # sharp, so class ids change often
 
 
+# The test models run in fp32 (amp=False) on every CPU: the tiling tests compare against
+# fp32 arithmetic exactly; bf16 inference has its own test.
 def local_model(level=0):
     return Model(net=LocalNet().eval(), kind="segmentation", net_config=TINY, device=torch.device("cpu"),
                  classes=["background", "a", "b"], colors=default_colors(3), resolution=Resolution(level=level),
-                 patch=64)
+                 patch=64, amp=False)
 
 
 def unet_model(net=None, classes=("background", "nucleus")):
@@ -45,7 +47,7 @@ def unet_model(net=None, classes=("background", "nucleus")):
         torch.manual_seed(0)
         net = to_segmentation(UNet(TINY), len(classes))
     return Model(net=net.eval(), kind="segmentation", net_config=net.unet.cfg, device=torch.device("cpu"),
-                 classes=list(classes), colors=default_colors(len(classes)), patch=64)
+                 classes=list(classes), colors=default_colors(len(classes)), patch=64, amp=False)
 
 
 def whole_image(net, rgb):
@@ -111,6 +113,50 @@ def test_unet_tiled_matches_whole_image(trained_unet):
     confident = np.abs(whole[1] - 0.5) > 0.25
     assert diff.mean() < 0.01
     assert same.mean() > 0.99 and same[confident].mean() > 0.995
+
+
+def test_bf16_inference_agrees_with_fp32(trained_unet, monkeypatch):
+    """bf16 autocast (forced on, so this runs on any CPU) changes only pixels near the boundary."""
+    from genselfdiff import model as model_module
+
+    rgb, truth = synthetic_tissue((256, 256), seed=5, glass=0.1)
+    fp32 = unet_model(trained_unet)
+    kw = dict(tile=128, overlap=32, chunk=128, skip_background=False)
+    ref = segment(fp32, rgb, **kw).labels
+    assert (ref == truth).mean() > 0.95  # non-trivial predictions
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
+    bf16 = unet_model(trained_unet)
+    bf16.amp = True
+    low = segment(bf16, rgb, **kw).labels
+    assert not np.array_equal(bf16.predict(rgb[None, :128, :128]), fp32.predict(rgb[None, :128, :128]))  # bf16 ran
+    assert (low == ref).mean() >= 0.995
+
+
+def test_flip_tta_is_invariant_to_flipping_the_input_through_tiles():
+    model = local_model()
+    rgb, _ = synthetic_tissue((192, 192), seed=8)
+    # 16 tiles in one chunk on a grid that is its own mirror image, so a flipped image is
+    # cut into the flipped tiles.
+    kw = dict(tile=64, overlap=16, chunk=192, skip_background=False, batch=5)
+    for tta in (False, True):
+        r = segment(model, rgb, tta=tta, **kw)
+        assert r.tiles == 16
+        for axes in ((1,), (0,), (0, 1)):
+            flipped = segment(model, np.ascontiguousarray(np.flip(rgb, axes)), tta=tta, **kw).labels
+            same = (np.flip(flipped, axes) == r.labels).mean()
+            if tta:
+                assert same == 1.0
+            else:
+                assert same < 0.9  # the network itself is not symmetric: the test can fail
+
+
+def test_tta_result_is_the_mean_of_the_flipped_predictions():
+    model = local_model()
+    rgb, _ = synthetic_tissue((64, 64), seed=9)
+    x = torch.from_numpy(rgb)[None].permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        want = sum(model.net(x.flip(d)).softmax(1).flip(d) for d in ((), (3,), (2,), (2, 3))) / 4
+    assert np.allclose(model.predict(rgb[None], tta=True), want.numpy(), atol=1e-6)
 
 
 # --- OME-Zarr output --------------------------------------------------------------------------
@@ -381,6 +427,23 @@ def test_cli_segment_exit_codes(tmp_path, capsys):
     assert "fine-tune it first" in capsys.readouterr().err
 
 
+def test_cli_segment_tta_and_no_amp_match_the_engine(tmp_path):
+    from skimage.io import imread
+
+    from genselfdiff.cli import main
+
+    good, _ = _images(tmp_path)
+    ckpt = save_segmentation_checkpoint(tmp_path / "seg.pt")
+    assert main(["segment", str(ckpt), str(good), "--out", str(tmp_path / "out"), "--device", "cpu", "--tile", "64",
+                 "--overlap", "16", "--all-tiles", "--tta", "--no-amp", "--png"]) == 0
+    model = load_model(ckpt, "cpu")
+    model.amp = False
+    rgb = imread(good)
+    want = segment(model, rgb, tile=64, overlap=16, skip_background=False, tta=True).labels
+    assert (imread(tmp_path / "out" / "good.png") == want).all()
+    assert not (segment(model, rgb, tile=64, overlap=16, skip_background=False).labels == want).all()
+
+
 @pytest.mark.gpu
 def test_cuda_pipeline_matches_cpu(tmp_path):
     """Pinned memory, asynchronous copies, bf16 autocast: the same labels up to bf16 rounding."""
@@ -388,7 +451,7 @@ def test_cuda_pipeline_matches_cpu(tmp_path):
     cpu = segment(local_model(), rgb, tile=64, overlap=16, chunk=96, skip_background=False).labels
     model = local_model()
     model.net.to("cuda")
-    model.device = torch.device("cuda")
+    model.device, model.amp = torch.device("cuda"), True
     gpu = segment(model, rgb, tmp_path / "gpu.ome.zarr", tile=64, overlap=16, chunk=96, skip_background=False)
     assert (np.asarray(gpu.labels) == cpu).mean() > 0.98
 

@@ -4,6 +4,7 @@ told to the user."""
 
 from __future__ import annotations
 
+from genselfdiff.config import PRESET_CHOICES  # no torch: napari still starts fast
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QWidget,
@@ -12,7 +13,7 @@ from qtpy.QtWidgets import (
 from ..settings import settings
 from ..workers import JobRunner, ProgressView
 
-PRESETS = ["tiny", "small", "paper"]
+PRESETS = list(PRESET_CHOICES)  # "auto" first: the engine picks by device (config.resolve_preset)
 
 
 class PathEdit(QWidget):

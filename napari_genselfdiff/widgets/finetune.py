@@ -47,7 +47,7 @@ class FinetuneWidget(JobWidget):
         self.base.changed.connect(lambda text: self.preset.setEnabled(not text))
         self.preset = QComboBox()
         self.preset.addItems(PRESETS)
-        self.preset.setCurrentText(settings.get("finetune_preset", "small"))
+        self.preset.setCurrentText(settings.get("finetune_preset", "auto"))
         self.preset.setToolTip("Network size when training from scratch (a base model brings its own)")
         self.preset.setEnabled(not self.base.text())
         self.budget = BudgetEdit(500)

@@ -76,8 +76,9 @@ class PretrainWidget(JobWidget):
         self.out.setText(settings.get("pretrain_out", ""))
         self.preset = QComboBox()
         self.preset.addItems(PRESETS)
-        self.preset.setCurrentText(settings.get("pretrain_preset", "small"))
-        self.preset.setToolTip("tiny: quick try on a CPU; small: a laptop GPU; paper: the published model")
+        self.preset.setCurrentText(settings.get("pretrain_preset", "auto"))
+        self.preset.setToolTip("auto: paper on a CUDA GPU, the CPU's best by measurement otherwise; tiny: quick try "
+                               "on a CPU; small: a laptop GPU; paper: the published model")
         self.budget = BudgetEdit(2000)
         self.device = DeviceBox()
         self.pixel_size = PixelSizeEdit("as the files state (PNG/JPEG: unknown)")

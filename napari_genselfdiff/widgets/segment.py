@@ -37,6 +37,10 @@ class SegmentWidget(QWidget):
         self.pixel_size = PixelSizeEdit()
         napari_viewer.layers.selection.events.active.connect(self._show_pixel_size)
         self._show_pixel_size()
+        self.tta = QCheckBox("average over flips (4x slower)")
+        self.tta.setToolTip("Test-time augmentation: each tile is also run flipped left-right, up-down and both, "
+                            "and the class probabilities are averaged")
+        self.tta.setChecked(bool(settings.get("segment_tta", False)))
         self.out = PathEdit("dir", placeholder="optional: folder for OME-Zarr results")
         self.out.setText(settings.get("segment_out", ""))
         # "auto" (the spin boxes' lowest values) lets the engine choose from the model.
@@ -74,6 +78,7 @@ class SegmentWidget(QWidget):
         form.addRow("Segment", self.targets)
         form.addRow("", self.visible_only)
         form.addRow("Pixel size (µm/px)", self.pixel_size)
+        form.addRow("", self.tta)
         form.addRow("Save to", self.out)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button, 1)
@@ -149,11 +154,11 @@ class SegmentWidget(QWidget):
         if out_dir and self.visible_only.isChecked():
             return tell_error("'Visible region only' is a quick look and saves nothing; clear 'Save to' or untick it.")
         for key, value in (("model", model), ("segment_out", self.out.text()), ("tile", self.tile.value()),
-                           ("overlap", self.overlap.value())):
+                           ("overlap", self.overlap.value()), ("segment_tta", self.tta.isChecked())):
             settings.set(key, value)
         self.results = {item["key"]: {"image_layer": item.pop("layer")} for item in items}
         options = {"tile": self.tile.value() or None, "overlap": self.overlap.value() if self.overlap.value() >= 0 else None,
-                   "batch": self.batch.value()}
+                   "batch": self.batch.value(), "tta": self.tta.isChecked()}
         self.worker, self._stop = segment_worker(model, self.device.currentText(), items, options, out_dir)
         self.worker.yielded.connect(self._on_yield)
         self.worker.errored.connect(self._on_error)

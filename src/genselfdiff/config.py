@@ -2,7 +2,9 @@
 
 ``paper`` is GenSelfDiff-HIS as published (width 64, multipliers 1-2-4-8, 256-px
 patches, batch 8, Adam 1e-4). ``small`` and ``tiny`` shrink the same architecture for
-laptops and CPUs; every field can still be overridden.
+laptops and CPUs; every field can still be overridden. ``auto``, the default, is resolved
+when a run starts (:func:`resolve_preset`): the paper network on CUDA, ``CPU_AUTO_PRESET``
+elsewhere, and the base model's preset when fine-tuning from one.
 """
 
 from __future__ import annotations
@@ -64,11 +66,43 @@ PRESETS = {
 }
 
 
+AUTO = "auto"
+PRESET_CHOICES = (AUTO, *PRESETS)
+# What "auto" means without CUDA: the preset that reached the best accuracy per minute of
+# CPU training. Chosen by measurement, see docs/benchmarks.md; "tiny" until measured.
+CPU_AUTO_PRESET = "tiny"
+
+
+def resolve_preset(name: str, device, base: Optional[str] = None) -> str:
+    """The preset a run on ``device`` uses for ``name``.
+
+    A named preset is itself. ``auto`` is ``base`` (the preset recorded in the model a
+    fine-tuning run starts from) when there is one, else ``paper`` on CUDA and
+    :data:`CPU_AUTO_PRESET` on the CPU (and MPS, which is not measured).
+    """
+    if name != AUTO:
+        get_preset(name)
+        return name
+    if base in PRESETS:
+        return base
+    return "paper" if getattr(device, "type", str(device)).startswith("cuda") else CPU_AUTO_PRESET
+
+
+def with_preset(cfg, device, base: Optional[str] = None):
+    """A run configuration with its preset resolved (:func:`resolve_preset`) and the network,
+    patch and batch that it leaves open (None; ``net`` may be a dict of changed fields)
+    taken from that preset. What is recorded in checkpoints."""
+    name = resolve_preset(cfg.preset, device, base)
+    p = get_preset(name)
+    net = cfg.net if isinstance(cfg.net, NetConfig) else NetConfig.from_dict({**p.net.to_dict(), **(cfg.net or {})})
+    return replace(cfg, preset=name, net=net, patch=cfg.patch or p.patch, batch=cfg.batch or p.batch)
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise UserError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.") from None
+        raise UserError(f"Unknown preset {name!r}; choose one of {', '.join(PRESET_CHOICES)}.") from None
 
 
 @dataclass
@@ -85,12 +119,12 @@ class Resolution:
 
 @dataclass
 class PretrainConfig:
-    """Everything that defines a pretraining run; stored in its checkpoints."""
+    """Everything that defines a pretraining run; stored (resolved, :func:`with_preset`) in its checkpoints."""
 
-    preset: str = "paper"
-    net: NetConfig = field(default_factory=NetConfig)
-    patch: int = 256
-    batch: int = 8
+    preset: str = AUTO
+    net: Optional[NetConfig] = None  # None (or a dict of changed fields): the preset's
+    patch: Optional[int] = None  # None: the preset's
+    batch: Optional[int] = None
     lr: float = 1e-4
     steps: Optional[int] = None
     minutes: Optional[float] = None
@@ -116,26 +150,48 @@ class PretrainConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "PretrainConfig":
-        p = get_preset(name)
-        cfg = cls(preset=name, net=p.net, patch=p.patch, batch=p.batch)
+        cfg = cls(**preset_fields(name, overrides.get("net")))
         if overrides.get("recipe") == "official":  # the recipe's values, then what the caller chose
             from .recipe import official_pretrain_fields
 
             cfg = replace(cfg, **official_pretrain_fields())
-        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-        if cfg.recipe == "official":  # its architecture, whatever network the caller passed
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k != "net"})
+        if cfg.recipe == "official" and isinstance(cfg.net, NetConfig):  # its architecture (auto: at the start)
             cfg = replace(cfg, net=replace(cfg.net, final_time=False))
         return cfg
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["net"] = self.net.to_dict()
+        d["net"] = net_to_dict(self.net)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PretrainConfig":
         d = dict(d)
-        d["net"] = NetConfig.from_dict(d.get("net", {}))
+        d["net"] = net_from_dict(d.get("net", {}))
         d["resolution"] = Resolution(**d["resolution"]) if d.get("resolution") is not None else None
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def preset_fields(name: str, net=None) -> dict:
+    """preset, net, patch and batch of a configuration made from preset ``name``.
+
+    A named preset fills them in now (``net`` given as a dict changes some of the preset
+    network's fields); ``auto`` leaves them open for :func:`with_preset` at the start of the run.
+    """
+    if name == AUTO:
+        return {"preset": AUTO, "net": net, "patch": None, "batch": None}
+    p = get_preset(name)
+    if isinstance(net, dict):
+        net = NetConfig.from_dict({**p.net.to_dict(), **net})
+    return {"preset": name, "net": net or p.net, "patch": p.patch, "batch": p.batch}
+
+
+def net_to_dict(net):
+    return net.to_dict() if isinstance(net, NetConfig) else net
+
+
+def net_from_dict(d):
+    """A stored network description; None (an unresolved ``auto``) stays None."""
+    return NetConfig.from_dict(d) if d is not None else None

@@ -34,7 +34,7 @@ from .annotations import (PatchSampler, ValidationSet, default_class_names, open
                           split_tiles, validation_set)
 from .augment import Augment, augment
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .config import NetConfig, Resolution, get_preset
+from .config import AUTO, NetConfig, Resolution, net_from_dict, net_to_dict, preset_fields, with_preset
 from .errors import UserError
 from .losses import IGNORE, LOSSES, make_loss
 from .model import autocast, default_colors, pick_device, to_input
@@ -54,10 +54,10 @@ DEFAULT_EPOCHS = 50  # when no budget is given; early stopping usually ends soon
 class FinetuneConfig:
     """Everything that defines a fine-tuning run; stored in its checkpoint."""
 
-    preset: str = "paper"
-    net: NetConfig = field(default_factory=NetConfig)
-    patch: int = 256
-    batch: int = 8
+    preset: str = AUTO  # resolved when the run starts (config.with_preset)
+    net: Optional[NetConfig] = None  # None (or a dict of changed fields): the preset's
+    patch: Optional[int] = None  # None: the preset's
+    batch: Optional[int] = None
     lr: float = 1e-4
     betas: tuple = (0.5, 0.999)
     loss: str = "paper"  # "paper" (SS + focal), "ce" or "dice"
@@ -86,24 +86,20 @@ class FinetuneConfig:
     resolution: Optional[Resolution] = None  # None: the engine's default (pixelsize.working_resolution)
     seed: int = 0
     workers: int = 0  # threads preparing batches ahead of the network
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (model.amp_enabled)
     log_every: int = 10
     recipe: str = "default"  # "official": the official code's choices (genselfdiff.recipe)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "FinetuneConfig":
-        p = get_preset(name)
-        net = overrides.pop("net", None)
-        if isinstance(net, dict):
-            net = NetConfig.from_dict({**p.net.to_dict(), **net})
-        cfg = cls(preset=name, net=net or p.net, patch=p.patch, batch=p.batch)
+        cfg = cls(**preset_fields(name, overrides.pop("net", None)))
         if overrides.get("recipe") == "official":  # the recipe's values, then what the caller chose
             cfg = replace(cfg, **official_finetune_fields())
         return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["net"] = self.net.to_dict()
+        d["net"] = net_to_dict(self.net)
         d["betas"] = list(self.betas)
         d["augment"] = self.augment.to_dict()
         return d
@@ -111,7 +107,7 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
         d = dict(d)
-        d["net"] = NetConfig.from_dict(d.get("net", {}))
+        d["net"] = net_from_dict(d.get("net", {}))
         d["resolution"] = Resolution(**d["resolution"]) if d.get("resolution") is not None else None
         d["augment"] = Augment.from_dict(d.get("augment", {}))
         if "betas" in d:
@@ -174,7 +170,9 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
         raise UserError(f"Unknown learning-rate schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
     dev = pick_device(device) if not isinstance(device, torch.device) else device
 
-    start = _load_start(pretrained, cfg) if pretrained is not None else _Start(cfg.net)
+    start = _load_start(pretrained, cfg) if pretrained is not None else None
+    cfg = with_preset(cfg, dev, start.provenance["preset"] if start else None)  # the base model's preset wins
+    start = start or _Start(cfg.net)
     if start.kind:  # the network is the checkpoint's, whatever the preset says
         cfg.net = start.net_cfg
     mult = cfg.net.downsampling

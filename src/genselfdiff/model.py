@@ -85,6 +85,7 @@ class Model:
     path: Optional[Path] = None
     meta: dict = field(default_factory=dict)  # the checkpoint without weights or optimizer
     normalization: str = "[-1, 1]"  # input scaling it was trained with ("[0, 1]": the official recipe)
+    amp: bool = True  # bf16 autocast where :func:`amp_enabled` says it pays; False keeps fp32
 
     @property
     def multiple(self) -> int:
@@ -98,18 +99,68 @@ class Model:
         return self.net
 
     @torch.no_grad()
-    def predict(self, rgb: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, C, H, W) float32 for uint8 (N, H, W, 3); sides a multiple of ``multiple``."""
+    def predict(self, rgb: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Class probabilities (N, C, H, W) float32 for uint8 (N, H, W, 3); sides a multiple of ``multiple``.
+
+        ``tta``: average over the four flips (see :func:`class_probabilities`).
+        """
         net = self.require_segmentation()
-        x = to_input(rgb, self.device, self.normalization)
-        with autocast(self.device):
-            logits = net(x)
-        return logits.float().softmax(1).cpu().numpy()
+        return class_probabilities(net, to_input(rgb, self.device, self.normalization), amp=self.amp, tta=tta).cpu().numpy()
+
+
+# --- numerics: one autocast rule for pretraining, fine-tuning and inference ------------------
+
+def amp_enabled(device: torch.device, amp: bool = True) -> bool:
+    """bf16 autocast where it is fast: CUDA, and CPUs with native bf16 (AVX512-BF16 or AMX).
+
+    Elsewhere CPU bf16 is emulated and slower than fp32, and MPS is left in fp32. Weights,
+    optimizer state, losses and softmax stay fp32 either way. ``amp=False`` opts out.
+    """
+    if not amp:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    """The autocast context of :func:`amp_enabled`: bf16 where it pays, fp32 elsewhere."""
+    on = amp_enabled(device, enabled)
+    return torch.autocast(device.type if on else "cpu", dtype=torch.bfloat16, enabled=on)
+
+
+# The flips of test-time augmentation, as tensor dims of (N, C, H, W): none, left-right,
+# up-down, both (= 180° rotation). 90° rotations are left out: they need square tiles.
+FLIPS = ((), (3,), (2,), (2, 3))
+
+
+def class_probabilities(net, x: torch.Tensor, *, amp: bool = True, tta: bool = False) -> torch.Tensor:
+    """Softmax (N, C, H, W) float32 of ``net`` on the normalised input ``x``.
+
+    The network runs under :func:`autocast`; the softmax (and any argmax of it) is fp32.
+    ``tta`` averages the softmax over :data:`FLIPS`, each flipped back, so the result is
+    the same for a flipped input, flipped (4x the compute).
+    """
+    probs = []
+    for dims in FLIPS if tta else ((),):
+        with autocast(x.device, amp):
+            logits = net(x.flip(dims) if dims else x)
+        p = logits.float().softmax(1)
+        probs.append(p.flip(dims) if dims else p)
+    if not tta:
+        return probs[0]
+    # Summed in pairs: a flipped input permutes the four terms within and between the pairs
+    # only, so its sum is bit for bit the flipped sum (a running sum would differ in rounding).
+    return ((probs[0] + probs[1]) + (probs[2] + probs[3])) / len(FLIPS)
 
 
 def load_model(path, device="auto", use_ema: bool = True) -> Model:
@@ -137,4 +188,5 @@ def load_model(path, device="auto", use_ema: bool = True) -> Model:
         colors=list(ckpt.get("colors") or default_colors(len(classes))),
         resolution=Resolution(**ckpt.get("resolution", {})), patch=int(ckpt.get("config", {}).get("patch", 256)),
         path=Path(path), meta=meta, normalization=str(ckpt.get("normalization", "[-1, 1]")),
+        amp=bool((ckpt.get("config") or {}).get("amp", True)),  # a model trained in fp32 only (official) runs in fp32
     )

@@ -27,9 +27,9 @@ import torch
 
 from . import distributed
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .config import PretrainConfig, Resolution
+from .config import PretrainConfig, Resolution, with_preset
 from .errors import UserError
-from .model import pick_device, to_input
+from .model import autocast, pick_device, to_input
 from .patches import PatchStream, batches, plan_data, val_noise
 from .pixelsize import tell, unknown_note, working_resolution
 from .progress import Progress, resolve
@@ -119,7 +119,9 @@ class _Trainer:
         self.opening = opening  # how open_slide is called: the user's pixel size
         self.device = ctx.device
         ckpt = self._load_resume_state(config) if resume else None
-        cfg = self.cfg = config if ckpt is None else self._resumed_config(config, ckpt)
+        cfg = self.cfg = with_preset(config, self.device) if ckpt is None else self._resumed_config(config, ckpt)
+        if cfg.recipe == "official" and cfg.net.final_time:  # the official final block has no time input
+            cfg = self.cfg = replace(cfg, net=replace(cfg.net, final_time=False))
         check_config(cfg)
         self.schedule = schedule_of(cfg)
         if self.device.type != "cpu":  # its tensors on the GPU: no host copy (and stall) in every step
@@ -130,7 +132,6 @@ class _Trainer:
         # channels_last pays on GPUs; on the CPU it measured slower (docs/pretraining.md, Measured).
         cl = cfg.channels_last and self.device.type == "cuda"
         self.memory_format = torch.channels_last if cl else torch.contiguous_format
-        self.amp = amp_enabled(self.device, cfg.amp)
 
         with torch.random.fork_rng(devices=[]):  # same initial weights for a seed, caller's RNG untouched
             torch.manual_seed(cfg.seed)
@@ -264,7 +265,7 @@ class _Trainer:
             net=self.ema if self.ema is not None else self.net)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        return autocast(self.device, self.cfg.amp)
 
     def _lr(self, step: int) -> float:
         """Linear warm-up over ``warmup_steps`` (0: none), then constant as in the paper."""
@@ -362,28 +363,6 @@ def _learnt_resolution(requested, used: Resolution, plan, tell_user: bool) -> Re
     return used
 
 
-def amp_enabled(device: torch.device, amp: bool = True) -> bool:
-    """bf16 autocast where it is fast: CUDA, and CPUs with native bf16 (AVX512-BF16 or AMX).
-
-    Elsewhere CPU bf16 is emulated and slower than fp32. Weights, optimizer state and the
-    loss stay fp32 either way.
-    """
-    if not amp:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_native_bf16()
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
@@ -440,7 +419,7 @@ def sample_images(model, n: int = 4, *, device="auto", seed: int = 0, timesteps:
     every = max(1, len(ts) // 10)
     for i in reversed(range(len(ts))):
         tt = torch.full((n,), ts[i], device=dev, dtype=torch.long)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp_enabled(dev)):
+        with autocast(dev, m.amp):
             eps = net(x, tt).float()
         a, ap, b = float(abar[i]), float(abar_prev[i]), float(betas[i])
         x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)

@@ -6,7 +6,8 @@ Three stages run at once so that reading and writing hide behind the network:
 
     reader thread    decodes the next unit's window once, cuts tiles, skips glass,
                      stacks batches (in pinned memory on CUDA)
-    this thread      runs the network (bf16 autocast on CUDA), keeps each tile's core
+    this thread      runs the network (bf16 autocast where it pays: model.amp_enabled),
+                     optionally over the four flips of each tile (``tta``), keeps each tile's core
     writer thread    upsamples a finished unit to level 0 and writes its chunks (:mod:`omezarr`)
 
 Memory stays flat: at most a few units are alive at once, whatever the slide size. With
@@ -322,27 +323,28 @@ class _Reader(threading.Thread):
 class _Predictor:
     """Runs batches on the model's device; on CUDA one batch stays in flight while the last is unpacked."""
 
-    def __init__(self, model, probabilities: bool):
+    def __init__(self, model, probabilities: bool, tta: bool = False):
         import torch
 
         self.torch = torch
         self.net = model.require_segmentation()
         self.device = model.device
         self.normalization = getattr(model, "normalization", "[-1, 1]")
+        self.amp = model.amp
         self.probabilities = probabilities
+        self.tta = tta
         self.cuda = self.device.type == "cuda"
 
     def launch(self, x):
-        from .model import autocast, to_input
+        from .model import class_probabilities, to_input
 
         torch = self.torch
         with torch.inference_mode():
             # to_input is the one normalisation; .numpy() of a pinned tensor keeps its pinned memory.
             inp = to_input(x.numpy(), self.device, self.normalization)
-            with autocast(self.device):
-                logits = self.net(inp)
-            labels = logits.argmax(1).to(torch.uint8)
-            probs = logits.float().softmax(1) if self.probabilities else None
+            probs = class_probabilities(self.net, inp, amp=self.amp, tta=self.tta)
+            labels = probs.argmax(1).to(torch.uint8)
+            probs = probs if self.probabilities else None
             if self.cuda:
                 labels = labels.to("cpu", non_blocking=True)
                 probs = probs.to("cpu", non_blocking=True) if probs is not None else None
@@ -360,14 +362,14 @@ class _Predictor:
         return labels.numpy(), (probs.numpy() if probs is not None else None)
 
 
-def _stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, region=None,
+def _stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, tta: bool = False, region=None,
             progress=None, should_stop=None, state=None) -> Iterator[TileResult]:
     """Every tile of ``units`` as a :class:`TileResult`, in an order where each unit's last tile says so."""
     progress, should_stop = resolve(progress, should_stop)
     state = state if state is not None else {}
     total = sum(len(plan.tiles(rect, region)) for _, _, rect in units)
     state.update(done=0, skipped=0, pixels=0, stopped=False, total=total)
-    predictor = _Predictor(model, probabilities)
+    predictor = _Predictor(model, probabilities, tta)
     reader = _Reader(plan, units, region, batch, pin=predictor.cuda)
     n_classes = predictor.net.classes
     t0 = time.perf_counter()
@@ -429,19 +431,20 @@ def _stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, 
 
 
 def segment_tiles(model, image, *, tile=None, overlap=None, batch: int = 8, skip_background: bool = True,
-                  region=None, probabilities: bool = False, chunk=None, progress=None,
+                  region=None, probabilities: bool = False, tta: bool = False, chunk=None, progress=None,
                   should_stop=None, pixel_size=None, override_pixel_size: bool = False) -> Iterator[TileResult]:
     """Yield finished tiles of ``image`` as the network produces them (for live views).
 
     ``region`` = (y0, x0, y1, x1) in processing-level pixels limits the work to the tiles
     whose cores meet it (e.g. the part of the slide on screen). Tiles come unit by unit,
-    row by row. Stops quietly when ``should_stop()`` returns True. ``pixel_size``: as for :func:`segment`.
+    row by row. ``tta`` averages each tile's class probabilities over its four flips.
+    Stops quietly when ``should_stop()`` returns True. ``pixel_size``: as for :func:`segment`.
     """
     slide = _input_slide(model, image, pixel_size, override_pixel_size)
     plan = make_plan(model, slide, tile=tile, overlap=overlap, skip_background=skip_background, chunk=chunk)
     region = tuple(int(v) for v in region) if region is not None else None
-    yield from _stream(model, plan, plan.units(region), batch=batch, probabilities=probabilities, region=region,
-                       progress=progress, should_stop=should_stop)
+    yield from _stream(model, plan, plan.units(region), batch=batch, probabilities=probabilities, tta=tta,
+                       region=region, progress=progress, should_stop=should_stop)
 
 
 # --- one image -------------------------------------------------------------------------------
@@ -457,9 +460,10 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def _run_description(model, plan: Plan, skip_background: bool, probabilities: bool) -> dict:
+def _run_description(model, plan: Plan, skip_background: bool, probabilities: bool, tta: bool) -> dict:
     return {"model": model_fingerprint(model), "classes": list(model.classes), "tile": plan.tile,
             "overlap": plan.overlap, "skip_background": bool(skip_background), "probabilities": bool(probabilities),
+            "tta": bool(tta),
             "level": plan.level, "source_shape": list(plan.shape0), "processing_shape": list(plan.shape)}
 
 
@@ -513,7 +517,8 @@ class _Writer(threading.Thread):
 
 
 def _compute_units(model, plan: Plan, units: list, image: Optional[LabelImage], *, batch, probabilities,
-                   progress=None, should_stop=None, full: Optional[np.ndarray] = None, state=None) -> dict:
+                   tta=False, progress=None, should_stop=None, full: Optional[np.ndarray] = None,
+                   state=None) -> dict:
     """Run ``units`` through the pipeline into ``image`` (chunks) or ``full`` (a processing-level array)."""
     state = state if state is not None else {}
     writer = _Writer(image, plan) if image is not None else None
@@ -522,7 +527,7 @@ def _compute_units(model, plan: Plan, units: list, image: Optional[LabelImage], 
     if writer:
         writer.start()
     try:
-        for r in _stream(model, plan, units, batch=batch, probabilities=probabilities, progress=progress,
+        for r in _stream(model, plan, units, batch=batch, probabilities=probabilities, tta=tta, progress=progress,
                          should_stop=should_stop, state=state):
             h, w = r.labels.shape
             if full is not None:
@@ -550,8 +555,8 @@ def _compute_units(model, plan: Plan, units: list, image: Optional[LabelImage], 
 
 
 def segment(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, skip_background: bool = True,
-            probabilities: bool = False, png: bool = False, chunk=None, progress=None, should_stop=None,
-            scheduler=None, worker_device: str = "auto", pixel_size=None,
+            probabilities: bool = False, tta: bool = False, png: bool = False, chunk=None, progress=None,
+            should_stop=None, scheduler=None, worker_device: str = "auto", pixel_size=None,
             override_pixel_size: bool = False) -> SegmentResult:
     """Segment one image at the model's resolution.
 
@@ -560,10 +565,11 @@ def segment(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, 
     computes only the missing chunks. ``png`` also writes ``out`` with ``.png`` (level-0
     class ids) when the image has at most ``PNG_MAX_PIXELS``. ``scheduler`` (an address or
     a ``distributed.Client``) runs the chunks on a dask cluster; it needs ``out`` and an
-    image path. Stops cleanly, keeping finished chunks, when ``should_stop()`` is True.
-    ``pixel_size``: the level-0 µm/px of the image (see :func:`genselfdiff.slides.open_slide`);
-    an image whose size differs from the model's is resampled to it, and the labels still
-    have the image's own level-0 shape.
+    image path. ``tta`` averages the class probabilities of each tile over its four flips
+    (:data:`~genselfdiff.model.FLIPS`; 4x the compute). Stops cleanly, keeping finished
+    chunks, when ``should_stop()`` is True. ``pixel_size``: the level-0 µm/px of the image
+    (see :func:`genselfdiff.slides.open_slide`); an image whose size differs from the model's
+    is resampled to it, and the labels still have the image's own level-0 shape.
     """
     t0 = time.perf_counter()
     slide = _input_slide(model, image, pixel_size, override_pixel_size)
@@ -574,24 +580,24 @@ def segment(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, 
         if scheduler is not None:
             raise UserError("Segmenting on a dask cluster needs an output folder (out=...).")
         full = np.zeros(plan.shape, np.uint8)
-        state = _compute_units(model, plan, units, None, batch=batch, probabilities=False, progress=progress,
-                               should_stop=should_stop, full=full)
+        state = _compute_units(model, plan, units, None, batch=batch, probabilities=False, tta=tta,
+                               progress=progress, should_stop=should_stop, full=full)
         return _result(full, None, state, t0, chunks_computed=0, **base)
 
     out = Path(out)
     n_classes = model.require_segmentation().classes
     levels = tiling.pyramid_levels(plan.shape0, plan.chunk)
-    run = _run_description(model, plan, skip_background, probabilities)
+    run = _run_description(model, plan, skip_background, probabilities, tta)
     label_image = LabelImage.create(out, shape=plan.shape0, chunk=plan.chunk, levels=levels, run=run,
                                     probabilities=n_classes if probabilities else 0)
     done = label_image.done()
     todo = [u for u in units if u[0] not in done]
     if scheduler is not None:
         state = _distributed(model, slide, plan, label_image, todo, scheduler, batch=batch,
-                             probabilities=probabilities, skip_background=skip_background,
+                             probabilities=probabilities, tta=tta, skip_background=skip_background,
                              progress=progress, should_stop=should_stop, device=worker_device)
     else:
-        state = _compute_units(model, plan, todo, label_image, batch=batch, probabilities=probabilities,
+        state = _compute_units(model, plan, todo, label_image, batch=batch, probabilities=probabilities, tta=tta,
                                progress=progress, should_stop=should_stop)
     notes = []
     stopped = state.get("stopped", False) or len(label_image.done()) < len(units)
@@ -653,11 +659,11 @@ def _model_payload(model) -> dict:
             "patch": model.patch}
 
 
-def _worker_model(source, device: str):
+def _worker_model(source, device: str, amp: bool = True):
     """Load (once per worker process) the model named by a checkpoint path or a payload."""
     from .model import Model, load_model, pick_device
 
-    key = ("model", source if isinstance(source, str) else id(source), device)
+    key = ("model", source if isinstance(source, str) else id(source), device, amp)
     with _WORKER_LOCK:
         if key not in _WORKER_CACHE:
             if isinstance(source, str):
@@ -673,6 +679,7 @@ def _worker_model(source, device: str):
                 _WORKER_CACHE[key] = Model(net=net.to(dev).eval(), kind="segmentation", net_config=net.unet.cfg,
                                            device=dev, classes=source["classes"], colors=source["colors"],
                                            resolution=Resolution(**source["resolution"]), patch=source["patch"])
+            _WORKER_CACHE[key].amp = amp
         return _WORKER_CACHE[key]
 
 
@@ -693,12 +700,13 @@ def _worker_plan(image: str, model, tile, overlap, skip_background, chunk, mpp=N
 
 def segment_chunk(spec: dict, index: tuple, model_source) -> dict:
     """A dask task: compute and write one output chunk. Runs on a worker; returns counts."""
-    model = _worker_model(model_source, spec["device"])
+    model = _worker_model(model_source, spec["device"], spec["amp"])
     plan = _worker_plan(spec["image"], model, spec["tile"], spec["overlap"], spec["skip_background"], spec["chunk"],
                         spec.get("mpp"))
     units = [u for u in plan.units() if u[0] == tuple(index)]
     image = LabelImage.open(spec["out"])
-    state = _compute_units(model, plan, units, image, batch=spec["batch"], probabilities=spec["probabilities"])
+    state = _compute_units(model, plan, units, image, batch=spec["batch"], probabilities=spec["probabilities"],
+                           tta=spec["tta"])
     return {k: state.get(k, 0) for k in ("done", "skipped", "pixels", "written")}
 
 
@@ -714,7 +722,7 @@ def _client(scheduler):
 
 
 def _distributed(model, slide, plan: Plan, image: LabelImage, todo: list, scheduler, *, batch, probabilities,
-                 skip_background, progress=None, should_stop=None, device: str = "auto") -> dict:
+                 tta, skip_background, progress=None, should_stop=None, device: str = "auto") -> dict:
     """Run the missing chunks as tasks on a dask cluster; each task writes its own chunks."""
     from distributed import as_completed
 
@@ -732,7 +740,7 @@ def _distributed(model, slide, plan: Plan, image: LabelImage, todo: list, schedu
             [source] = client.scatter([_model_payload(model)], broadcast=True)
         spec = {"image": str(slide.path.resolve()), "out": str(image.path.resolve()), "tile": plan.tile,
                 "overlap": plan.overlap, "chunk": plan.chunk, "skip_background": skip_background, "batch": batch,
-                "probabilities": probabilities, "device": device, "mpp": slide.mpp}
+                "probabilities": probabilities, "tta": tta, "amp": model.amp, "device": device, "mpp": slide.mpp}
         # A bounded window of tasks in flight, so stopping cancels little and the client stays light.
         window = max(2, 2 * len(client.scheduler_info().get("workers", {})))
         pending = iter(todo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 ORDER = 20
@@ -26,8 +27,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="MODEL.pt", help="segmentation checkpoint to write")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--model", metavar="PRETRAINED.pt", help="pretrained (or segmentation) checkpoint to start from")
-    start.add_argument("--preset", choices=["tiny", "small", "paper"],
-                       help="network for random initialisation (default: paper; with --model: the model's)")
+    start.add_argument("--preset", choices=["auto", "tiny", "small", "paper"], default="auto",
+                       help="network for random initialisation; auto: paper on CUDA, the CPU's best by measurement "
+                            "otherwise (default: auto; with --model: the model's)")
     p.add_argument("--sparse", action="store_true", help="labels are scribbles: 0 unlabelled, k = class k-1")
     cls = p.add_mutually_exclusive_group()
     cls.add_argument("--classes", type=int, metavar="N", help="number of classes including background")
@@ -58,6 +60,8 @@ def register(sub) -> None:
     add_pixel_size_arguments(p)
     p.add_argument("--no-augment", action="store_true", help="switch off flips, rotations, blur, colour and elastic")
     p.add_argument("--workers", type=int, help="threads preparing batches (default 0)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast on CUDA and on CPUs with native bf16; --no-amp keeps fp32 (default on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     add_device_argument(p)
@@ -98,19 +102,18 @@ def run(args) -> int:
     else:
         labels = [m for _, m in pairs]
 
-    preset = args.preset or (_preset_of(args.model) if args.model else None) or "paper"
     overrides = dict(patch=args.patch, batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule,
                      loss=args.loss, epochs=args.epochs,
                      steps=args.steps, minutes=args.minutes, steps_per_epoch=args.steps_per_epoch,
                      val_fraction=args.val_fraction, patience=args.patience, classes=args.classes,
-                     class_names=names, colors=colors, workers=args.workers, seed=args.seed, sparse=args.sparse,
+                     class_names=names, colors=colors, workers=args.workers, amp=args.amp, seed=args.seed, sparse=args.sparse,
                      resolution=resolution, recipe=args.recipe)
     if args.no_augment:
         overrides["augment"] = Augment.off()
-    cfg = FinetuneConfig.from_preset(preset, **overrides)
-    print(f"Fine-tuning {'from ' + args.model if args.model else 'the ' + preset + ' network from random weights'} "
-          f"on {len(pairs)} image(s), {'sparse' if cfg.sparse else 'dense'} labels, {cfg.patch}-px patches, "
-          f"batch {cfg.batch}, loss {cfg.loss}.", file=sys.stderr)
+    cfg = FinetuneConfig.from_preset(args.preset, **overrides)
+    network = "the network auto chooses for this device" if args.preset == "auto" else f"the {args.preset} network"
+    print(f"Fine-tuning {'from ' + args.model if args.model else network + ' from random weights'} "
+          f"on {len(pairs)} image(s), {'sparse' if cfg.sparse else 'dense'} labels, loss {cfg.loss}.", file=sys.stderr)
     with StopOnInterrupt() as stop, ProgressBar() as bar:
         result = finetune([i for i, _ in pairs], labels, args.out, cfg, pretrained=args.model, device=args.device,
                           progress=_EpochPrinter(bar), should_stop=stop, resume=args.resume,
@@ -150,10 +153,6 @@ def _report_matching(pairs, unmatched, unused, kind: str) -> None:
         print(f"note: {len(unused)} {kind}(s) match no image: {shown}.", file=sys.stderr)
 
 
-def _preset_of(model) -> str | None:
-    from ..checkpoint import load_checkpoint
-
-    return (load_checkpoint(model).get("config") or {}).get("preset")
 
 
 def _summary(result) -> None:

@@ -11,7 +11,7 @@ ORDER = 10
 
 def register(sub) -> None:
     from ..cli import add_device_argument, add_pixel_size_arguments
-    from ..config import PRESETS
+    from ..config import PRESET_CHOICES
 
     p = sub.add_parser(
         "pretrain", help="pretrain the diffusion U-Net on unannotated slides (no labels)",
@@ -24,9 +24,9 @@ def register(sub) -> None:
                "machines: torchrun --nproc_per_node=N -m genselfdiff.cli pretrain ... (see docs/pretraining.md).")
     p.add_argument("slides", nargs="+", metavar="SLIDES", help="slide files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="checkpoint to write (the best by validation loss)")
-    p.add_argument("--preset", default="paper", choices=list(PRESETS),
-                   help="paper: as published (width 64, 256-px patches, batch 8); small, tiny: for laptops and CPUs "
-                        "(default: %(default)s)")
+    p.add_argument("--preset", default="auto", choices=list(PRESET_CHOICES),
+                   help="paper: as published (width 64, 256-px patches, batch 8); small, tiny: for laptops and CPUs; "
+                        "auto: paper on CUDA, the CPU's best by measurement otherwise (default: %(default)s)")
     p.add_argument("--recipe", choices=["default", "official"], default="default",
                    help="official: the official code's initialisation, fp32, no EMA, clipping or warm-up, "
                         "summed loss and a final block without time input (default: %(default)s)")
@@ -63,14 +63,10 @@ def register(sub) -> None:
 
 
 def build_config(args):
-    from dataclasses import replace
-
-    from ..config import PretrainConfig, Resolution, get_preset
+    from ..config import PretrainConfig, Resolution
     from ..model import pick_device
 
-    net = get_preset(args.preset).net
-    if args.width is not None:
-        net = replace(net, width=args.width)
+    net = {"width": args.width} if args.width is not None else None  # the preset's network, this wide
     workers = args.workers
     if workers is None and pick_device(args.device).type == "cuda":
         workers = min(8, (os.cpu_count() or 2) // 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 ORDER = 30
@@ -26,6 +27,10 @@ def register(sub) -> None:
     p.add_argument("--png", action="store_true", help="also write OUT/NAME.png (level-0 class ids) for images up to 100 Mpx")
     p.add_argument("--probabilities", action="store_true", help="also store float32 class probabilities")
     p.add_argument("--all-tiles", action="store_true", help="run the network on glass too (no tissue detection)")
+    p.add_argument("--tta", action="store_true", help="test-time flips: average each tile's class probabilities "
+                                                      "over its 4 flips (none, left-right, up-down, both); 4x slower")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast on CUDA and on CPUs with native bf16; --no-amp keeps fp32 (default on)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run the tiles on this dask.distributed scheduler "
                                                           "(e.g. tcp://host:8786); workers must see the same files")
     add_pixel_size_arguments(p)
@@ -46,12 +51,13 @@ def run(args) -> int:
         raise UserError(f"No images found in {' '.join(args.images)}.")
     model = load_model(args.model, args.device)
     model.require_segmentation()
+    model.amp = args.amp
     print(f"Segmenting {len(images)} image(s) with {args.model} ({len(model.classes)} classes: "
           f"{', '.join(map(str, model.classes))}) on {model.device}"
           f"{' via ' + args.scheduler if args.scheduler else ''}.", file=sys.stderr)
     with StopOnInterrupt() as stop, ProgressBar(unit="tile") as bar:
         results = segment_batch(model, images, args.out, tile=args.tile, overlap=args.overlap, batch=args.batch,
-                                skip_background=not args.all_tiles, probabilities=args.probabilities, png=args.png,
+                                skip_background=not args.all_tiles, probabilities=args.probabilities, tta=args.tta, png=args.png,
                                 scheduler=args.scheduler, progress=bar, should_stop=stop, pixel_size=args.pixel_size,
                                 override_pixel_size=args.override_pixel_size)
     failed = _summary(results, len(images))
