@@ -148,7 +148,7 @@ class TrainingPlot(QWidget):
         (self.line,) = self.axes.plot([], [], lw=0.8, color=line, alpha=0.35)
         (self.trend,) = self.axes.plot([], [], lw=1.6, color=line)  # the noisy loss, smoothed
         self.axes.set_xlabel("step", fontsize=8, color=text)
-        self.axes.set_ylabel("loss", fontsize=8, color=line)
+        self.axes.set_ylabel("loss", fontsize=8, color=text)
         self.score_axes = self.score_line = None
         if score:
             warm = colors.warning.as_hex()
