@@ -1,10 +1,11 @@
 """Regenerate the napari screenshots in docs/images/: pretrain.png, finetune.png, segment.png.
 
-    xvfb-run -a -s "-screen 0 1600x1100x24" .venv/bin/python docs/make_screenshots.py [--quick]
+    xvfb-run -a -s "-screen 0 1600x1100x24" .venv/bin/python docs/make_screenshots.py [--quick] [--out DIR]
 
 Runs the real widgets, as a user would, on the synthetic sample (no download): a short
 pretraining on two unannotated slides (caught halfway, loss curve and all), a fine-tune
-from strokes painted over the current view starting from it, and segmentation of the whole
+from strokes painted over the current view starting from it (loss and Dice plot, the
+model's prediction over the view in the preview layer), and segmentation of the whole
 sample. Settings and models go to a temporary folder. About 10-30 minutes on a busy 2-core
 CPU; ``--quick`` trains for a few steps only (layout checks).
 """
@@ -38,7 +39,7 @@ def wait(condition, timeout=1800):
         time.sleep(0.02)
 
 
-def screenshot(viewer, name: str, fit: bool = True):
+def screenshot(viewer, path: Path, fit: bool = True):
     """The whole window, the data fitted to the canvas, without notification toasts over it."""
     from napari._qt.dialogs.qt_notification import NapariQtNotification
 
@@ -50,7 +51,7 @@ def screenshot(viewer, name: str, fit: bool = True):
         wait(lambda: True)
     from genselfdiff.atomic import atomic_path
 
-    with atomic_path(OUT / name) as tmp:
+    with atomic_path(path) as tmp:
         viewer.screenshot(str(tmp), canvas_only=False)
 
 
@@ -81,10 +82,12 @@ def strokes_over(truth: np.ndarray, box, rng) -> np.ndarray:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few training steps only")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"folder for the screenshots (default {OUT})")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="genselfdiff-shots-"))
     os.environ["GENSELFDIFF_NAPARI_CONFIG_DIR"] = str(tmp / "config")
-    OUT.mkdir(exist_ok=True)
+    out = args.out
+    out.mkdir(exist_ok=True)
     pretrain_steps, finetune_steps = (10, 10) if args.quick else (400, 300)
 
     import napari
@@ -110,7 +113,7 @@ def main():
     pretrain.start()
     wait(lambda: len(pretrain.plot.steps) >= pretrain_steps // 2)
     pretrain.plot.redraw()
-    screenshot(viewer, "pretrain.png")
+    screenshot(viewer, out / "pretrain.png")
     wait(lambda: not pretrain.runner.running)
     viewer.window.remove_dock_widget(dock)
     viewer.layers.clear()
@@ -137,7 +140,7 @@ def main():
     finetune.start()
     wait(lambda: not finetune.runner.running)
     viewer.layers.selection.active = annotation
-    screenshot(viewer, "finetune.png", fit=False)
+    screenshot(viewer, out / "finetune.png", fit=False)
 
     # 3. Segment the whole sample with the new model.
     dock2, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
@@ -147,8 +150,8 @@ def main():
     segment.start()
     wait(lambda: segment.worker is None)
     viewer.layers.selection.active = viewer.layers[f"{image.name} labels"]
-    screenshot(viewer, "segment.png")
-    print(f"wrote {OUT}/pretrain.png, finetune.png, segment.png; validation Dice {finetune.result.best_dice:.3f}")
+    screenshot(viewer, out / "segment.png")
+    print(f"wrote {out}/pretrain.png, finetune.png, segment.png; validation Dice {finetune.result.best_dice:.3f}")
     viewer.close()
 
 

@@ -13,6 +13,7 @@ import traceback
 import numpy as np
 
 PAYLOAD_LIMIT = 16 * 2**20  # bytes; larger progress payloads are not sent to the UI
+PLAIN = (str, int, float, bool, type(None), np.generic)
 
 
 def _budget(spec) -> dict:
@@ -31,14 +32,15 @@ def pretrain_job(spec, progress, should_stop):
 
 def finetune_job(spec, progress, should_stop):
     from genselfdiff.config import Resolution
-    from genselfdiff.finetune import FinetuneConfig, finetune
+    from genselfdiff.finetune import FinetuneConfig, Preview, finetune
 
     config = FinetuneConfig.from_preset(spec["preset"], sparse=spec["sparse"], class_names=spec["classes"],
                                         resolution=Resolution(**spec["resolution"]) if spec.get("resolution") else None,
                                         **spec.get("overrides", {}), **_budget(spec))
+    preview = Preview(**spec["preview"]) if spec.get("preview") else None
     return finetune(spec["images"], spec["labels"], spec["out"], config, pretrained=spec.get("pretrained"),
                     device=spec["device"], progress=progress, should_stop=should_stop,
-                    pixel_size=spec.get("pixel_size"))
+                    pixel_size=spec.get("pixel_size"), preview=preview)
 
 
 def sample_job(spec, progress, should_stop):
@@ -66,8 +68,7 @@ def run_job(name: str, spec: dict, queue, stop_event) -> None:
     from genselfdiff.pixelsize import PixelSizeWarning
 
     def progress(p):
-        payload = p.payload if isinstance(p.payload, np.ndarray) and p.payload.nbytes <= PAYLOAD_LIMIT else None
-        queue.put(("progress", type(p)(p.stage, p.done, p.total, dict(p.metrics), payload)))
+        queue.put(("progress", type(p)(p.stage, p.done, p.total, dict(p.metrics), _sendable(p.payload))))
 
     def relay(message, category, *args, show=warnings.showwarning):
         if issubclass(category, PixelSizeWarning):
@@ -85,6 +86,26 @@ def run_job(name: str, spec: dict, queue, stop_event) -> None:
         queue.put(("error", f"{type(e).__name__}: {e}", False, traceback.format_exc()))
     else:
         queue.put(("done", _without_networks(result)))
+
+
+def _sendable(payload):
+    """The payload if it is small plain data (arrays, numbers, strings, and lists and dicts
+    of them, arrays at most PAYLOAD_LIMIT bytes in all), else None: the queue must stay
+    quick, and a child's objects need not unpickle in napari."""
+    size = 0
+
+    def plain(x):
+        nonlocal size
+        if isinstance(x, np.ndarray):
+            size += x.nbytes
+            return x.dtype != object and size <= PAYLOAD_LIMIT
+        if isinstance(x, (list, tuple)):
+            return all(plain(v) for v in x)
+        if isinstance(x, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in x.items())
+        return isinstance(x, PLAIN)
+
+    return payload if plain(payload) else None
 
 
 def _without_networks(result):

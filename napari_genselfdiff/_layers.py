@@ -225,3 +225,57 @@ def annotation_arrays(image_layer, labels_layer):
     rgb = read_window(image, ty, tx, by - ty, bx - tx)
     lab = np.asarray(labels[ty - y0 : by - y0, tx - x0 : bx - x0])
     return rgb, lab, level
+
+
+def painted_box(image_layer, labels_layer):
+    """``(y0, x0, y1, x1)``: the bounding box of the painted pixels of ``labels_layer`` in pixels
+    of the image level it lies on, clipped to the image; None when nothing is painted there."""
+    level, y0, x0 = covered_window(image_layer, labels_layer)
+    labels = labels_layer.data[0] if labels_layer.multiscale else labels_layer.data
+    H, W = image_levels(image_layer)[level].shape[:2]
+    inside = np.asarray(labels[max(-y0, 0) : max(H - y0, 0), max(-x0, 0) : max(W - x0, 0)])
+    rows, cols = np.nonzero(inside.any(1))[0], np.nonzero(inside.any(0))[0]
+    if not len(rows):
+        return None
+    ty, tx = max(y0, 0), max(x0, 0)
+    return ty + int(rows[0]), tx + int(cols[0]), ty + int(rows[-1]) + 1, tx + int(cols[-1]) + 1
+
+
+def preview_box(view, painted, max_side: int):
+    """The region to show a model's prediction on while it trains: the view when it is at most
+    ``max_side`` a side, else (zoomed far out, or the image out of view) the painted pixels'
+    bounding box; cut to ``max_side`` around its centre. Boxes are ``(y0, x0, y1, x1)``."""
+    fits = view is not None and max(view[2] - view[0], view[3] - view[1]) <= max_side
+    box = view if fits or painted is None else painted
+    if box is None:
+        return None
+    y0, x0, y1, x1 = box
+    cy, cx = max(0, (y0 + y1 - max_side) // 2), max(0, (x0 + x1 - max_side) // 2)
+    if y1 - y0 > max_side:
+        y0, y1 = cy, cy + max_side
+    if x1 - x0 > max_side:
+        x0, x1 = cx, cx + max_side
+    return int(y0), int(x0), int(y1), int(x1)
+
+
+def show_preview(viewer, image_layer, level: int, payload: dict, below=None):
+    """Put a model's prediction (a fine-tuning preview payload: ``labels``, ``origin`` in pixels of
+    ``level``, ``classes``, ``colors``) into the one semi-transparent Labels layer
+    ``"<image> preview"``, made on first use just under ``below`` (the annotation layer)."""
+    name = f"{image_layer.name} preview"
+    scale, translate = level_transform(image_layer, level, payload["origin"])
+    kwargs = labels_kwargs(payload["classes"], payload["colors"], preview_of=image_layer.name,
+                           step=payload["step"], **placement(image_layer, level, payload["origin"]))
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        layer.data = payload["labels"]
+        layer.scale, layer.translate = scale, translate
+        layer.colormap, layer.metadata = kwargs["colormap"], kwargs["metadata"]
+        return layer
+    active = viewer.layers.selection.active  # the brush stays on the layer being painted
+    layer = viewer.add_labels(payload["labels"], name=name, scale=scale, translate=translate, opacity=0.5, **kwargs)
+    if below is not None and below in viewer.layers:
+        viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(below))
+    if active is not None and active in viewer.layers:
+        viewer.layers.selection.active = active
+    return layer

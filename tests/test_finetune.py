@@ -318,6 +318,56 @@ def test_continuing_from_a_segmentation_model(tmp_path, synthetic_pair):
         finetune([img], [three], tmp_path / "c.pt", _cfg(steps=2), pretrained=first.path, device="cpu")
 
 
+def test_previews_arrive_every_few_steps_and_leave_training_unchanged(tmp_path, synthetic_pair):
+    from genselfdiff.finetune import Preview
+
+    img, truth = synthetic_pair
+    region = Preview(img[40:140, 30:190], origin=(40, 30))
+    seen = []
+    with_preview = finetune([img], [truth], tmp_path / "a.pt", _cfg(steps=7, preview_every=3), device="cpu",
+                            progress=seen.append, preview=region)
+    previews = [p for p in seen if p.stage == "preview"]
+    assert [p.payload["step"] for p in previews] == [3, 6, 7]  # every 3 steps, and the end
+    for p in previews:
+        assert p.payload["labels"].shape == (100, 160) and p.payload["labels"].dtype == np.uint8
+        assert p.payload["origin"] == (40, 30) and p.payload["classes"] == with_preview.classes
+        assert len(p.payload["colors"]) == 2 and p.done == p.payload["step"]
+    assert set(np.unique(previews[-1].payload["labels"])) <= {0, 1}
+    # The last preview is what the final network predicts there.
+    ckpt = torch.load(last_path(with_preview.path), weights_only=True)
+    last = load_model(tmp_path / "a.pt", "cpu")
+    last.net.load_state_dict(ckpt["state_dict"])
+    from genselfdiff.segment import segment
+
+    np.testing.assert_array_equal(segment(last, region.image, skip_background=False).labels,
+                                  previews[-1].payload["labels"])
+
+    # The same run without previews ends with the same weights and losses.
+    without = finetune([img], [truth], tmp_path / "b.pt", _cfg(steps=7, preview_every=3), device="cpu")
+    assert [h.get("loss") for h in without.history] == [h.get("loss") for h in with_preview.history]
+    other = torch.load(last_path(without.path), weights_only=True)["state_dict"]
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in other.items())
+
+
+def test_a_stopped_run_sends_no_last_preview_and_a_huge_region_is_refused(tmp_path, synthetic_pair):
+    from genselfdiff.finetune import PREVIEW_MAX_SIDE, Preview
+
+    img, truth = synthetic_pair
+    seen = []
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    finetune([img], [truth], tmp_path / "a.pt", _cfg(steps=8, preview_every=2), device="cpu", progress=seen.append,
+             should_stop=stop, preview=Preview(img[:64, :64]))
+    assert [p.done for p in seen if p.stage == "preview"] == [2, 4]
+    huge = Preview(np.zeros((PREVIEW_MAX_SIDE + 1, 8, 3), np.uint8))
+    with pytest.raises(UserError, match="preview region"):
+        finetune([img], [truth], tmp_path / "c.pt", _cfg(steps=1), device="cpu", preview=huge)
+
+
 # --- the command line and bad input ----------------------------------------------------------
 
 @pytest.fixture

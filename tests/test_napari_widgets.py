@@ -149,6 +149,84 @@ def test_full_flow_paint_finetune_segment(make_napari_viewer, qtbot, tmp_path):
         "background", "nucleus"]
 
 
+def test_the_preview_region_is_the_view_else_around_the_strokes_and_bounded():
+    from napari_genselfdiff._layers import preview_box
+
+    assert preview_box((10, 20, 300, 400), (0, 0, 50, 50), 1024) == (10, 20, 300, 400)
+    # Zoomed far out: around the strokes instead, cut to the cap around their centre.
+    assert preview_box((0, 0, 5000, 5000), (100, 200, 300, 2400), 1024) == (100, 788, 300, 1812)
+    assert preview_box(None, (100, 200, 300, 400), 1024) == (100, 200, 300, 400)
+    assert preview_box((0, 0, 5000, 600), None, 1024) == (1988, 0, 3012, 600)
+
+
+def test_finetune_plots_loss_and_dice_previews_under_the_strokes_and_continues(make_napari_viewer, qtbot, tmp_path,
+                                                                             monkeypatch):
+    """The paint-see-correct loop, with training in its own process: the plot fills, the model's
+    prediction over the view appears in one preview layer that is updated in place, and Continue
+    trains on from the saved model with the strokes painted since."""
+    import torch
+
+    from napari_genselfdiff import _layers
+
+    viewer = make_napari_viewer()
+    image = _open_sample(viewer)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    widget.out.setText(str(tmp_path / "seg.pt"))
+    widget.preview_every.setValue(3)
+    spec = widget.spec
+    # Validate every 4 steps, so that a short run has Dice points to plot.
+    monkeypatch.setattr(widget, "spec", lambda: {**spec(), "overrides": {**spec()["overrides"], "steps_per_epoch": 4}})
+    viewer.scene.camera.center = (0, 40.0, 50.0)  # µm: a corner of the 128 µm sample
+    viewer.scene.camera.zoom = 8.0  # screen px per µm
+    view = _layers.visible_box(viewer, image, 0)
+    assert view[2] - view[0] < 256 and view[3] - view[1] < 256
+    seen = []  # (step, the preview layer just after the widget handled it)
+
+    def on_preview(p):
+        if p.stage == "preview":
+            seen.append((p.done, viewer.layers[f"{image.name} preview"]))
+
+    widget.runner.progressed.connect(on_preview)
+    _finetune(qtbot, viewer, widget, image, steps=8)
+    annotation = viewer.layers[f"{image.name} annotation"]
+    assert not widget.continue_button.isEnabled()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=180_000)
+    assert widget.result.steps == 8 and widget.continue_button.isEnabled()
+
+    assert widget.plot.steps == list(range(1, 9)) and all(v > 0 for v in widget.plot.losses)
+    assert widget.plot.score_steps == [4, 8] and all(0 <= v <= 1 for v in widget.plot.scores)
+    assert [step for step, _ in seen] == [3, 6, 8]
+    preview = seen[0][1]
+    assert all(layer is preview for _, layer in seen)  # one layer, updated in place
+    assert [layer.name for layer in viewer.layers].count(preview.name) == 1
+    assert preview.data.shape == (view[2] - view[0], view[3] - view[1]) and preview.data.dtype == np.uint8
+    assert set(np.unique(preview.data)) <= {0, 1} and preview.opacity == 0.5
+    assert tuple(preview.scale) == tuple(image.scale)
+    np.testing.assert_allclose(preview.translate, np.asarray(view[:2]) * image.scale)
+    assert preview.metadata["genselfdiff"]["label_names"] == ["background", "nucleus"]
+    layers = list(viewer.layers)
+    assert layers.index(image) < layers.index(preview) == layers.index(annotation) - 1
+    assert viewer.layers.selection.active is annotation  # the brush stays on the strokes
+
+    # Paint more strokes where the model errs (here: the lower half) and continue.
+    truth = viewer.layers["ground truth"].data
+    more = annotation.data.copy()
+    half = slice(truth.shape[0] // 2, None)
+    more[half][(truth[half] > 0)] = 2
+    annotation.data = more
+    seen.clear()
+    widget.continue_button.click()
+    assert widget.runner.running and not widget.continue_button.isEnabled()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=180_000)
+    assert widget.result.steps == 8 and not widget.result.stopped
+    ckpt = torch.load(tmp_path / "seg.pt", weights_only=True)
+    assert ckpt["pretrained_from"]["kind"] == "segmentation"
+    assert ckpt["pretrained_from"]["path"] == str((tmp_path / "seg.pt").resolve())
+    assert ckpt["data"]["annotated_pixels"][1] == int((more == 2).sum())
+    assert widget.plot.steps == list(range(1, 17)) and widget.plot.score_steps == [4, 8, 12, 16]
+    assert [step for step, _ in seen] == [3, 6, 8] and all(layer is preview for _, layer in seen)
+
+
 @pytest.mark.parametrize("mode", ["process", "thread"])
 def test_stop_ends_finetuning_within_seconds_with_a_loadable_model(make_napari_viewer, qtbot, tmp_path, monkeypatch,
                                                                    mode):

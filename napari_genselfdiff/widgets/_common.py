@@ -1,13 +1,13 @@
 """Small Qt pieces the three widgets share: path fields, layer pickers, device and budget
-choosers, the base of the widgets that run training jobs, and how results and errors are
-told to the user."""
+choosers, the training plot, the base of the widgets that run training jobs, and how
+results and errors are told to the user."""
 
 from __future__ import annotations
 
 from genselfdiff.config import PRESET_CHOICES  # no torch: napari still starts fast
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
-    QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QWidget,
+    QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
 from ..settings import settings
@@ -148,6 +148,77 @@ class PixelSizeEdit(QLineEdit):
         from genselfdiff.pixelsize import check_pixel_size
 
         return check_pixel_size(self.text().strip() or None, where)
+
+
+class TrainingPlot(QWidget):
+    """The training loss as it comes in (faint) and smoothed, and, given ``score``, a
+    validation score in [0, 1] on a second axis (matplotlib, redrawn every few points)."""
+
+    def __init__(self, theme: str = "dark", score: str = "", parent=None):
+        super().__init__(parent)
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+        from napari.utils.theme import get_theme
+
+        colors = get_theme(theme)
+        text, line, background = colors.text.as_hex(), colors.highlight.as_hex(), colors.background.as_hex()
+        self.figure = Figure(figsize=(3, 1.8), layout="constrained", facecolor=background)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(150)
+        self.axes = self.figure.add_subplot(facecolor=background)
+        self.steps, self.losses = [], []
+        self.score_steps, self.scores = [], []
+        (self.line,) = self.axes.plot([], [], lw=0.8, color=line, alpha=0.35)
+        (self.trend,) = self.axes.plot([], [], lw=1.6, color=line)  # the noisy loss, smoothed
+        self.axes.set_xlabel("step", fontsize=8, color=text)
+        self.axes.set_ylabel("loss", fontsize=8, color=text)
+        self.score_axes = self.score_line = None
+        if score:
+            warm = colors.warning.as_hex()
+            self.score_axes = self.axes.twinx()
+            (self.score_line,) = self.score_axes.plot([], [], lw=1.2, color=warm, marker="o", ms=3)
+            self.score_axes.set_ylim(0, 1)
+            self.score_axes.set_ylabel(score, fontsize=8, color=warm)
+        for axes in (self.axes, self.score_axes):
+            if axes is not None:
+                axes.tick_params(labelsize=7, colors=text)
+                for spine in axes.spines.values():
+                    spine.set_color(text)
+        QVBoxLayout(self).addWidget(self.canvas)
+        self.layout().setContentsMargins(0, 0, 0, 0)
+        self.setVisible(False)  # shown from the first point on
+
+    def clear(self):
+        self.steps, self.losses = [], []
+        self.score_steps, self.scores = [], []
+        self.redraw()
+
+    def add(self, step: int, loss: float):
+        self.setVisible(True)
+        self.steps.append(step)
+        self.losses.append(loss)
+        if len(self.steps) % 5 == 1:
+            self.redraw()
+
+    def add_score(self, step: int, score: float):
+        """A validation score (few points: each is drawn at once)."""
+        self.setVisible(True)
+        self.score_steps.append(step)
+        self.scores.append(score)
+        self.redraw()
+
+    def redraw(self):
+        self.line.set_data(self.steps, self.losses)
+        trend, value = [], None
+        for loss in self.losses:  # exponential moving average
+            value = loss if value is None else 0.9 * value + 0.1 * loss
+            trend.append(value)
+        self.trend.set_data(self.steps, trend)
+        self.axes.relim()
+        self.axes.autoscale_view()
+        if self.score_line is not None:
+            self.score_line.set_data(self.score_steps, self.scores)
+        self.canvas.draw_idle()
 
 
 def progress_row():

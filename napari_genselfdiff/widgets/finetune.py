@@ -3,19 +3,23 @@
 The widget only gathers what the engine needs: the painted labels and the image pixels
 under them (read at the pyramid level they were painted at), the class names and the base
 model. Training runs in a separate process; the saved model becomes the Segment widget's.
+
+While it trains, the plot shows the loss and the validation Dice, and every few hundred
+steps the engine's prediction over the region in view appears in a "<image> preview"
+layer under the strokes: paint where it errs, then Continue from the model just saved.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QVBoxLayout
+from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout
 
 from .. import _layers
 from ..settings import settings
 from genselfdiff.errors import UserError
 
-from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, LayerBox, PathEdit, PixelSizeEdit, tell, tell_error
+from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, LayerBox, PathEdit, PixelSizeEdit, TrainingPlot, tell, tell_error
 
 SPARSE, DENSE = "scribbles (0 = unpainted, 1 = background, 2 = first class…)", "complete masks (0 = background)"
 
@@ -54,11 +58,24 @@ class FinetuneWidget(JobWidget):
         self.device = DeviceBox()
         self.out = PathEdit("save", "Checkpoints (*.pt)", "where to save the model (.pt)")
         self.out.setText(settings.get("finetune_out", ""))
+        self.preview_every = QSpinBox()
+        self.preview_every.setRange(0, 1_000_000)
+        self.preview_every.setSingleStep(50)
+        self.preview_every.setSpecialValueText("never")
+        self.preview_every.setSuffix(" steps")
+        self.preview_every.setValue(int(settings.get("preview_every", 200)))
+        self.preview_every.setToolTip("How often to show the model's prediction over the region in view "
+                                      "(each preview takes a moment of training time)")
         self.run_button, self.stop_button = QPushButton("Fine-tune"), QPushButton("Stop")
+        self.continue_button = QPushButton("Continue")
+        self.continue_button.setToolTip("Train on, with the strokes as they are now, from the model just saved")
         self.run_button.clicked.connect(self.start)
+        self.continue_button.clicked.connect(self.continue_training)
         self.stop_button.clicked.connect(self.stop)
         self.stop_button.setEnabled(False)
+        self.continue_button.setEnabled(False)
         self.dice = QLabel("")
+        self.plot = TrainingPlot(napari_viewer.theme, score="validation Dice")
 
         form = QFormLayout()
         form.addRow("Image", self.image)
@@ -76,8 +93,10 @@ class FinetuneWidget(JobWidget):
         form.addRow("Train for", self.budget)
         form.addRow("Device", self.device)
         form.addRow("Save as", self.out)
+        form.addRow("Preview every", self.preview_every)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button, 1)
+        buttons.addWidget(self.continue_button)
         buttons.addWidget(self.stop_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -85,9 +104,12 @@ class FinetuneWidget(JobWidget):
         layout.addWidget(self.bar)
         layout.addWidget(self.status)
         layout.addWidget(self.dice)
+        layout.addWidget(self.plot)
         layout.addStretch(1)
         settings.changed.connect(self._on_setting)
         self.result = None  # the last FinetuneResult
+        self._steps_before = 0  # steps of the runs this one continues (the plot's x goes on)
+        self._preview_on = None  # (image layer, level, annotation layer) of the running job
         self._fill_levels()
         self._guess_mode()
 
@@ -149,15 +171,32 @@ class FinetuneWidget(JobWidget):
         self.out.setText(out)
         mpp = self.pixel_size.value(image.name)  # at level 0; the arrays are at the painted level
         d = _layers.downsamples(_layers.image_levels(image))[level]
+        every = self.preview_every.value()
         return {
             "images": [rgb], "labels": [lab], "out": out, "classes": self.class_names(),
             "sparse": self.mode.currentText() == SPARSE, "pretrained": self.base.text() or None,
             "preset": self.preset.currentText(), "device": self.device.currentText(),
             "resolution": {"level": level, "mpp": mpp * d if mpp else None}, "pixel_size": mpp * d if mpp else None,
+            "overrides": {"preview_every": every}, "preview": self.preview_region(level) if every else None,
             **self.budget.spec(),
         }
 
-    def start(self):
+    def preview_region(self, level: int):
+        """The pixels to show the model's prediction on: the part of the image in view (or, zoomed
+        far out, around the strokes), read at the training level; None when there are none."""
+        from genselfdiff.finetune import PREVIEW_MAX_SIDE
+
+        image, labels = self.image.layer(), self.labels.layer()
+        box = _layers.preview_box(_layers.visible_box(self.viewer, image, level),
+                                  _layers.painted_box(image, labels), PREVIEW_MAX_SIDE)
+        if box is None:
+            return None
+        y0, x0, y1, x1 = box
+        rgb = _layers.read_window(_layers.image_levels(image)[level], y0, x0, y1 - y0, x1 - x0)
+        return {"image": rgb, "origin": (y0, x0)}
+
+    def start(self, *_, base: str = None):
+        """Fine-tune from the base model, or from ``base`` (a model saved by the last run)."""
         try:
             spec = self.spec()
         except (ValueError, UserError) as e:
@@ -165,28 +204,59 @@ class FinetuneWidget(JobWidget):
         settings.set("classes", ", ".join(spec["classes"]))
         settings.set("finetune_out", spec["out"])
         settings.set("finetune_preset", spec["preset"])
+        settings.set("preview_every", self.preview_every.value())
+        if base is None:
+            self._steps_before = 0
+            self.plot.clear()
+        else:
+            spec["pretrained"] = base
+            self._steps_before += self.result.steps
+        self._preview_on = (self.image.layer(), spec["resolution"]["level"], self.labels.layer())
         self.dice.setText("")
         self.runner.start("finetune", spec)
-        self.progress.start("Fine-tuning (starting)…")
+        self.progress.start("Fine-tuning (starting)…" if base is None else f"Continuing from {Path(base).name}…")
         self._set_running(True)
+
+    def continue_training(self):
+        """Train on from the model the last run saved, with the strokes painted since."""
+        if self.result is None or not Path(self.result.path).exists():
+            return tell_error("Fine-tune a model first: Continue trains on from the model the last run saved.")
+        self.start(base=str(self.result.path))
 
     def _set_running(self, running: bool):
         self.run_button.setEnabled(not running)
         self.new_button.setEnabled(not running)
         self.stop_button.setEnabled(running)
+        self.continue_button.setEnabled(not running and self.result is not None)
 
     def _on_progress(self, p):
+        if p.stage == "preview":
+            return self._show_preview(p.payload)
+        step = self._steps_before + p.done
         text = f"{p.stage}: step {p.done}" + (f" / {p.total}" if p.total else "")
         if "loss" in p.metrics:
             text += f" · loss {float(p.metrics['loss']):.4f}"
         dice = p.metrics.get("val_dice")
         if dice is not None and dice == dice:  # NaN until the first validation
             self.dice.setText(f"Validation Dice: {float(dice):.3f}")
+        if isinstance(p.payload, dict) and "val_dice" in p.payload:  # an epoch's validation
+            self.plot.add_score(step, float(p.payload["val_dice"]))
+        elif p.stage == "finetune" and "loss" in p.metrics:
+            self.plot.add(step, float(p.metrics["loss"]))
         self.progress.update(p, text)
 
+    def _show_preview(self, payload):
+        if not payload or self._preview_on is None:
+            return  # too large to travel (it never is at the engine's size cap)
+        image, level, annotation = self._preview_on
+        if image is None or image not in self.viewer.layers:
+            return  # the image was closed meanwhile
+        _layers.show_preview(self.viewer, image, level, payload, below=annotation)
+
     def _on_finished(self, result):
-        self._set_running(False)
         self.result = result
+        self._set_running(False)
+        self.plot.redraw()
         how = "stopped" if result.stopped else "finished"
         self.progress.close(f"Fine-tuning {how} after {result.steps} steps; saved {result.path}.")
         if result.best_dice is not None:

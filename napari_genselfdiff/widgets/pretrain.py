@@ -5,64 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout
 
 from ..settings import settings
 from genselfdiff.errors import UserError
 
-from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, PathEdit, PixelSizeEdit, tell, tell_error
+from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, PathEdit, PixelSizeEdit, TrainingPlot, tell, tell_error
 
 SAMPLING_STEPS = 50  # a strided reverse process: a quick look, not the full 1000 steps
-
-
-class LossPlot(QWidget):
-    """The training loss as it comes in (matplotlib, drawn at most every few updates)."""
-
-    def __init__(self, theme: str = "dark", parent=None):
-        super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-        from napari.utils.theme import get_theme
-
-        colors = get_theme(theme)
-        text, line = colors.text.as_hex(), colors.highlight.as_hex()
-        self.figure = Figure(figsize=(3, 1.8), layout="constrained", facecolor=colors.background.as_hex())
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(150)
-        self.axes = self.figure.add_subplot(facecolor=colors.background.as_hex())
-        self.steps, self.losses = [], []
-        (self.line,) = self.axes.plot([], [], lw=0.8, color=line, alpha=0.35)
-        (self.trend,) = self.axes.plot([], [], lw=1.6, color=line)  # the noisy loss, smoothed
-        self.axes.set_xlabel("step", fontsize=8, color=text)
-        self.axes.set_ylabel("loss", fontsize=8, color=text)
-        self.axes.tick_params(labelsize=7, colors=text)
-        for spine in self.axes.spines.values():
-            spine.set_color(text)
-        QVBoxLayout(self).addWidget(self.canvas)
-        self.layout().setContentsMargins(0, 0, 0, 0)
-        self.setVisible(False)  # shown from the first loss on
-
-    def clear(self):
-        self.steps, self.losses = [], []
-        self.redraw()
-
-    def add(self, step: int, loss: float):
-        self.setVisible(True)
-        self.steps.append(step)
-        self.losses.append(loss)
-        if len(self.steps) % 5 == 1:
-            self.redraw()
-
-    def redraw(self):
-        self.line.set_data(self.steps, self.losses)
-        trend, value = [], None
-        for loss in self.losses:  # exponential moving average
-            value = loss if value is None else 0.9 * value + 0.1 * loss
-            trend.append(value)
-        self.trend.set_data(self.steps, trend)
-        self.axes.relim()
-        self.axes.autoscale_view()
-        self.canvas.draw_idle()
 
 
 class PretrainWidget(JobWidget):
@@ -87,7 +37,7 @@ class PretrainWidget(JobWidget):
         self.start_button.clicked.connect(self.start)
         self.stop_button.clicked.connect(self.stop)
         self.stop_button.setEnabled(False)
-        self.plot = LossPlot(napari_viewer.theme)
+        self.plot = TrainingPlot(napari_viewer.theme)
         self.n_samples = QSpinBox()
         self.n_samples.setRange(1, 64)
         self.n_samples.setValue(4)

@@ -16,6 +16,11 @@ without improvement. As in pretraining, ``out`` holds the best network (rewritte
 atomically when validation improves, and at the end with the full history) and
 ``<out>.last.pt`` the state of the last step (weights, Adam, step, RNG, early-stopping
 counters) that ``resume=True`` continues from.
+
+Given a ``preview`` region, the current network's prediction over it is reported every
+``preview_every`` steps (``Progress(stage="preview")``), so a person painting strokes sees
+where the model errs while it learns. It runs in eval mode on a forked RNG and changes
+nothing about the training itself.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from .unet import SegmentationNet, UNet, to_segmentation
 NORMALIZATION = NORMALIZATIONS["default"]  # uint8 / 127.5 - 1, as in pretraining (the official recipe: [0, 1])
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_EPOCHS = 50  # when no budget is given; early stopping usually ends sooner
+PREVIEW_MAX_SIDE = 1024  # pixels at the training resolution: a quick prediction, a small message
 
 
 @dataclass
@@ -89,6 +95,7 @@ class FinetuneConfig:
     amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (model.amp_enabled)
     log_every: int = 10
     recipe: str = "default"  # "official": the official code's choices (genselfdiff.recipe)
+    preview_every: int = 200  # steps between predictions over the preview region (if one is given); 0 = none
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "FinetuneConfig":
@@ -131,6 +138,16 @@ class FinetuneResult:
 
 
 @dataclass
+class Preview:
+    """A region to predict on while training: ``image`` uint8 (H, W, 3) at the training
+    resolution (at most ``PREVIEW_MAX_SIDE`` a side); ``origin`` says where it lies and is
+    handed back untouched with each prediction."""
+
+    image: np.ndarray
+    origin: tuple = (0, 0)
+
+
+@dataclass
 class _Start:
     """Where the network's weights come from."""
 
@@ -144,7 +161,7 @@ class _Start:
 
 def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *, pretrained=None,
              device="auto", progress=None, should_stop=None, resume: bool = False, pixel_size=None,
-             override_pixel_size: bool = False) -> FinetuneResult:
+             override_pixel_size: bool = False, preview: Optional[Preview] = None) -> FinetuneResult:
     """Train a segmentation network from ``images`` and their ``labels``; see the module doc.
 
     ``images``: paths, :class:`~genselfdiff.slides.Slide` objects or uint8 (H, W, 3)
@@ -154,6 +171,9 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     ``resume``: continue the run whose state is at ``<out>.last.pt``. ``pixel_size``: the level-0
     µm/px of the images (see :func:`genselfdiff.slides.open_slide`); without ``config.resolution``
     they are read at ``DEFAULT_MPP`` when their size is known (masks of the full image follow).
+    ``preview``: a :class:`Preview` region; every ``config.preview_every`` steps (and at the
+    end, unless stopped) ``progress`` receives ``Progress("preview", step, payload={"labels":
+    uint8 class ids, "origin", "step", "classes", "colors"})``.
     """
     progress, should_stop = resolve(progress, should_stop)
     cfg = replace(config)
@@ -169,6 +189,8 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"Unknown learning-rate schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
     dev = pick_device(device) if not isinstance(device, torch.device) else device
+    if preview is not None:
+        _check_preview(preview)
 
     start = _load_start(pretrained, cfg) if pretrained is not None else None
     cfg = with_preset(cfg, dev, start.provenance["preset"] if start else None)  # the base model's preset wins
@@ -216,7 +238,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
                         affinity=cfg.affinity if cfg.affinity is not None else 0.0)
 
     run = _Run(cfg=cfg, net=net, optimizer=optimizer, out=out, names=names, colors=colors, start=start,
-               items=items, val=val, spe=spe)
+               items=items, val=val, spe=spe, preview=preview)
     run.loss_fn = loss_fn  # the official recipe keeps the network of the lowest validation loss
     if resume:
         run.resume()
@@ -226,6 +248,15 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
 
 
 # --- setting up ----------------------------------------------------------------------------
+
+def _check_preview(preview: Preview) -> None:
+    image = np.asarray(preview.image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise UserError(f"The preview region must be a uint8 (H, W, 3) image, not {image.dtype} {image.shape}.")
+    if max(image.shape[:2]) > PREVIEW_MAX_SIDE:
+        raise UserError(f"The preview region is {image.shape[0]}×{image.shape[1]} pixels; "
+                        f"choose one of at most {PREVIEW_MAX_SIDE}×{PREVIEW_MAX_SIDE}.")
+
 
 def _load_start(pretrained, cfg: FinetuneConfig) -> _Start:
     path = Path(pretrained)
@@ -323,13 +354,14 @@ def _default_steps_per_epoch(items: list, cfg: FinetuneConfig) -> int:
 # --- the training run --------------------------------------------------------------------
 
 class _Run:
-    def __init__(self, *, cfg, net, optimizer, out, names, colors, start, items, val, spe):
-        self.cfg, self.net, self.optimizer, self.out = cfg, net, optimizer, out
+    def __init__(self, *, cfg, net, optimizer, out, names, colors, start, items, val, spe, preview=None):
+        self.cfg, self.net, self.optimizer, self.out, self.preview_region = cfg, net, optimizer, out, preview
         self.names, self.colors, self.start, self.items, self.val, self.spe = names, colors, start, items, val, spe
         self.step = self.epoch = self.since_best = 0
         self.history: list = []
         self.best = {"dice": -1.0, "score": -math.inf, "per_class": [], "step": 0, "state": None}
         self.last_val_step = -1
+        self.last_preview_step = -1
         self.seconds = 0.0
 
     # validation
@@ -388,6 +420,27 @@ class _Run:
                          "state": {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}}
         self.since_best = 0 if improved else self.since_best + 1
         return mean, improved or tied
+
+    # preview
+    def preview(self, dev, progress) -> None:
+        """Report the current network's class ids over the preview region, leaving training as it was."""
+        from .model import Model
+        from .segment import segment  # the tiler with blended halos, as a slide would be segmented
+
+        region = self.preview_region
+        model = Model(net=self.net, kind="segmentation", net_config=self.net.unet.cfg, device=dev,
+                      classes=list(self.names), colors=self.colors, patch=self.cfg.patch,
+                      normalization=NORMALIZATIONS[self.cfg.recipe], amp=self.cfg.amp)
+        self.net.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):  # inference draws nothing; this makes sure
+                labels = segment(model, np.asarray(region.image), skip_background=False).labels
+        finally:
+            self.net.train()
+        self.last_preview_step = self.step
+        progress(Progress("preview", self.step, payload={
+            "labels": labels.astype(np.uint8), "origin": tuple(int(v) for v in region.origin), "step": self.step,
+            "classes": list(self.names), "colors": [list(map(int, c)) for c in self.colors[: len(self.names)]]}))
 
     # resume
     def resume(self) -> None:
@@ -526,10 +579,14 @@ class _Run:
                     if cfg.patience and self.since_best >= cfg.patience:
                         early = True
                         break
+                if self.preview_region is not None and cfg.preview_every and self.step % cfg.preview_every == 0:
+                    self.preview(dev, progress)
         finally:
             batches.close()
         if self.last_val_step != self.step:
             self.validate(dev)
+        if self.preview_region is not None and cfg.preview_every and not stopped and self.last_preview_step != self.step:
+            self.preview(dev, progress)  # what the network finally does (Stop should not wait for it)
         self.seconds = time.perf_counter() - t0
         self.save(best=True, final=True)
         return FinetuneResult(path=self.out, best_dice=float(self.best["dice"]), per_class_dice=self.best["per_class"],
