@@ -12,13 +12,14 @@ are dropped.
 Parameters are in micrometres, so they mean the same at any resolution; without a pixel size
 the model's usual working resolution (``DEFAULT_MPP``) is assumed.
 
-Seamless tiles. The split of a clump depends only on that clump, so a tile whose window
-(core plus ``halo``) holds a clump whole splits it exactly as the whole image would. An
+Seamless tiles. The split of a clump depends only on that clump and on pixels within the
+smoothing's reach of it, so a tile whose window (core plus ``halo``) holds a clump whole,
+with that margin, splits it exactly as the whole image would. An
 object's id is derived from the object alone: one plus the raster index, in the whole
 image, of its first pixel (top row, then leftmost). Any tile that sees the object whole
 gives it the same id, so each tile can write the ids of its own core without talking to its
 neighbours, and an object cut by a core or chunk border keeps one id. Only clumps wider than
-the halo (they touch the window's cut edge) can come out differently; :func:`objects_in_core`
+the halo (they come near the window's cut edge) can come out differently; :func:`objects_in_core`
 counts them so that the caller can warn.
 """
 
@@ -41,7 +42,7 @@ MAX_ID = 2**32 - 1  # ids are uint32 (NGFF label images, QuPath)
 class SplitParameters:
     """How objects are cut out of a class mask; lengths in µm, areas in µm²."""
 
-    h_um: float = 0.3  # a distance maximum this much above its saddle is a separate object
+    h_um: float = 0.2  # a distance maximum this much above its saddle is a separate object
     min_area_um2: float = 6.0  # smaller fragments join a neighbour (or vanish if alone)
     smooth_um: float = 0.5  # Gaussian smoothing of the distance map before finding maxima
 
