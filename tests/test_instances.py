@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from genselfdiff.instances import (SplitParameters, array_reader, core_grid, first_pixel_order, objects_in_core,
-                                   object_tiles, split_objects)
+                                   object_tiles, owned_by_core, split_objects)
 
 
 def _disks(shape, centres, radius):
@@ -94,6 +94,10 @@ def test_tiled_objects_equal_untiled():
     # Ids are 1 + the raster index of each object's first pixel, whichever tile wrote them.
     for k in np.unique(tiled[tiled > 0])[:10]:
         assert np.flatnonzero(tiled.ravel() == k)[0] + 1 == k
+    # Every object starts in exactly one core.
+    ids = np.unique(tiled[tiled > 0])
+    owners = sum(owned_by_core(ids, c, mask.shape[1]).astype(int) for c in core_grid(mask.shape, 37))
+    assert np.all(owners == 1)
 
 
 def test_a_halo_too_small_is_reported():
@@ -102,6 +106,14 @@ def test_a_halo_too_small_is_reported():
     tile = objects_in_core(array_reader(mask), (0, 0, 20, 40), mask.shape, halo=10, mpp=0.5)
     assert tile.cut_clumps == 1
     assert core_grid((5, 7), 4) == [(0, 0, 4, 4), (0, 4, 4, 7), (4, 0, 5, 4), (4, 4, 5, 7)]
+
+
+def test_ids_that_would_not_fit_uint32_are_refused():
+    def never(win):
+        raise AssertionError("must not read")
+
+    with pytest.raises(ValueError, match="uint32"):
+        objects_in_core(never, (0, 0, 10, 10), (70000, 70000), halo=4)
 
 
 def test_shape_mismatch_is_an_error():

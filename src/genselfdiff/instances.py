@@ -246,6 +246,17 @@ def _cut_clumps(mask: np.ndarray, win: Window, shape, core_in_win: Window, margi
     return int(np.intersect1d(in_core[in_core > 0], at_edge[at_edge > 0]).size)
 
 
+def owned_by_core(ids: np.ndarray, core: Window, width: int) -> np.ndarray:
+    """Which of the global ``ids`` start (have their first pixel) inside ``core``.
+
+    Each object starts in exactly one core, so measuring or exporting an object from the
+    window of the core it starts in handles every object once, and whole.
+    """
+    first = np.asarray(ids, np.int64) - 1
+    y, x = np.divmod(first, int(width))
+    return (first >= 0) & (y >= core[0]) & (y < core[2]) & (x >= core[1]) & (x < core[3])
+
+
 def core_grid(shape, core: int) -> list:
     """Square cores of side ``core`` covering an image, row by row."""
     H, W = int(shape[0]), int(shape[1])
