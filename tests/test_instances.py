@@ -49,6 +49,8 @@ def test_ids_are_numbered_in_raster_order_of_first_pixels():
     ids = split_objects(None, _disks((30, 30), [(20, 6), (5, 20)], 4), mpp=0.5)
     assert ids[5, 20] == 1 and ids[20, 6] == 2  # the upper disk starts first
     assert np.array_equal(first_pixel_order(np.array([[0, 9, 9], [4, 0, 0]])), [[0, 1, 1], [2, 0, 0]])
+    big = np.array([[0, 4_000_000_000, 4_000_000_000], [7, 0, 3_000_000_000]], np.uint32)  # sparse tiled ids
+    assert np.array_equal(first_pixel_order(big), [[0, 1, 1], [2, 0, 3]])
 
 
 def test_small_fragments_join_a_neighbour_or_vanish():

@@ -25,6 +25,11 @@ def test_areas_and_centroids_in_micrometres():
     assert cols["Centroid X µm"][0] == pytest.approx((15.5 + 200) * 0.5)
     assert cols["Centroid Y µm"][0] == pytest.approx((15.5 + 100) * 0.5)
     assert "Area px^2" in measure_objects(ids)  # no pixel size: pixels, and the name says so
+    # Tiled ids are sparse and large (1 + a raster index): measured all the same, quickly.
+    sparse = np.where(ids == 1000, np.uint32(3_000_000_000), ids)
+    cols = measure_objects(sparse, mpp=0.5)
+    assert cols["id"].tolist() == [7, 3_000_000_000] and cols["Area µm^2"][1] == pytest.approx(76 * 0.25)
+    assert measure_objects(np.ones((3, 3), np.uint32))["Area px^2"].tolist() == [9.0]  # no background
 
 
 def test_circularity_tells_a_disk_from_a_bar():

@@ -150,15 +150,14 @@ def _absorb_small(ids: np.ndarray, min_area_px: float) -> np.ndarray:
 
 
 def first_pixel_order(ids: np.ndarray) -> np.ndarray:
-    """Renumber objects 1..n in raster order of their first pixel (0 stays 0)."""
-    flat = np.asarray(ids).ravel()
-    keys, first = np.unique(flat, return_index=True)
-    nonzero = keys != 0
-    keys, first = keys[nonzero], first[nonzero]
-    order = np.argsort(first, kind="stable")
-    lookup = np.zeros(int(keys.max()) + 1 if keys.size else 1, np.int64)
-    lookup[keys[order]] = np.arange(1, keys.size + 1)
-    return lookup[np.asarray(ids)]
+    """Renumber objects 1..n in raster order of their first pixel (0 stays 0; sparse ids welcome)."""
+    ids = np.asarray(ids)
+    keys, first, inverse = np.unique(ids.ravel(), return_index=True, return_inverse=True)
+    rank = np.empty(keys.size, np.int64)
+    objects = np.flatnonzero(keys != 0)
+    rank[objects[np.argsort(first[objects], kind="stable")]] = np.arange(1, objects.size + 1)
+    rank[keys == 0] = 0
+    return rank[inverse].reshape(ids.shape)
 
 
 def first_pixels(ids: np.ndarray) -> np.ndarray:

@@ -57,14 +57,17 @@ def measure_objects(ids: np.ndarray, rgb: Optional[np.ndarray] = None, *, mpp: O
     unit, px = _units(mpp)
     if rgb is not None and np.shape(rgb)[:2] != ids.shape:
         raise ValueError(f"image {np.shape(rgb)[:2]} and objects {ids.shape} differ in shape")
-    labels = ids.astype(np.int64)
+    # Tiled ids are sparse (up to 2^32): measure compact labels 1..n, report the real ids.
+    keys, inverse = np.unique(ids, return_inverse=True)
+    labels = inverse.reshape(ids.shape) + (0 if keys.size and keys[0] == 0 else 1)
+    object_keys = keys[keys != 0].astype(np.int64)
     props = regionprops_table(labels, properties=("label", "area", "perimeter", "centroid"))
     area = props["area"].astype(np.float64)
     perimeter = props["perimeter"].astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         circularity = np.where(perimeter > 0, np.minimum(4 * np.pi * area / perimeter**2, 1.0), 1.0)
     cols = {
-        "id": props["label"].astype(np.int64),
+        "id": object_keys[props["label"] - 1],
         f"Area {unit}^2": area * px * px,
         f"Perimeter {unit}": perimeter * px,
         "Circularity": circularity,
@@ -73,8 +76,9 @@ def measure_objects(ids: np.ndarray, rgb: Optional[np.ndarray] = None, *, mpp: O
     }
     if rgb is not None:
         h = haematoxylin_od(rgb)
-        index = cols["id"]
-        cols["Hematoxylin OD mean"] = np.asarray(ndi.mean(h, labels, index), np.float64) if index.size else h[:0]
+        index = props["label"]
+        cols["Hematoxylin OD mean"] = (np.asarray(ndi.mean(h, labels, index), np.float64) if index.size
+                                       else np.zeros(0))
     return cols
 
 
