@@ -94,3 +94,79 @@ def test_instances_from_mask_uses_4_connectivity():
     m = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0]])
     inst = instances_from_mask(m)
     assert inst.max() == 2 and inst[0, 0] != inst[1, 1] and inst[1, 1] == inst[1, 2]
+
+
+# --- object scores -------------------------------------------------------------------------
+
+from genselfdiff.metrics import count_error, object_dice, object_f1, object_hausdorff, panoptic_quality  # noqa: E402
+
+
+def _three_predictions():
+    """Truths A (4 px) and B (4 px); predictions P1 (6 px over A), P2 (4 px, half of B), P3 (3 px, alone)."""
+    truth = np.zeros((6, 7), np.uint16)
+    truth[0:2, 0:2] = 7  # A
+    truth[0:2, 4:6] = 3  # B
+    pred = np.zeros((6, 7), np.int32)
+    pred[0:2, 0:3] = 1  # P1: IoU with A = 4/6
+    pred[1:3, 4:6] = 2  # P2: overlaps B by 2 px, IoU 2/6
+    pred[4, 0:3] = 5  # P3
+    return pred, truth
+
+
+def test_panoptic_quality_by_hand():
+    pred, truth = _three_predictions()
+    # Only P1-A has IoU > 0.5: TP 1, FP 2 (P2, P3), FN 1 (B).
+    # DQ = 1 / (1 + 2/2 + 1/2) = 0.4; SQ = 4/6; PQ = 0.4 * 4/6.
+    q = panoptic_quality(pred, truth)
+    assert (q["tp"], q["fp"], q["fn"]) == (1, 2, 1)
+    assert q["dq"] == pytest.approx(0.4) and q["sq"] == pytest.approx(4 / 6)
+    assert q["pq"] == pytest.approx(0.4 * 4 / 6)
+    assert panoptic_quality(truth, truth)["pq"] == 1.0
+    empty = np.zeros_like(truth)
+    assert panoptic_quality(empty, empty)["pq"] == 1.0
+    assert panoptic_quality(empty, truth) == {"pq": 0.0, "dq": 0.0, "sq": 0.0, "tp": 0, "fp": 0, "fn": 2}
+
+
+def test_glas_object_f1_by_hand():
+    pred, truth = _three_predictions()
+    # P1 covers all 4 px of A (> half): TP. P2 covers 2 of B's 4 px (not more than half): FP.
+    # P3 touches no truth: FP. FN = 2 truths - 1 TP. Precision 1/3, recall 1/2, F1 = 2 (1/6) / (5/6) = 0.4.
+    s = object_f1(pred, truth)
+    assert (s["tp"], s["fp"], s["fn"]) == (1, 2, 1)
+    assert s["precision"] == pytest.approx(1 / 3) and s["recall"] == pytest.approx(0.5)
+    assert s["f1"] == pytest.approx(0.4)
+    empty = np.zeros_like(truth)
+    assert object_f1(empty, empty)["f1"] == 1.0 and object_f1(empty, truth)["f1"] == 0.0
+
+
+def test_glas_object_dice_by_hand():
+    pred, truth = _three_predictions()
+    # Predictions (13 px in all): P1-A Dice 2*4/(6+4) = 0.8 (weight 6/13), P2-B 2*2/(4+4) = 0.5 (4/13),
+    # P3 no partner: 0 (3/13) -> 6.8/13. Truths (8 px): A-P1 0.8 and B-P2 0.5, weight 1/2 each -> 0.65.
+    assert object_dice(pred, truth) == pytest.approx(0.5 * (6.8 / 13 + 0.65))
+    assert object_dice(truth, truth) == 1.0
+    empty = np.zeros_like(truth)
+    assert object_dice(empty, empty) == 1.0 and object_dice(empty, truth) == 0.0
+
+
+def test_glas_object_hausdorff_by_hand():
+    truth = np.zeros((5, 7), np.uint8)
+    truth[0, 0] = 1  # A
+    truth[0, 5] = 2  # B
+    pred = np.zeros((5, 7), np.uint8)
+    pred[0, 0:2] = 1  # P1 overlaps A: H(P1, A) = 1 (pixel (0,1) is 1 from A)
+    pred[3, 5] = 2  # P2 overlaps nothing: nearest by Hausdorff is B, 3 away (A is sqrt(34) away)
+    # Predictions (3 px): 2/3 * 1 + 1/3 * 3 = 5/3.
+    # Truths (2 px): A-P1 1; B overlaps nothing: H(B, P1) = 5 (from (0,0)), H(B, P2) = 3 -> 3. 1/2 + 3/2 = 2.
+    assert object_hausdorff(pred, truth) == pytest.approx(0.5 * (5 / 3 + 2))
+    assert object_hausdorff(pred, truth, spacing=0.5) == pytest.approx(0.25 * (5 / 3 + 2))
+    assert object_hausdorff(truth, truth) == 0.0
+    empty = np.zeros_like(truth)
+    assert object_hausdorff(empty, empty) == 0.0 and math.isnan(object_hausdorff(empty, truth))
+
+
+def test_count_error():
+    pred, truth = _three_predictions()
+    assert count_error(pred, truth) == pytest.approx(0.5)  # 3 found, 2 true
+    assert count_error(truth, truth) == 0.0
+    assert math.isnan(count_error(truth, np.zeros_like(truth)))

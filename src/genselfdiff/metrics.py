@@ -1,4 +1,4 @@
-"""Segmentation metrics: Dice/F1, IoU, HD95 and the aggregated Jaccard index (AJI).
+"""Segmentation metrics: Dice/F1, IoU, HD95, and for objects AJI, PQ and the GlaS scores.
 
 Conventions (also in docs/evaluate.md):
 
@@ -12,6 +12,21 @@ Conventions (also in docs/evaluate.md):
   instance of highest IoU; the intersections of the pairs are summed over the sum of their
   unions plus the areas of predicted instances never paired. A predicted instance may pair
   with several truths, as in the original definition. No instances on either side gives 1.
+- PQ (Kirillov et al., CVPR 2019): a prediction and a truth match when their IoU exceeds 0.5
+  (so matches are unique); DQ = TP / (TP + FP/2 + FN/2) (an F1 of detection), SQ = the mean IoU
+  of the matches, PQ = DQ x SQ. No objects on either side gives 1 for all three; no match but
+  some objects gives 0.
+- GlaS (Sirinukunwattana et al., Medical Image Analysis 2017, and the challenge's Matlab code):
+  an object's partner on the other side is the object it overlaps most (background excluded;
+  ties go to the smaller id). Object F1: a predicted object is a true positive when it covers
+  more than half of its partner's area; FN = truths - TP. Object Dice and object Hausdorff
+  average the Dice (resp. Hausdorff distance) of every object with its partner, weighted by
+  the object's share of its side's total area, over predictions and truths, and halve the sum.
+  An object without overlap has Dice 0 and, for Hausdorff, the partner with the smallest
+  Hausdorff distance. Hausdorff distances are between the objects' pixel sets (Euclidean, in
+  pixels times ``spacing``). One side empty: F1 and Dice 0, Hausdorff NaN (undefined); both
+  empty: F1 and Dice 1, Hausdorff 0.
+- Count error: |predicted objects - true objects| / true objects (NaN without true objects).
 """
 
 from __future__ import annotations
@@ -143,3 +158,125 @@ def instances_from_mask(mask: np.ndarray) -> np.ndarray:
     """Instances as the 4-connected components of a foreground mask."""
     labels, _ = ndi.label(np.asarray(mask) > 0, _CROSS)
     return labels
+
+
+def _contingency(pred_instances: np.ndarray, truth_instances: np.ndarray):
+    """Compact both maps and list every (truth, prediction) pair that overlaps, with its size.
+
+    Returns ``(t, p, n_t, n_p, area_t, area_p, pt, pp, overlap)``; ids are 1..n, 0 background.
+    """
+    t, n_t = _compact(truth_instances)
+    p, n_p = _compact(pred_instances)
+    if t.shape != p.shape:
+        raise ValueError(f"shapes differ: {np.shape(pred_instances)} vs {np.shape(truth_instances)}")
+    area_t = np.bincount(t.ravel(), minlength=n_t + 1)
+    area_p = np.bincount(p.ravel(), minlength=n_p + 1)
+    both = (p > 0) & (t > 0)
+    pairs, overlap = np.unique(t[both].astype(np.int64) * (n_p + 1) + p[both], return_counts=True)
+    return t, p, n_t, n_p, area_t, area_p, pairs // (n_p + 1), pairs % (n_p + 1), overlap
+
+
+def panoptic_quality(pred_instances: np.ndarray, truth_instances: np.ndarray) -> dict:
+    """``{"pq", "dq", "sq", "tp", "fp", "fn"}`` of two instance maps (IoU > 0.5 matching)."""
+    _, _, n_t, n_p, area_t, area_p, pt, pp, overlap = _contingency(pred_instances, truth_instances)
+    pair_iou = overlap / (area_t[pt] + area_p[pp] - overlap)
+    matched = pair_iou > 0.5  # above one half two objects can share with only one partner
+    tp = int(matched.sum())
+    fp, fn = n_p - tp, n_t - tp
+    if n_t == 0 and n_p == 0:
+        return {"pq": 1.0, "dq": 1.0, "sq": 1.0, "tp": 0, "fp": 0, "fn": 0}
+    dq = tp / (tp + 0.5 * fp + 0.5 * fn)
+    sq = float(pair_iou[matched].mean()) if tp else 0.0
+    return {"pq": dq * sq, "dq": dq, "sq": sq, "tp": tp, "fp": fp, "fn": fn}
+
+
+def _partners(first, second, overlap, n_first):
+    """For each object 1..n of ``first``, the object of ``second`` it overlaps most (0 = none)."""
+    partner = np.zeros(n_first + 1, np.int64)
+    shared = np.zeros(n_first + 1, np.int64)
+    if overlap.size:
+        order = np.lexsort((second, -overlap, first))  # per object: largest overlap, then smallest id
+        keep = np.ones(order.size, bool)
+        keep[1:] = first[order][1:] != first[order][:-1]
+        best = order[keep]
+        partner[first[best]] = second[best]
+        shared[first[best]] = overlap[best]
+    return partner, shared
+
+
+def object_f1(pred_instances: np.ndarray, truth_instances: np.ndarray) -> dict:
+    """GlaS object-level ``{"f1", "precision", "recall", "tp", "fp", "fn"}``."""
+    _, _, n_t, n_p, area_t, _, pt, pp, overlap = _contingency(pred_instances, truth_instances)
+    if n_t == 0 and n_p == 0:
+        return {"f1": 1.0, "precision": 1.0, "recall": 1.0, "tp": 0, "fp": 0, "fn": 0}
+    partner, shared = _partners(pp, pt, overlap, n_p)
+    hit = (partner[1:] > 0) & (shared[1:] > 0.5 * area_t[partner[1:]])
+    tp = int(hit.sum())
+    fp, fn = n_p - tp, n_t - tp
+    precision = tp / n_p if n_p else 0.0
+    recall = tp / n_t if n_t else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall, "tp": tp, "fp": fp, "fn": fn}
+
+
+def object_dice(pred_instances: np.ndarray, truth_instances: np.ndarray) -> float:
+    """GlaS object-level Dice: area-weighted Dice of each object with its partner, both ways."""
+    _, _, n_t, n_p, area_t, area_p, pt, pp, overlap = _contingency(pred_instances, truth_instances)
+    if n_t == 0 and n_p == 0:
+        return 1.0
+    if n_t == 0 or n_p == 0:
+        return 0.0
+
+    def side(first, second, area_first, area_second, n_first):
+        partner, shared = _partners(first, second, overlap, n_first)
+        a = area_first[1:]
+        d = np.where(partner[1:] > 0, 2.0 * shared[1:] / (a + area_second[partner[1:]]), 0.0)
+        return float((a / a.sum() * d).sum())
+
+    return 0.5 * (side(pp, pt, area_p, area_t, n_p) + side(pt, pp, area_t, area_p, n_t))
+
+
+def object_hausdorff(pred_instances: np.ndarray, truth_instances: np.ndarray, spacing: float = 1.0) -> float:
+    """GlaS object-level Hausdorff distance (pixels times ``spacing``)."""
+    from scipy.spatial import cKDTree
+
+    t, p, n_t, n_p, area_t, area_p, pt, pp, overlap = _contingency(pred_instances, truth_instances)
+    if n_t == 0 and n_p == 0:
+        return 0.0
+    if n_t == 0 or n_p == 0:
+        return math.nan
+    points = {}
+    for name, lab, n in (("t", t, n_t), ("p", p, n_p)):
+        flat = lab.ravel()
+        order = np.argsort(flat, kind="stable")
+        starts = np.searchsorted(flat[order], np.arange(n + 2))
+        coords = np.stack(np.unravel_index(order, lab.shape), 1).astype(np.float64)
+        points[name] = [coords[starts[k]:starts[k + 1]] for k in range(n + 1)]
+    trees: dict = {}
+
+    def tree(name, k):
+        if (name, k) not in trees:
+            trees[name, k] = cKDTree(points[name][k])
+        return trees[name, k]
+
+    def hausdorff(a, i, b, j):
+        return max(tree(b, j).query(points[a][i])[0].max(), tree(a, i).query(points[b][j])[0].max())
+
+    def side(a, b, first, second, area_first, n_first, n_second):
+        partner, _ = _partners(first, second, overlap, n_first)
+        total = 0.0
+        for i in range(1, n_first + 1):
+            j = partner[i]
+            h = (hausdorff(a, i, b, j) if j else
+                 min(hausdorff(a, i, b, k) for k in range(1, n_second + 1)))
+            total += area_first[i] / area_first[1:].sum() * h
+        return total
+
+    return 0.5 * (side("p", "t", pp, pt, area_p, n_p, n_t) + side("t", "p", pt, pp, area_t, n_t, n_p)) * spacing
+
+
+def count_error(pred_instances: np.ndarray, truth_instances: np.ndarray) -> float:
+    """|predicted objects - true objects| / true objects; NaN when there are no true objects."""
+    n_p = _compact(pred_instances)[1]
+    n_t = _compact(truth_instances)[1]
+    return abs(n_p - n_t) / n_t if n_t else math.nan
