@@ -68,9 +68,9 @@ def parse(argv=None):
     p.add_argument("--scale", type=int, choices=[1, 2], default=2, help="2 = work at half resolution (default)")
     p.add_argument("--pretrain-minutes", type=float, default=10.0)
     p.add_argument("--finetune-minutes", type=float, default=5.0)
-    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate from the pretrained start")
-    p.add_argument("--random-lr", type=float, default=1e-3,
-                   help="fine-tuning learning rate from random initialisation (each start gets its best)")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate from the pretrained start (default: the engine's)")
+    p.add_argument("--random-lr", type=float,
+                   help="fine-tuning learning rate from random initialisation (default: the engine's)")
     p.add_argument("--annotation", default="dense", choices=["dense", "strokes"],
                    help="what the labelled images carry: full masks, or simulated brush strokes "
                         "(benchmarks/_common.simulate_strokes: 40 nucleus and 20 background strokes per image, "
@@ -80,7 +80,7 @@ def parse(argv=None):
     p.add_argument("--set", default="", metavar="K=V,...",
                    help="override FinetuneConfig number fields, e.g. affinity=1,balance=0.5")
     p.add_argument("--tta", action="store_true", help="score with test-time flips (mean softmax of 4 flips)")
-    p.add_argument("--loss", default="paper")
+    p.add_argument("--loss", help="fine-tuning loss (default: the engine's)")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="fine-tuning schedule")
     p.add_argument("--pretrain-lr", type=float, default=5e-4,
                    help="pretraining learning rate (the paper's 1e-4 learns slowly in a few minutes)")
@@ -315,7 +315,8 @@ def unit_runs(args, pool, held, images, masks, resolution, pre_path, extra_steps
     n, seed = unit
     subset = pool[:n]
     imgs, msks = [images[p.stem] for p in subset], [masks[p.stem] for p in subset]
-    base = dict(patch=args.patch, batch=args.batch, loss=args.loss, sparse=args.annotation == "strokes", lr_schedule=args.lr_schedule, patience=0,
+    base = dict(patch=args.patch, batch=args.batch, loss=args.loss, sparse=args.annotation == "strokes",
+                lr_schedule=args.lr_schedule, patience=0,
                 seed=seed, resolution=resolution, class_names=["background", "nucleus"])
     base.update(args.set)
     if args.augment:

@@ -68,14 +68,14 @@ def test_geometry_moves_image_and_labels_together(rng):
     img = np.zeros((64, 64, 3), np.uint8)
     img[..., 0] = np.where(lab == 1, 200, 0)
     img[..., 1] = np.where(lab == IGNORE, 200, 0)
-    cfg = Augment(blur=0, color=0, elastic=1.0, elastic_px=2.0)
+    cfg = Augment(blur=0, color=0, hed=0, elastic=1.0, elastic_px=2.0)
     for _ in range(10):
         a, b = augment(img, lab, rng, cfg)
         assert a.shape == img.shape and a.dtype == np.uint8 and b.dtype == lab.dtype
         assert set(np.unique(b)) <= {IGNORE, 0, 1}
         agree = ((a[..., 0] > 100) == (b == 1)).mean(), ((a[..., 1] > 100) == (b == IGNORE)).mean()
         assert min(agree) > 0.97  # only interpolated edge pixels may differ
-    flips = Augment(blur=0, color=0, elastic=0)
+    flips = Augment(blur=0, color=0, hed=0, elastic=0)
     for _ in range(10):
         a, b = augment(img, lab, rng, flips)
         assert np.array_equal(a[..., 0] > 100, b == 1)  # flips and 90-degree turns are exact

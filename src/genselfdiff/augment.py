@@ -39,15 +39,15 @@ class Augment:
     elastic: float = 0.5  # probability
     elastic_sigma: float = 8.0  # smoothness of the displacement field, px
     elastic_px: float = 3.0  # standard deviation of the displacement, px
-    hed: float = 0.0  # probability of a HED stain perturbation (not in the paper)
-    hed_sigma: float = 0.05  # Tellez et al.'s "HED-light" is 0.05, "HED-strong" 0.2
+    hed: float = 0.5  # probability of a HED stain perturbation (not in the paper)
+    hed_sigma: float = 0.2  # Tellez et al.'s "HED-light" is 0.05, "HED-strong" 0.2
     # True: blur_sigma is one fixed (x, y) pair, as torchvision's gaussian_blur reads the
     # official [1.0, 2.0]; False: a range each blur draws one isotropic sigma from.
     blur_fixed: bool = False
 
     @classmethod
     def off(cls) -> "Augment":
-        return cls(flips=False, rotate90=False, blur=0.0, color=0.0, elastic=0.0)
+        return cls(flips=False, rotate90=False, blur=0.0, color=0.0, elastic=0.0, hed=0.0)
 
     def to_dict(self) -> dict:
         d = asdict(self)

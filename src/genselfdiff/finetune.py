@@ -52,7 +52,13 @@ from .unet import SegmentationNet, UNet, to_segmentation
 
 NORMALIZATION = NORMALIZATIONS["default"]  # uint8 / 127.5 - 1, as in pretraining (the official recipe: [0, 1])
 LR_SCHEDULES = ("constant", "cosine")
-DEFAULT_EPOCHS = 50  # when no budget is given; early stopping usually ends sooner
+DEFAULT_EPOCHS = 50
+# Learning rates of the default recipe, chosen on MoNuSeg with the tiny network (docs/finetuning.md):
+# a pretrained (or segmentation) start loses what it learnt at 1e-3, a random one learns fastest
+# there. The paper network keeps the published 1e-4.
+LEARNING_RATES = {"paper": (1e-4, 1e-4)}  # preset: (from a trained start, from scratch)
+OTHER_LEARNING_RATES = (3e-4, 1e-3)
+SPARSE_AFFINITY = 1.0  # when no budget is given; early stopping usually ends sooner
 PREVIEW_MAX_SIDE = 1024  # pixels at the training resolution: a quick prediction, a small message
 
 
@@ -64,15 +70,15 @@ class FinetuneConfig:
     net: Optional[NetConfig] = None  # None (or a dict of changed fields): the preset's
     patch: Optional[int] = None  # None: the preset's
     batch: Optional[int] = None
-    lr: float = 1e-4
+    lr: Optional[float] = None  # default: LEARNING_RATES (by preset and start), chosen by measurement
     betas: tuple = (0.5, 0.999)
-    loss: str = "paper"  # "paper" (SS + focal), "ce" or "dice"
+    loss: str = "dice_ce"  # "dice_ce" (soft Dice + CE), "paper" (SS + focal), "official", "ce" or "dice"
     ss_weight: float = 1.0
     focal_weight: float = 1.0
     ss_beta: float = 0.1
     ss_c: float = 0.01
     focal_gamma: float = 2.0
-    affinity: Optional[float] = None  # weight of the colour-affinity loss; default on for sparse labels
+    affinity: Optional[float] = None  # weight of the colour-affinity loss; default SPARSE_AFFINITY for strokes, else 0
     # Budget: whichever comes first; none given means DEFAULT_EPOCHS (early stopping still applies).
     epochs: Optional[int] = None
     steps: Optional[int] = None
@@ -195,6 +201,11 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     start = _load_start(pretrained, cfg) if pretrained is not None else None
     cfg = with_preset(cfg, dev, start.provenance["preset"] if start else None)  # the base model's preset wins
     start = start or _Start(cfg.net)
+    if cfg.lr is None:
+        trained, scratch = LEARNING_RATES.get(cfg.preset, OTHER_LEARNING_RATES)
+        cfg.lr = trained if start.kind else scratch
+    if cfg.affinity is None:
+        cfg.affinity = SPARSE_AFFINITY if cfg.sparse else 0.0
     if start.kind:  # the network is the checkpoint's, whatever the preset says
         cfg.net = start.net_cfg
     mult = cfg.net.downsampling
@@ -235,7 +246,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     loss_fn = make_loss(cfg.loss, ss_weight=cfg.ss_weight, focal_weight=cfg.focal_weight, beta=cfg.ss_beta,
                         c=cfg.ss_c, gamma=cfg.focal_gamma,
-                        affinity=cfg.affinity if cfg.affinity is not None else 0.0)
+                        affinity=cfg.affinity)
 
     run = _Run(cfg=cfg, net=net, optimizer=optimizer, out=out, names=names, colors=colors, start=start,
                items=items, val=val, spe=spe, preview=preview)

@@ -60,7 +60,7 @@ def official_init(module: nn.Module) -> nn.Module:
 def official_augment() -> Augment:
     """Flips, blur 3x3 sigma (x 1, y 2) at p 0.3, jitter (brightness 0.5, contrast 0.4) at p 0.3."""
     return Augment(flips=True, rotate90=False, blur=0.3, blur_sigma=(1.0, 2.0), blur_fixed=True, color=0.3,
-                   brightness=0.5, contrast=0.4, saturation=0.0, elastic=0.0)
+                   brightness=0.5, contrast=0.4, saturation=0.0, elastic=0.0, hed=0.0)
 
 
 def official_pretrain_fields() -> dict:
@@ -72,7 +72,8 @@ def official_finetune_fields() -> dict:
     """FinetuneConfig values of the official recipe (the caller's explicit choices still win)."""
     return dict(lr=1e-4, betas=(0.5, 0.999), batch=8, loss="official", ss_weight=1.0, focal_weight=1.0,
                 ss_beta=0.1, ss_c=0.01, focal_gamma=2.0, epochs=OFFICIAL_FINETUNE_EPOCHS, patience=0,
-                augment=official_augment(), grad_clip=0.0, lr_schedule="constant", amp=False, recipe="official")
+                augment=official_augment(), grad_clip=0.0, lr_schedule="constant", amp=False, affinity=0.0,
+                recipe="official")
 
 
 def official_segmentation_net(net_cfg: NetConfig, classes: int, pretrained: Optional[dict] = None) -> SegmentationNet:

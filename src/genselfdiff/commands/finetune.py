@@ -40,7 +40,8 @@ def register(sub) -> None:
     budget.add_argument("--minutes", type=float, metavar="M")
     p.add_argument("--patch", type=int, help="patch side in pixels (default: the preset's)")
     p.add_argument("--batch", type=int, help="patches per step (default: the preset's)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default: 3e-4 from a trained model, 1e-3 from "
+                                             "scratch; 1e-4 for the paper network and the official recipe)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"],
                    help="constant (the paper's, default) or cosine: decay to 0 over the budget")
     p.add_argument("--recipe", choices=["default", "official"], default="default",
@@ -48,8 +49,8 @@ def register(sub) -> None:
                         "augmentations, loss, fp32 and 150 epochs keeping the best validation loss "
                         "(default: %(default)s)")
     p.add_argument("--loss", choices=["paper", "official", "ce", "dice", "dice_ce"],
-                   help="paper = structural similarity + focal; official = the same with the official "
-                        "code's batch-mean cross-entropy")
+                   help="dice_ce = soft Dice + cross-entropy (default); paper = structural similarity + focal; "
+                        "official = the same with the official code's batch-mean cross-entropy")
     p.add_argument("--steps-per-epoch", type=int, metavar="N", help="default: about one pass over the annotated tiles")
     p.add_argument("--val-fraction", type=float, metavar="F", help="share of annotated tiles held out (default 0.1)")
     p.add_argument("--patience", type=int, metavar="N", help="epochs without improvement before stopping (default 10)")
@@ -58,7 +59,7 @@ def register(sub) -> None:
                      help="pyramid level to train at (default: 0.5 µm/px where the pixel size is known, else level 0)")
     res.add_argument("--mpp", type=float, metavar="UM", help="train at this many µm per pixel")
     add_pixel_size_arguments(p)
-    p.add_argument("--no-augment", action="store_true", help="switch off flips, rotations, blur, colour and elastic")
+    p.add_argument("--no-augment", action="store_true", help="switch off flips, rotations, blur, colour, stain (HED) and elastic")
     p.add_argument("--workers", type=int, help="threads preparing batches (default 0)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast on CUDA and on CPUs with native bf16; --no-amp keeps fp32 (default on)")
