@@ -84,14 +84,19 @@ def _masked_stats(x: torch.Tensor, m: torch.Tensor):
     return mean, var.clamp_min(1e-12).sqrt()
 
 
-def ss_loss(logits: torch.Tensor, target: torch.Tensor, beta: float = 0.1, c: float = 0.01) -> torch.Tensor:
-    """Structural-similarity loss (Zhao et al.), per-pixel cross-entropy; see the module doc."""
-    p, logp, y, m = _prepare(logits, target)
+def _structural_errors(p, y, m, beta: float, c: float):
+    """``e`` and the mask ``f`` of its hardest values (see the module doc)."""
     mu_y, sd_y = _masked_stats(y, m)
     mu_p, sd_p = _masked_stats(p, m)
     e = ((y - mu_y + c) / (sd_y + c) - (p - mu_p + c) / (sd_p + c)).abs() * m
     e_max = e.flatten(2).amax(2)[..., None, None]
-    f = ((e > beta * e_max) & (m > 0)).float()
+    return e, ((e > beta * e_max) & (m > 0)).float()
+
+
+def ss_loss(logits: torch.Tensor, target: torch.Tensor, beta: float = 0.1, c: float = 0.01) -> torch.Tensor:
+    """Structural-similarity loss (Zhao et al.), per-pixel cross-entropy; see the module doc."""
+    p, logp, y, m = _prepare(logits, target)
+    e, f = _structural_errors(p, y, m, beta, c)
     return (e * f * pixel_ce(logp, y)).sum() / f.sum().clamp_min(1.0)
 
 
@@ -99,11 +104,7 @@ def ss_loss_official(logits: torch.Tensor, target: torch.Tensor, beta: float = 0
     """The official ``SSLoss``: as :func:`ss_loss` but ``e * f`` multiplies one scalar, the
     batch-mean cross-entropy (over annotated pixels), instead of each pixel's own."""
     p, logp, y, m = _prepare(logits, target)
-    mu_y, sd_y = _masked_stats(y, m)
-    mu_p, sd_p = _masked_stats(p, m)
-    e = ((y - mu_y + c) / (sd_y + c) - (p - mu_p + c) / (sd_p + c)).abs() * m
-    e_max = e.flatten(2).amax(2)[..., None, None]
-    f = ((e > beta * e_max) & (m > 0)).float()
+    e, f = _structural_errors(p, y, m, beta, c)
     batch_ce = pixel_ce(logp, y).sum() / m.sum().clamp_min(1.0)
     return (e * f * batch_ce).sum() / f.sum().clamp_min(1.0)
 
