@@ -246,7 +246,7 @@ def recipe_choices(recipe: str) -> tuple:
     if recipe == "official":
         f = official_finetune_fields()
         return f["augment"], f["loss"], f["betas"], f["amp"]
-    return Augment(), "paper", (0.5, 0.999), True
+    return Augment(), "dice_ce", (0.5, 0.999), True
 
 
 def finetune_once(args, net_cfg, patch, dev, data, weights, recipe: str, labels: str, seed: int):
@@ -263,7 +263,8 @@ def finetune_once(args, net_cfg, patch, dev, data, weights, recipe: str, labels:
         torch.manual_seed(seed)  # the same head for every start of a seed
         net = build(recipe, net_cfg, weights).to(dev).train()
     opt = torch.optim.Adam(net.parameters(), lr=args.finetune_lr, betas=tuple(betas))
-    loss_fn = make_loss(loss_name)
+    # strokes: the default recipe's colour-affinity term (finetune.SPARSE_AFFINITY)
+    loss_fn = make_loss(loss_name, affinity=1.0 if labels == "strokes" and recipe != "official" else 0.0)
     amp = amp and dev.type == "cuda"
     target = data[labels]
     t = time.perf_counter()
@@ -275,7 +276,7 @@ def finetune_once(args, net_cfg, patch, dev, data, weights, recipe: str, labels:
         y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x)
-        loss = loss_fn(logits, y)
+        loss = loss_fn(logits, y, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
