@@ -142,7 +142,7 @@ class PretrainConfig:
     val_batches: int = 4
     resolution: Optional[Resolution] = None  # None: the engine's default (pixelsize.working_resolution)
     seed: int = 0
-    workers: int = 0
+    workers: Optional[int] = None  # None: the engine decides (trainjob.default_workers)
     compile: bool = False
     amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (measured faster there)
     channels_last: bool = True
