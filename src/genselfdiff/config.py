@@ -9,7 +9,7 @@ elsewhere, and the base model's preset when fine-tuning from one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 from .errors import UserError

@@ -436,7 +436,7 @@ class _Run:
     def preview(self, dev, progress) -> None:
         """Report the current network's class ids over the preview region, leaving training as it was."""
         from .model import Model
-        from .segment import segment  # the tiler with blended halos, as a slide would be segmented
+        from .segment import segment  # the tiler, as a slide would be segmented
 
         region = self.preview_region
         model = Model(net=self.net, kind="segmentation", net_config=self.net.unet.cfg, device=dev,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import capture_rng, restore_rng, save_checkpoint
 from .config import PretrainConfig, Resolution, with_preset
 from .errors import UserError
 from .model import autocast, pick_device, to_input
