@@ -115,17 +115,19 @@ def write_spotted_pyramid(path: Path, side: int, spots: int = 5, spot: int = 512
 
 def raw_forward(model, slide_path, tile, overlap, batch, repeats=1) -> dict:
     """The network alone over the tiles segment() would compute, pixels pre-read."""
-    from genselfdiff.segment import _Predictor, _crop, as_slide, make_plan
+    from genselfdiff.pipeline import Predictor, crop
+    from genselfdiff.plan import make_plan
+    from genselfdiff.slides import as_slide
 
     slide = as_slide(slide_path)
     plan = make_plan(model, slide, tile=tile, overlap=overlap, skip_background=True)
     tiles = [t for _, _, rect in plan.units() for t in plan.tiles(rect) if plan.has_tissue(t)]
     image = np.asarray(plan.array)
-    crops = [_crop(image, (0, 0), t.window, plan.shape) for t in tiles]
+    crops = [crop(image, (0, 0), t.window, plan.shape) for t in tiles]
     pixels = sum((t.core[2] - t.core[0]) * (t.core[3] - t.core[1]) for t in tiles)
     import torch
 
-    predictor = _Predictor(model, probabilities=False)
+    predictor = Predictor(model, probabilities=False)
     predictor.collect(predictor.launch(torch.from_numpy(np.stack(crops[:batch]))))  # warm-up
     best = math.inf
     for _ in range(repeats):

@@ -178,7 +178,7 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
 
     ``items`` are dicts: ``key`` (a name), ``image`` (a Slide) and optionally ``region0``
     (y0, x0, y1, x1 in level-0 pixels). The worker yields ``("model", Model)``, then per item
-    ``("tile", key, TileResult)`` as tiles finish and ``("end", key, SegmentResult or None)``,
+    ``("tile", key, TileResult)`` as tiles finish and ``("end", key, SegmentResult)``,
     or ``("failed", key, message)`` for an image the model cannot segment (the batch goes on).
     With ``out_dir`` each result is also written to ``out_dir/KEY.ome.zarr`` by the engine.
     """
@@ -190,7 +190,7 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
     def work():
         from genselfdiff.errors import UserError
         from genselfdiff.model import load_model
-        from genselfdiff.segment import segment, segment_tiles
+        from genselfdiff.segment import segment_tiles
 
         model = load_model(model_path, device)
         model.require_segmentation()
@@ -199,50 +199,23 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
             if stop.is_set():
                 return
             key, image = item["key"], item["image"]
+            out = Path(out_dir) / f"{key}.ome.zarr" if out_dir is not None else None
             try:
-                region = _processing_region(image, model, item.get("region0"))
-                if out_dir is None:
-                    for tile in segment_tiles(model, image, region=region, should_stop=stop.is_set, **options):
-                        yield ("tile", key, tile)
-                    yield ("end", key, None)
-                else:
-                    out = Path(out_dir) / f"{key}.ome.zarr"
-                    yield from _tiles_of(segment, key, model, image, out, should_stop=stop.is_set, **options)
+                tiles = segment_tiles(model, image, out, region0=item.get("region0"), should_stop=stop.is_set,
+                                      **options)
+                result = yield from _tagged(key, tiles)
+                yield ("end", key, result)
             except UserError as e:
                 yield ("failed", key, str(e))
 
     return work(), stop
 
 
-def _processing_region(image, model, region0):
-    """A level-0 rectangle in pixels of the level the model will run on."""
-    if region0 is None:
-        return None
-    d = image.downsample(image.level_for(model.resolution))
-    y0, x0, y1, x1 = region0
-    return (int(y0 // d), int(x0 // d), int(-(-y1 // d)), int(-(-x1 // d)))
-
-
-def _tiles_of(segment, key, model, image, out, **kwargs):
-    """Run the engine's ``segment`` (which writes OME-Zarr) in a thread, yielding the finished
-    tiles its progress reports carry, then its result."""
-    box = queue_module.Queue()  # unbounded: the engine must never wait for the UI
-
-    def progress(p):
-        if p.payload is not None:
-            box.put(("tile", key, p.payload))
-
-    def run():
-        try:
-            box.put(("end", key, segment(model, image, out, progress=progress, **kwargs)))
-        except BaseException as e:  # raised again in the worker, where napari reports it
-            box.put(("error", e))
-
-    threading.Thread(target=run, name="genselfdiff-segment", daemon=True).start()
+def _tagged(key, tiles):
+    """The engine's finished tiles as ``("tile", key, tile)`` messages; returns the engine's result."""
     while True:
-        message = box.get()
-        if message[0] == "error":
-            raise message[1]
-        yield message
-        if message[0] == "end":
-            return
+        try:
+            tile = next(tiles)
+        except StopIteration as end:
+            return end.value
+        yield ("tile", key, tile)

@@ -3,7 +3,6 @@ working resolution (0.5 µm/px) that training uses when the size is known."""
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from skimage.io import imsave

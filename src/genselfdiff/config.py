@@ -9,7 +9,7 @@ elsewhere, and the base model's preset when fine-tuning from one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 from .errors import UserError
@@ -142,7 +142,7 @@ class PretrainConfig:
     val_batches: int = 4
     resolution: Optional[Resolution] = None  # None: the engine's default (pixelsize.working_resolution)
     seed: int = 0
-    workers: int = 0
+    workers: Optional[int] = None  # None: the engine decides (trainjob.default_workers)
     compile: bool = False
     amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (measured faster there)
     channels_last: bool = True

@@ -44,10 +44,10 @@ from .errors import UserError
 from .losses import IGNORE, LOSSES, make_loss
 from .model import autocast, default_colors, pick_device, to_input
 from .pixelsize import tell, unknown_note, working_resolution
-from .pretrain import last_path
 from .progress import Progress, resolve
 from .recipe import NORMALIZATIONS, check_recipe, official_finetune_fields, official_segmentation_net
 from .slides import Slide, as_slide
+from .trainjob import Budget, last_path, load_resume_state, prefetch
 from .unet import SegmentationNet, UNet, to_segmentation
 
 NORMALIZATION = NORMALIZATIONS["default"]  # uint8 / 127.5 - 1, as in pretraining (the official recipe: [0, 1])
@@ -436,7 +436,7 @@ class _Run:
     def preview(self, dev, progress) -> None:
         """Report the current network's class ids over the preview region, leaving training as it was."""
         from .model import Model
-        from .segment import segment  # the tiler with blended halos, as a slide would be segmented
+        from .segment import segment  # the tiler, as a slide would be segmented
 
         region = self.preview_region
         model = Model(net=self.net, kind="segmentation", net_config=self.net.unet.cfg, device=dev,
@@ -456,12 +456,8 @@ class _Run:
     # resume
     def resume(self) -> None:
         last = last_path(self.out)
-        if not last.exists():
-            raise UserError(f"Nothing to resume: {last} does not exist (it is written next to the model during "
-                            "fine-tuning); start without resuming.")
-        ckpt = load_checkpoint(last)
-        if ckpt.get("kind") != "segmentation" or "train_state" not in ckpt or "optimizer" not in ckpt:
-            raise UserError(f"{last} is not the resume state of a fine-tuning run.")
+        ckpt = load_resume_state(self.out, lambda c: c.get("kind") == "segmentation" and "train_state" in c
+                                 and "optimizer" in c, "fine-tuning")
         if list(ckpt.get("classes") or []) != self.names or NetConfig.from_dict(ckpt["net"]) != self.net.unet.cfg:
             raise UserError(f"{last} was trained with other classes or another network; "
                             "resume with the same settings, or choose a new output file.")
@@ -487,55 +483,17 @@ class _Run:
             pairs = [augment(*sampler.sample(rng), rng, cfg.augment) for _ in range(cfg.batch)]
             return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
-        step = self.step
-        if cfg.workers <= 0:
-            while True:
-                yield make(step)
-                step += 1
-        from concurrent.futures import ThreadPoolExecutor
+        return prefetch(make, self.step, cfg.workers)
 
-        pool = ThreadPoolExecutor(cfg.workers)
-        try:
-            ahead = deque(pool.submit(make, s) for s in range(step, step + 2 * cfg.workers))
-            step += 2 * cfg.workers
-            while True:
-                batch = ahead.popleft().result()
-                ahead.append(pool.submit(make, step))
-                step += 1
-                yield batch
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    def _max_epochs(self) -> Optional[int]:
+    def _budget(self) -> Budget:
         cfg = self.cfg
-        if cfg.epochs is not None:
-            return cfg.epochs
-        return None if (cfg.steps is not None or cfg.minutes is not None) else DEFAULT_EPOCHS
-
-    def _total(self, elapsed: float) -> Optional[int]:
-        cfg, totals = self.cfg, []
-        if cfg.steps is not None:
-            totals.append(cfg.steps)
-        if self._max_epochs() is not None:
-            totals.append(self._max_epochs() * self.spe)
-        if cfg.minutes is not None and self.step > 0 and elapsed > 0:
-            totals.append(int(self.step / elapsed * cfg.minutes * 60))
-        return min(totals) if totals else None
-
-    def _done_fraction(self, elapsed: float) -> float:
-        """How much of the budget (steps, epochs or minutes, whichever ends first) is used."""
-        cfg, done = self.cfg, [0.0]
-        if cfg.steps:
-            done.append(self.step / cfg.steps)
-        if self._max_epochs():
-            done.append(self.step / (self._max_epochs() * self.spe))
-        if cfg.minutes:
-            done.append(elapsed / (cfg.minutes * 60))
-        return min(1.0, max(done))
+        epochs = cfg.epochs
+        if epochs is None and cfg.steps is None and cfg.minutes is None:
+            epochs = DEFAULT_EPOCHS
+        return Budget(steps=cfg.steps, minutes=cfg.minutes, epochs=epochs, steps_per_epoch=self.spe)
 
     def train(self, sampler, loss_fn, dev, progress, should_stop) -> FinetuneResult:
-        cfg = self.cfg
-        max_epochs = self._max_epochs()
+        cfg, budget = self.cfg, self._budget()
         t0 = time.perf_counter() - self.seconds
         losses: deque = deque(maxlen=max(1, cfg.log_every))
         window: list = []
@@ -545,15 +503,14 @@ class _Run:
         try:
             while True:
                 elapsed = time.perf_counter() - t0
-                if (cfg.steps is not None and self.step >= cfg.steps) or (max_epochs is not None and self.epoch >= max_epochs) \
-                        or (cfg.minutes is not None and elapsed >= cfg.minutes * 60):
+                if budget.spent(self.step, elapsed, self.epoch):
                     break
                 if should_stop():
                     stopped = True
                     break
                 if cfg.lr_schedule == "cosine":
                     for group in self.optimizer.param_groups:
-                        group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * self._done_fraction(elapsed)))
+                        group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * budget.fraction(self.step, elapsed)))
                 imgs, tgts = next(batches)
                 x, y = to_input(imgs, dev, NORMALIZATIONS[cfg.recipe]), torch.from_numpy(tgts).to(dev)
                 with autocast(dev, cfg.amp):
@@ -573,14 +530,14 @@ class _Run:
                     self.history.append({"step": self.step, "loss": float(np.mean(window))})
                     window = []
                 metrics = {"loss": float(np.mean(losses)), "val_dice": self.history_val()}
-                progress(Progress("finetune", self.step, self._total(time.perf_counter() - t0), metrics))
+                progress(Progress("finetune", self.step, budget.total(self.step, time.perf_counter() - t0), metrics))
                 if self.step % self.spe == 0:
                     self.epoch += 1
                     dice, improved = self.validate(dev)
                     self.history[-1]["train_loss"] = float(np.mean(losses))
                     self.seconds = time.perf_counter() - t0
                     self.save(best=improved)
-                    progress(Progress("finetune", self.step, self._total(self.seconds),
+                    progress(Progress("finetune", self.step, budget.total(self.step, self.seconds),
                                       {"loss": float(np.mean(losses)), "val_dice": dice,
                                        "val_loss": self.history[-1]["val_loss"]},
                                       payload={"epoch": self.epoch, "val_dice": dice, "improved": improved,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import capture_rng, restore_rng, save_checkpoint
 from .config import PretrainConfig, Resolution, with_preset
 from .errors import UserError
 from .model import autocast, pick_device, to_input
@@ -35,6 +35,7 @@ from .pixelsize import tell, unknown_note, working_resolution
 from .progress import Progress, resolve
 from .recipe import check_recipe, official_init
 from .schedule import Schedule, p2_loss, q_sample
+from .trainjob import Budget, default_workers, last_path, load_resume_state  # noqa: F401  (last_path: public here too)
 from .unet import UNet
 
 # Fields a resumed run takes from the caller rather than from the checkpoint: they change
@@ -55,12 +56,6 @@ class PretrainResult:
     seconds: float = 0.0
     validation: str = ""  # "held-out files", "held-out regions" or "in-sample"
     net: Optional[torch.nn.Module] = field(default=None, repr=False)  # trained network (EMA weights if on)
-
-
-def last_path(out) -> Path:
-    """Where the resume state of ``out`` lives: ``model.pt`` -> ``model.last.pt``."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.last{out.suffix}") if out.suffix else out.with_name(out.name + ".last")
 
 
 def schedule_of(config: PretrainConfig) -> Schedule:
@@ -122,6 +117,8 @@ class _Trainer:
         cfg = self.cfg = with_preset(config, self.device) if ckpt is None else self._resumed_config(config, ckpt)
         if cfg.recipe == "official" and cfg.net.final_time:  # the official final block has no time input
             cfg = self.cfg = replace(cfg, net=replace(cfg.net, final_time=False))
+        if cfg.workers is None:  # the engine's choice for this device, the same from the CLI and napari
+            cfg = self.cfg = replace(cfg, workers=default_workers(self.device))
         check_config(cfg)
         self.schedule = schedule_of(cfg)
         if self.device.type != "cpu":  # its tensors on the GPU: no host copy (and stall) in every step
@@ -153,13 +150,7 @@ class _Trainer:
 
     # --- resume ---------------------------------------------------------------------
     def _load_resume_state(self, config) -> dict:
-        if not self.last.exists():
-            raise UserError(f"Nothing to resume: {self.last} does not exist (it is written next to --out "
-                            "during training); start without --resume.")
-        ckpt = load_checkpoint(self.last)
-        if ckpt.get("kind") != "pretrained" or "optimizer" not in ckpt:
-            raise UserError(f"{self.last} is not the resume state of a pretraining run.")
-        return ckpt
+        return load_resume_state(self.out, lambda c: c.get("kind") == "pretrained" and "optimizer" in c, "pretraining")
 
     @staticmethod
     def _resumed_config(config: PretrainConfig, ckpt: dict) -> PretrainConfig:
@@ -204,13 +195,13 @@ class _Trainer:
         window_t, window_steps = time.perf_counter(), 0
         last_loss, last_pps, stopped = None, None, False
         start_step = self.step
+        budget = Budget(steps=cfg.steps, minutes=cfg.minutes)
         self.net.train()
         try:
             while True:
-                done = cfg.steps is not None and self.step >= cfg.steps
-                if done:
+                if budget.steps is not None and self.step >= budget.steps:
                     break
-                over_time = cfg.minutes is not None and time.perf_counter() - t0 >= 60 * cfg.minutes
+                over_time = budget.spent(self.step, time.perf_counter() - t0)
                 stop = bool(should_stop())
                 if ctx.active:  # decided together (else a rank waits forever), every log_every steps
                     over_time, stop = distributed.any_rank([over_time, stop], ctx) \

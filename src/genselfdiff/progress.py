@@ -39,3 +39,14 @@ def _never_stop() -> bool:
 def resolve(progress: Optional[ProgressCallback], should_stop: Optional[StopCheck]):
     """Replace missing callbacks with no-ops so loops need no ``if`` around them."""
     return progress or _no_progress, should_stop or _never_stop
+
+
+def drain(generator, each: Callable = None):
+    """Run a generator of partial results to its end (calling ``each`` on every one); its return value."""
+    while True:
+        try:
+            item = next(generator)
+        except StopIteration as end:
+            return end.value
+        if each is not None:
+            each(item)

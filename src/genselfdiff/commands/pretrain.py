@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 ORDER = 10
@@ -64,17 +63,13 @@ def register(sub) -> None:
 
 def build_config(args):
     from ..config import PretrainConfig, Resolution
-    from ..model import pick_device
 
     net = {"width": args.width} if args.width is not None else None  # the preset's network, this wide
-    workers = args.workers
-    if workers is None and pick_device(args.device).type == "cuda":
-        workers = min(8, (os.cpu_count() or 2) // 2)
     resolution = Resolution(level=args.level or 0, mpp=args.mpp) if args.level is not None or args.mpp else None
     return PretrainConfig.from_preset(
         args.preset, net=net, patch=args.patch, batch=args.batch, lr=args.lr, steps=args.steps,
         minutes=args.minutes, ema_decay=args.ema, grad_clip=args.grad_clip, warmup_steps=args.warmup,
-        val_every=args.val_every, val_fraction=args.val_fraction, seed=args.seed, workers=workers,
+        val_every=args.val_every, val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
         compile=args.compile, amp=args.amp, resolution=resolution, recipe=args.recipe)
 
 
