@@ -1,5 +1,7 @@
 """Pretraining end to end on tiny synthetic tissue: learning, resume, stop, sampling, bad input, the data stream."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -55,7 +57,7 @@ def test_tiny_run_lowers_the_loss(slides, tmp_path):
     assert result.validation == "held-out files" and not result.stopped and result.skipped == []
     ckpt = load_checkpoint(result.path)
     assert ckpt["kind"] == "pretrained" and ckpt["step"] == 40 and ckpt["best_val_loss"] == result.best_val_loss
-    assert PretrainConfig.from_dict(ckpt["config"]) == cfg
+    assert PretrainConfig.from_dict(ckpt["config"]) == replace(cfg, workers=0)  # the engine's choice on a CPU
     assert ckpt["schedule"] == {"kind": "quadratic", "timesteps": 1000, "beta_start": pytest.approx(1e-4),
                                 "beta_end": pytest.approx(0.02)}
     assert len(ckpt["data"]["files"]) == 3 and ckpt["data"]["train_files"] == 2
