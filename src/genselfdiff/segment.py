@@ -87,6 +87,7 @@ class SegmentResult:
     downsample: float = 1.0
     png: Optional[Path] = None
     notes: list = field(default_factory=list)
+    objects: object = None  # objects.ObjectResult when asked for instances
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -557,7 +558,7 @@ def _compute_units(model, plan: Plan, units: list, image: Optional[LabelImage], 
 def segment(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, skip_background: bool = True,
             probabilities: bool = False, tta: bool = False, png: bool = False, chunk=None, progress=None,
             should_stop=None, scheduler=None, worker_device: str = "auto", pixel_size=None,
-            override_pixel_size: bool = False) -> SegmentResult:
+            override_pixel_size: bool = False, instances: bool = False, instances_of=None) -> SegmentResult:
     """Segment one image at the model's resolution.
 
     With ``out`` (a ``.ome.zarr`` path) the result is written there as an NGFF 0.5 label
@@ -569,20 +570,26 @@ def segment(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, 
     (:data:`~genselfdiff.model.FLIPS`; 4x the compute). Stops cleanly, keeping finished
     chunks, when ``should_stop()`` is True. ``pixel_size``: the level-0 µm/px of the image
     (see :func:`genselfdiff.slides.open_slide`); an image whose size differs from the model's
-    is resampled to it, and the labels still have the image's own level-0 shape.
+    is resampled to it, and the labels still have the image's own level-0 shape. ``instances``
+    (or ``instances_of``, class names) also splits the classes into objects afterwards
+    (:mod:`genselfdiff.objects`): ``result.objects``.
     """
+    from .objects import add_objects, object_request
+
     t0 = time.perf_counter()
+    request = object_request(model, instances_of) if instances or instances_of else None
     slide = _input_slide(model, image, pixel_size, override_pixel_size)
     plan = make_plan(model, slide, tile=tile, overlap=overlap, skip_background=skip_background, chunk=chunk)
     units = plan.units()
     base = dict(level=plan.level, downsample=plan.downsample)
+    with_objects = dict(png=png, png_max_pixels=PNG_MAX_PIXELS, progress=progress, should_stop=should_stop)
     if out is None:
         if scheduler is not None:
             raise UserError("Segmenting on a dask cluster needs an output folder (out=...).")
         full = np.zeros(plan.shape, np.uint8)
         state = _compute_units(model, plan, units, None, batch=batch, probabilities=False, tta=tta,
                                progress=progress, should_stop=should_stop, full=full)
-        return _result(full, None, state, t0, chunks_computed=0, **base)
+        return add_objects(_result(full, None, state, t0, chunks_computed=0, **base), request, slide, **with_objects)
 
     out = Path(out)
     n_classes = model.require_segmentation().classes
@@ -609,8 +616,9 @@ def segment(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, 
             png_path, note = _write_png(out, plan.shape0)
             notes += [note] if note else []
     labels = load_labels(out)[0] if not stopped else None
-    return _result(labels, out, state, t0, chunks_computed=state.get("written", 0),
-                   chunks_resumed=len(done), png=png_path, notes=notes, stopped=stopped, **base)
+    return add_objects(_result(labels, out, state, t0, chunks_computed=state.get("written", 0),
+                               chunks_resumed=len(done), png=png_path, notes=notes, stopped=stopped, **base),
+                       request, slide, **with_objects)
 
 
 def _result(labels, path, state, t0, **kw) -> SegmentResult:
