@@ -108,3 +108,31 @@ def test_cli_segment_instances_writes_zarr_png_and_summary_and_refuses_bad_names
     err = capsys.readouterr().err
     assert "seg.pt has no foreground class 'gland'" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_scores_the_objects_of_segment_instances(tmp_path, capsys):
+    from genselfdiff.cli import main
+
+    # 16 pairs of touching squares (an instance map: more than 16 ids): 16 clumps in the class map.
+    truth = np.zeros((40, 40), np.uint16)
+    for n, (i, j, d) in enumerate((i, j, d) for i in range(4) for j in range(4) for d in (0, 4)):
+        truth[2 + 10 * i: 6 + 10 * i, 1 + 10 * j + d: 5 + 10 * j + d] = n + 1
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    imsave(tmp_path / "truth" / "x.png", truth, check_contrast=False)
+    imsave(tmp_path / "pred" / "x.png", (truth > 0).astype(np.uint8), check_contrast=False)
+    imsave(tmp_path / "pred" / "x_instances.png", truth, check_contrast=False)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "--instances",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    for column in ("aji", "pq", "dq", "sq", "object_f1", "object_dice", "count_error"):
+        assert column in out
+    import json
+    row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
+    assert row["aji"] == row["pq"] == row["object_f1"] == row["object_dice"] == 1.0 and row["count_error"] == 0.0
+    # Without the instance image each touching pair is one object, matching neither square (IoU 0.5).
+    (tmp_path / "pred" / "x_instances.png").unlink()
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "--instances",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
+    assert row["count_error"] == 0.5 and row["dq"] == 0.0 and row["aji"] == pytest.approx(0.5)
