@@ -103,6 +103,20 @@ def test_cli_segment_instances_writes_zarr_png_and_summary_and_refuses_bad_names
     rows = list(csv.DictReader(open(out / "good_objects.csv")))
     assert rows[0]["class"] == "nucleus" and int(rows[0]["objects"]) == ids.max()
     assert float(rows[0]["tissue_mm2"]) > 0 and float(rows[0]["objects_per_mm2"]) > 0
+    # One QuPath detection per object, with its class and measurements; import-geojson reads them back.
+    from genselfdiff.qupath import read_geojson
+    from genselfdiff.rasterize import read_geojson_labels
+
+    geo = tmp_path / "objects.geojson"
+    assert main(["export-geojson", str(out / "good.ome.zarr"), "--out", str(geo), "--objects"]) == 0
+    objects, warnings = read_geojson(geo)
+    assert len(objects) == ids.max() and not warnings
+    assert {o.object_type for o in objects} == {"detection"} and {o.name for o in objects} == {"nucleus"}
+    import json
+    props = json.loads(geo.read_text())["features"][0]["properties"]
+    assert {"Area µm^2", "Perimeter µm", "Circularity", "Hematoxylin OD mean"} <= set(props["measurements"])
+    back, names, _ = read_geojson_labels(geo, ids.shape)
+    assert names == ["background", "nucleus"] and ((back > 0) == (ids > 0)).mean() > 0.9
     # Bad input: one sentence naming the model, exit 2, nothing segmented.
     assert main(args[:5] + ["--out", str(tmp_path / "bad"), "--instances-of", "gland"]) == 2
     err = capsys.readouterr().err
