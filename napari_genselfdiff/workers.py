@@ -19,6 +19,8 @@ import queue as queue_module
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ._jobs import run_job
@@ -181,6 +183,8 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
     ``("tile", key, TileResult)`` as tiles finish and ``("end", key, SegmentResult or None)``,
     or ``("failed", key, message)`` for an image the model cannot segment (the batch goes on).
     With ``out_dir`` each result is also written to ``out_dir/KEY.ome.zarr`` by the engine.
+    With ``options["instances"]`` the worker also yields ``("objects", key, ids, level)`` before
+    ``"end"``: the object ids (level 0 with ``out_dir``, else the processing level ``level``).
     """
     from napari.qt.threading import thread_worker
 
@@ -192,8 +196,12 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
         from genselfdiff.model import load_model
         from genselfdiff.segment import segment, segment_tiles
 
+        from genselfdiff.objects import object_request, objects_in_memory
+
         model = load_model(model_path, device)
         model.require_segmentation()
+        tile_options = {k: v for k, v in options.items() if k != "instances"}
+        request = object_request(model) if options.get("instances") else None
         yield ("model", model)
         for item in items:
             if stop.is_set():
@@ -202,12 +210,25 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
             try:
                 region = _processing_region(image, model, item.get("region0"))
                 if out_dir is None:
-                    for tile in segment_tiles(model, image, region=region, should_stop=stop.is_set, **options):
+                    full = None
+                    for tile in segment_tiles(model, image, region=region, should_stop=stop.is_set, **tile_options):
+                        if request is not None:  # the objects need the whole level: keep the tiles
+                            if full is None:
+                                full = np.zeros(image.levels[tile.level].shape[:2], np.uint8)
+                            full[tile.y: tile.y + tile.labels.shape[0], tile.x: tile.x + tile.labels.shape[1]] = tile.labels
                         yield ("tile", key, tile)
+                    if full is not None and not stop.is_set():
+                        ids = objects_in_memory(full, request, mpp=image.mpp_at(tile.level)).ids
+                        yield ("objects", key, ids, tile.level)
                     yield ("end", key, None)
                 else:
                     out = Path(out_dir) / f"{key}.ome.zarr"
-                    yield from _tiles_of(segment, key, model, image, out, should_stop=stop.is_set, **options)
+                    for message in _tiles_of(segment, key, model, image, out, should_stop=stop.is_set,
+                                             instances=request is not None, **tile_options):
+                        result = message[2] if message[0] == "end" else None
+                        if result is not None and result.objects is not None and result.objects.path is not None:
+                            yield ("objects", key, result.objects.ids, 0)
+                        yield message
             except UserError as e:
                 yield ("failed", key, str(e))
 
