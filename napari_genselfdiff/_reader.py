@@ -37,7 +37,10 @@ def read(path) -> list:
     path = Path(path)
     attrs = ome_attributes(path) if path.is_dir() else None
     if attrs is not None and ("image-label" in attrs or "genselfdiff" in attrs):
-        return [read_label_image(path)]
+        layers = [read_label_image(path)]
+        if "multiscales" in (ome_attributes(path / "instances") or {}):  # segment --instances
+            layers.append(read_objects(path / "instances", layers[0][1]["name"]))
+        return layers
     layers = [read_image(path)]
     if attrs is not None and (path / "labels").is_dir():  # NGFF: labels stored beside the image
         for name in _label_names(path / "labels"):
@@ -85,6 +88,17 @@ def read_label_image(path) -> tuple:
         **labels_kwargs(names, colors, path=str(path), mpp=source.scale[-1] if source.unit == "micrometer" else None,
                         **placement),
     }
+    return (levels if len(levels) > 1 else levels[0]), meta, "labels"
+
+
+def read_objects(path, name: str) -> tuple:
+    """The object ids of a segmentation output as a Labels layer (napari's own colours: one per id)."""
+    from genselfdiff.labels import open_label_image
+
+    source = open_label_image(path)
+    levels = source.levels
+    meta = {"name": f"{name} objects", "multiscale": len(levels) > 1, "scale": list(source.scale),
+            "translate": list(source.translation), "opacity": 0.5}
     return (levels if len(levels) > 1 else levels[0]), meta, "labels"
 
 

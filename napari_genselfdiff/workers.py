@@ -19,6 +19,8 @@ import queue as queue_module
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ._jobs import run_job
@@ -181,6 +183,8 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
     ``("tile", key, TileResult)`` as tiles finish and ``("end", key, SegmentResult)``,
     or ``("failed", key, message)`` for an image the model cannot segment (the batch goes on).
     With ``out_dir`` each result is also written to ``out_dir/KEY.ome.zarr`` by the engine.
+    With ``options["instances"]`` the worker also yields ``("objects", key, ids, level)`` before
+    ``"end"``: the object ids (level 0 with ``out_dir``, else the processing level ``level``).
     """
     from napari.qt.threading import thread_worker
 
@@ -190,10 +194,13 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
     def work():
         from genselfdiff.errors import UserError
         from genselfdiff.model import load_model
+        from genselfdiff.objects import object_request, objects_in_memory
         from genselfdiff.segment import segment_tiles
 
         model = load_model(model_path, device)
         model.require_segmentation()
+        tile_options = {k: v for k, v in options.items() if k != "instances"}
+        request = object_request(model) if options.get("instances") else None
         yield ("model", model)
         for item in items:
             if stop.is_set():
@@ -202,8 +209,23 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
             out = Path(out_dir) / f"{key}.ome.zarr" if out_dir is not None else None
             try:
                 tiles = segment_tiles(model, image, out, region0=item.get("region0"), should_stop=stop.is_set,
-                                      **options)
-                result = yield from _tagged(key, tiles)
+                                      instances=out is not None and request is not None, **tile_options)
+                if request is not None and out is None:  # objects in memory need the tiles' labels
+                    full = None
+
+                    def keep(tile):
+                        nonlocal full
+                        if full is None:
+                            full = np.zeros(image.levels[tile.level].shape[:2], np.uint8)
+                        full[tile.y : tile.y + tile.labels.shape[0], tile.x : tile.x + tile.labels.shape[1]] = tile.labels
+
+                    result = yield from _tagged(key, tiles, keep)
+                    if full is not None and not result.stopped:
+                        yield ("objects", key, objects_in_memory(full, request, mpp=result.mpp).ids, result.level)
+                else:
+                    result = yield from _tagged(key, tiles)
+                    if result.objects is not None and result.objects.path is not None:
+                        yield ("objects", key, result.objects.ids, 0)
                 yield ("end", key, result)
             except UserError as e:
                 yield ("failed", key, str(e))
@@ -211,11 +233,14 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
     return work(), stop
 
 
-def _tagged(key, tiles):
-    """The engine's finished tiles as ``("tile", key, tile)`` messages; returns the engine's result."""
+def _tagged(key, tiles, keep=None):
+    """The engine's finished tiles as ``("tile", key, tile)`` messages (each also given to
+    ``keep``); returns the engine's result."""
     while True:
         try:
             tile = next(tiles)
         except StopIteration as end:
             return end.value
+        if keep is not None:
+            keep(tile)
         yield ("tile", key, tile)

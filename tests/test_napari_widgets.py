@@ -419,3 +419,26 @@ def test_a_bad_pixel_size_in_a_widget_is_one_sentence_naming_the_image(make_napa
     widget.pixel_size.setText("-2")
     with pytest.raises(UserError, match="given for plain png must be a positive number"):
         widget.items()
+
+
+def test_objects_box_adds_the_engines_objects_as_a_layer_and_the_reader_shows_saved_ones(make_napari_viewer, qtbot,
+                                                                                      tmp_path, tiny_model):
+    from genselfdiff.model import load_model
+    from genselfdiff.segment import segment
+    from napari_genselfdiff._reader import read
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.asarray(__import__("napari_genselfdiff._sample_data", fromlist=["x"]).make_sample(
+        (96, 96))[0][0]), name="he", rgb=True)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.model.setText(str(tiny_model))
+    widget.instances.setChecked(True)
+    widget.out.setText(str(tmp_path))
+    _segment(qtbot, widget)
+    want = segment(load_model(tiny_model, "cpu"), image.data, instances=True).objects.ids
+    shown = np.asarray(viewer.layers["he objects"].data)
+    from genselfdiff.instances import first_pixel_order
+
+    assert (first_pixel_order(shown) == want).all()
+    layers = read(tmp_path / "he.ome.zarr")
+    assert [meta["name"] for _, meta, _ in layers] == ["he", "he objects"]

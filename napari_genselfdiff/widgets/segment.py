@@ -41,6 +41,10 @@ class SegmentWidget(QWidget):
         self.tta.setToolTip("Test-time augmentation: each tile is also run flipped left-right, up-down and both, "
                             "and the class probabilities are averaged")
         self.tta.setChecked(bool(settings.get("segment_tta", False)))
+        self.instances = QCheckBox("split into objects (one id per nucleus or gland)")
+        self.instances.setToolTip("Also split every foreground class into objects, shown as a second Labels layer; "
+                                  "with 'Save to', written beside the class labels")
+        self.instances.setChecked(bool(settings.get("segment_instances", False)))
         self.out = PathEdit("dir", placeholder="optional: folder for OME-Zarr results")
         self.out.setText(settings.get("segment_out", ""))
         # "auto" (the spin boxes' lowest values) lets the engine choose from the model.
@@ -79,6 +83,7 @@ class SegmentWidget(QWidget):
         form.addRow("", self.visible_only)
         form.addRow("Pixel size (µm/px)", self.pixel_size)
         form.addRow("", self.tta)
+        form.addRow("", self.instances)
         form.addRow("Save to", self.out)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button, 1)
@@ -154,11 +159,12 @@ class SegmentWidget(QWidget):
         if out_dir and self.visible_only.isChecked():
             return tell_error("'Visible region only' is a quick look and saves nothing; clear 'Save to' or untick it.")
         for key, value in (("model", model), ("segment_out", self.out.text()), ("tile", self.tile.value()),
-                           ("overlap", self.overlap.value()), ("segment_tta", self.tta.isChecked())):
+                           ("overlap", self.overlap.value()), ("segment_tta", self.tta.isChecked()),
+                           ("segment_instances", self.instances.isChecked())):
             settings.set(key, value)
         self.results = {item["key"]: {"image_layer": item.pop("layer")} for item in items}
         options = {"tile": self.tile.value() or None, "overlap": self.overlap.value() if self.overlap.value() >= 0 else None,
-                   "batch": self.batch.value(), "tta": self.tta.isChecked()}
+                   "batch": self.batch.value(), "tta": self.tta.isChecked(), "instances": self.instances.isChecked()}
         self.worker, self._stop = segment_worker(model, self.device.currentText(), items, options, out_dir)
         self.worker.yielded.connect(self._on_yield)
         self.worker.errored.connect(self._on_error)
@@ -183,6 +189,8 @@ class SegmentWidget(QWidget):
             self.classes, self.colors = key.classes, key.colors
         elif kind == "tile":
             self._add_tile(key, message[2])
+        elif kind == "objects":
+            self._add_objects(key, message[2], message[3])
         elif kind == "end":
             entry = self.results[key]
             entry["done"] = True
@@ -219,6 +227,16 @@ class SegmentWidget(QWidget):
             opacity=0.6, **_layers.labels_kwargs(self.classes, self.colors, segmented=image_layer.name,
                                    **_layers.placement(image_layer, tile.level)))
         return layer, pyramid
+
+    def _add_objects(self, key: str, ids, level: int):
+        """The objects as a Labels layer beside the class labels (random colours: one per object)."""
+        image_layer = self.results[key]["image_layer"]
+        scale, translate = _layers.level_transform(image_layer, level)
+        name = f"{image_layer.name} objects"
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        self.results[key]["objects"] = self.viewer.add_labels(ids, name=name, scale=scale, translate=translate,
+                                                              opacity=0.5)
 
     def _on_error(self, error):
         from genselfdiff.errors import UserError

@@ -4,8 +4,11 @@ Predictions (PNG/TIFF or OME-Zarr, level 0) and truths (PNG/TIFF) are paired by 
 (:func:`genselfdiff.slides.image_stem`: ``a/b.ome.zarr`` and ``c/b.png`` are both ``b``).
 Masks saved as 0/255 count as 0/1. A truth with more than ``INSTANCE_MIN_IDS`` distinct ids
 is taken for an instance map (MoNuSeg style): Dice, IoU and HD95 then compare foreground,
-and AJI compares instances, the predicted ones being the connected components of the
-predicted foreground unless the prediction is itself an instance map.
+and the object scores (AJI, PQ with DQ and SQ, GlaS object F1 and object Dice, count error)
+compare instances. The predicted objects are, in this order of preference: the ``instances``
+image of an OME-Zarr output (``segment --instances``), a ``NAME_instances.png`` beside the
+prediction, the prediction itself when it is an instance map, else the connected components
+of the predicted foreground.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 from .atomic import write_text
 from .errors import UserError
 from .labels import default_class_name, open_label_image
-from .metrics import aji, instances_from_mask, segmentation_scores
+from .metrics import aji, count_error, instances_from_mask, object_dice, object_f1, panoptic_quality, segmentation_scores
 from .progress import Progress, resolve
 
 INSTANCE_MIN_IDS = 16  # more distinct ids than this: an instance map, not a class map
@@ -146,9 +149,19 @@ def looks_like_instances(labels: np.ndarray) -> bool:
     return np.unique(labels).size - (1 if (labels == 0).any() else 0) > INSTANCE_MIN_IDS
 
 
+def object_scores(pred_instances: np.ndarray, truth_instances: np.ndarray) -> dict:
+    """AJI, PQ (DQ, SQ), GlaS object F1 and Dice, and the count error of two instance maps."""
+    pq = panoptic_quality(pred_instances, truth_instances)
+    return {"aji": aji(pred_instances, truth_instances), "pq": pq["pq"], "dq": pq["dq"], "sq": pq["sq"],
+            "object_f1": object_f1(pred_instances, truth_instances)["f1"],
+            "object_dice": object_dice(pred_instances, truth_instances),
+            "count_error": count_error(pred_instances, truth_instances)}
+
+
 def score_pair(pred: np.ndarray, truth: np.ndarray, *, scale_um=None, instances=None,
-               class_names: Optional[Sequence[str]] = None) -> dict:
-    """Metrics for one prediction/truth pair of equal shape (see the module docstring)."""
+               class_names: Optional[Sequence[str]] = None, pred_instances: Optional[np.ndarray] = None) -> dict:
+    """Metrics for one prediction/truth pair of equal shape (see the module docstring);
+    ``pred_instances``: the predicted objects, when the prediction comes with them."""
     truth_instances = instances if instances is not None else looks_like_instances(truth)
     row = {}
     if truth_instances:
@@ -157,9 +170,10 @@ def score_pair(pred: np.ndarray, truth: np.ndarray, *, scale_um=None, instances=
         scores = segmentation_scores(pred, truth, spacing=scale_um)
     row.update({k: v for k, v in scores.items() if k != "per_class"})
     if truth_instances:
-        p_inst = pred if looks_like_instances(pred) else instances_from_mask(pred > 0)
+        if pred_instances is None:
+            pred_instances = pred if looks_like_instances(pred) else instances_from_mask(pred > 0)
         t_inst = truth if looks_like_instances(truth) else instances_from_mask(truth > 0)
-        row["aji"] = aji(p_inst, t_inst)
+        row.update(object_scores(pred_instances, t_inst))
     elif len(scores["per_class"]) > 1:
         for k, vals in scores["per_class"].items():
             name = class_names[k] if class_names is not None and k < len(class_names) else default_class_name(k)
@@ -187,6 +201,8 @@ def evaluate(pred, truth, *, pixel_size=None, scale_um=None, instances=None, pro
     pred, truth = Path(pred), Path(truth)
     scale_um = check_pixel_size(pixel_size if pixel_size is not None else scale_um, truth)
     preds, truths = _index(pred, "prediction"), _index(truth, "truth")
+    # NAME_instances.png is the objects of NAME's prediction (segment --instances --png), not an image of its own.
+    preds = {s: f for s, f in preds.items() if not (s.endswith("_instances") and s[: -len("_instances")] in preds)}
     single = not pred.is_dir() or pred.name.lower().endswith(".zarr")
     single = single and (not truth.is_dir() or truth.name.lower().endswith(".zarr"))
     if single:  # two files: pair them whatever their names
@@ -223,14 +239,36 @@ def _score_stem(stem, pred_files, truth_file, scale_um, instances, class_names) 
 
             pred = np.asarray(resize_labels(pred, truth.shape))
         if pred.shape == truth.shape:
+            objects = None
+            if instances is not False and (instances or looks_like_instances(truth)):
+                objects = _predicted_objects(f, truth.shape, scale_um)
             row = {"image": stem}
             row.update(score_pair(pred, truth, scale_um=scale_um, instances=instances,
-                                  class_names=class_names if class_names is not None else names))
+                                  class_names=class_names if class_names is not None else names,
+                                  pred_instances=objects))
             return row
         shapes.append((f, pred.shape))
     f, shape = shapes[0]
     raise UserError(f"{f} is {shape[1]} x {shape[0]} pixels but its truth {truth_file} is "
                     f"{truth.shape[1]} x {truth.shape[0]}; compare predictions at the truth's resolution.")
+
+
+def _predicted_objects(pred_file: Path, shape: tuple, scale_um) -> Optional[np.ndarray]:
+    """The object ids that come with a prediction (``segment --instances``), at the truth's grid."""
+    from .objects import GROUP
+    from .slides import image_stem
+
+    candidates = [pred_file / GROUP, pred_file.with_name(image_stem(pred_file) + "_instances.png")]
+    for f in candidates:
+        if f.exists():
+            ids, _ = _read(f)
+            if ids.shape != shape and same_field(ids.shape, _stated_mpp(f), shape, scale_um):
+                from .slides import resize_labels
+
+                ids = np.asarray(resize_labels(ids, shape))
+            if ids.shape == shape:
+                return ids
+    return None
 
 
 def _stated_mpp(path: Path) -> Optional[float]:

@@ -56,12 +56,15 @@ class SegmentResult:
     downsample: float = 1.0
     png: Optional[Path] = None
     notes: list = field(default_factory=list)
+    mpp: Optional[float] = None  # µm/px at the processing level, when known
+    objects: object = None  # objects.ObjectResult when asked for instances
 
 
 def segment_tiles(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, skip_background: bool = True,
                   region=None, region0=None, probabilities: bool = False, tta: bool = False, png: bool = False,
                   chunk=None, progress=None, should_stop=None, scheduler=None, worker_device: str = "auto",
-                  pixel_size=None, override_pixel_size: bool = False) -> Generator[TileResult, None, SegmentResult]:
+                  pixel_size=None, override_pixel_size: bool = False, instances: bool = False,
+                  instances_of=None) -> Generator[TileResult, None, SegmentResult]:
     """Segment one image at the model's resolution, yielding each tile as it finishes; returns a :class:`SegmentResult`.
 
     With ``out`` (a ``.ome.zarr`` path) the result is written there as an NGFF 0.5 label
@@ -79,12 +82,20 @@ def segment_tiles(model, image, out=None, *, tile=None, overlap=None, batch: int
     chunks, when ``should_stop()`` is True. ``pixel_size``: the level-0 µm/px of the image
     (see :func:`genselfdiff.slides.open_slide`); an image whose size differs from the
     model's is resampled to it, and the labels still have the image's own level-0 shape.
+    With ``out``, ``instances`` (or ``instances_of``, class names) also splits the classes into
+    objects once the labels are written (:mod:`genselfdiff.objects`): ``result.objects``.
     """
+    from .objects import add_objects, object_request
+
     _refuse_combinations(out, png, scheduler, region, region0)
+    if (instances or instances_of) and out is None:
+        raise UserError("Objects are split from the whole written image, so instances=True needs an output "
+                        "path (out=...); segment() also splits them in memory.")
+    request = object_request(model, instances_of) if instances or instances_of else None
     t0 = time.perf_counter()
     slide = input_slide(model, image, pixel_size, override_pixel_size)
     plan = make_plan(model, slide, tile=tile, overlap=overlap, skip_background=skip_background, chunk=chunk)
-    base = dict(level=plan.level, downsample=plan.downsample)
+    base = dict(level=plan.level, downsample=plan.downsample, mpp=slide.mpp_at(plan.level))
     if out is None:
         if region0 is not None:
             region = plan.processing_region(region0)
@@ -120,8 +131,10 @@ def segment_tiles(model, image, out=None, *, tile=None, overlap=None, batch: int
             png_file, note = _write_png(out, plan.shape0)
             notes += [note] if note else []
     labels = load_labels(out)[0] if not stopped else None
-    return _result(labels, out, state, t0, chunks_computed=state.get("written", 0), chunks_resumed=len(done),
-                   png=png_file, notes=notes, stopped=stopped, **base)
+    result = _result(labels, out, state, t0, chunks_computed=state.get("written", 0), chunks_resumed=len(done),
+                     png=png_file, notes=notes, stopped=stopped, **base)
+    return add_objects(result, request, slide, png=png, png_max_pixels=PNG_MAX_PIXELS, progress=progress,
+                       should_stop=should_stop)
 
 
 def _refuse_combinations(out, png, scheduler, region, region0) -> None:
@@ -141,20 +154,27 @@ def _refuse_combinations(out, png, scheduler, region, region0) -> None:
 def segment(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, skip_background: bool = True,
             probabilities: bool = False, tta: bool = False, png: bool = False, chunk=None, progress=None,
             should_stop=None, scheduler=None, worker_device: str = "auto", pixel_size=None,
-            override_pixel_size: bool = False) -> SegmentResult:
+            override_pixel_size: bool = False, instances: bool = False, instances_of=None) -> SegmentResult:
     """Segment one image at the model's resolution: :func:`segment_tiles`, run to its end.
 
     Without ``out`` the labels come back as a numpy array at the processing level (the
     whole image in memory, for small images and tests); class probabilities are kept only
-    in an output, so ``probabilities`` then needs ``out``.
+    in an output, so ``probabilities`` then needs ``out``. ``instances`` (or ``instances_of``,
+    class names) also splits the classes into objects (:mod:`genselfdiff.objects`):
+    ``result.objects``.
     """
+    from .objects import add_objects, object_request
+
+    request = object_request(model, instances_of) if instances or instances_of else None  # before any work
     if out is None and probabilities:
         raise UserError("Class probabilities are stored in the OME-Zarr output, so probabilities=True needs an "
                         "output path (out=...).")
     tiles = segment_tiles(model, image, out, tile=tile, overlap=overlap, batch=batch, skip_background=skip_background,
                           probabilities=probabilities, tta=tta, png=png, chunk=chunk, progress=progress,
                           should_stop=should_stop, scheduler=scheduler, worker_device=worker_device,
-                          pixel_size=pixel_size, override_pixel_size=override_pixel_size)
+                          pixel_size=pixel_size, override_pixel_size=override_pixel_size,
+                          instances=out is not None and (instances or bool(instances_of)),
+                          instances_of=instances_of if out is not None else None)
     if out is not None:
         return drain(tiles)
     finished = []  # the cores partition the image: together no bigger than the array they fill
@@ -163,7 +183,7 @@ def segment(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, 
     for t in finished:
         h, w = t.labels.shape
         result.labels[t.y : t.y + h, t.x : t.x + w] = t.labels
-    return result
+    return add_objects(result, request, None, png_max_pixels=PNG_MAX_PIXELS)
 
 
 def _result(labels, path, state, t0, shape=None, **kw) -> SegmentResult:

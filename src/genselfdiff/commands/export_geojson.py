@@ -18,6 +18,11 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="FILE.geojson", help="GeoJSON file to write")
     p.add_argument("--detections", action="store_true",
                    help="write QuPath detections (light, for many nuclei) instead of annotations (editable)")
+    p.add_argument("--objects", action="store_true",
+                   help="one QuPath detection per object of a segment --instances output, with its class and "
+                        "measurements (area, perimeter, circularity, mean haematoxylin OD)")
+    p.add_argument("--image", metavar="IMAGE", help="with --objects: the image the output was segmented from, for "
+                                                    "the haematoxylin measurement (default: the one the output names)")
     p.add_argument("--tile", type=int, default=2048, metavar="N",
                    help="read the labels N x N pixels at a time (default: %(default)s)")
     p.add_argument("--simplify", type=float, default=0.35, metavar="PX",
@@ -42,6 +47,17 @@ def run(args) -> int:
         raise UserError(f"--scale must be positive (got {args.scale}).")
     if args.simplify < 0:
         raise UserError(f"--simplify must be 0 or more (got {args.simplify}).")
+    if args.objects:
+        from ..detections import export_objects
+
+        with StopOnInterrupt() as stop, ProgressBar(unit="tile") as bar:
+            n = export_objects(args.labels, args.out, image=args.image, tile=args.tile, simplify=args.simplify,
+                               pretty=args.pretty, progress=bar, should_stop=stop)
+        if stop.requested:
+            print(f"Stopped early: wrote the {n} detections of the tiles done so far to {args.out}.", file=sys.stderr)
+            return 1
+        print(f"Wrote {n} object detections to {args.out}.")
+        return 0
     with StopOnInterrupt() as stop, ProgressBar(unit="tile") as bar:
         n = export_geojson(args.labels, args.out, class_names=names, tile=args.tile,
                            object_type="detection" if args.detections else "annotation",

@@ -10,7 +10,7 @@ ORDER = 55
 def register(sub) -> None:
     p = sub.add_parser(
         "import-geojson", help="rasterise a QuPath GeoJSON export into a label mask",
-        description="Turn the classified annotations of a QuPath GeoJSON export (File > Export objects as "
+        description="Turn the classified annotations and detections of a QuPath GeoJSON export (File > Export objects as "
                     "GeoJSON) into a PNG or TIFF label mask the size of an image (or of one of its pyramid "
                     "levels): 0 where no object lies, 1, 2, ... for the classes.")
     p.add_argument("geojson", metavar="FILE.geojson")

@@ -26,6 +26,12 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=8, help="tiles per forward pass (default: %(default)s)")
     p.add_argument("--png", action="store_true", help="also write OUT/NAME.png (level-0 class ids) for images up to 100 Mpx")
     p.add_argument("--probabilities", action="store_true", help="also store float32 class probabilities")
+    p.add_argument("--instances", action="store_true",
+                   help="also split every foreground class into objects (one id each, seamless across tiles): "
+                        "NAME.ome.zarr/instances (uint32), NAME_objects.csv (objects per class and per mm² of "
+                        "tissue) and, with --png, NAME_instances.png")
+    p.add_argument("--instances-of", metavar="A,B", help="split only these classes (by name) into objects; "
+                                                         "implies --instances")
     p.add_argument("--all-tiles", action="store_true", help="run the network on glass too (no tissue detection)")
     p.add_argument("--tta", action="store_true", help="test-time flips: average each tile's class probabilities "
                                                       "over its 4 flips (none, left-right, up-down, both); 4x slower")
@@ -52,6 +58,11 @@ def run(args) -> int:
     model = load_model(args.model, args.device)
     model.require_segmentation()
     model.amp = args.amp
+    from ..objects import object_request, parse_class_list
+
+    instances_of = parse_class_list(args.instances_of)
+    if args.instances or instances_of:
+        object_request(model, instances_of)  # a bad class name stops here, before any work
     print(f"Segmenting {len(images)} image(s) with {args.model} ({len(model.classes)} classes: "
           f"{', '.join(map(str, model.classes))}) on {model.device}"
           f"{' via ' + args.scheduler if args.scheduler else ''}.", file=sys.stderr)
@@ -59,7 +70,8 @@ def run(args) -> int:
         results = segment_batch(model, images, args.out, tile=args.tile, overlap=args.overlap, batch=args.batch,
                                 skip_background=not args.all_tiles, probabilities=args.probabilities, tta=args.tta, png=args.png,
                                 scheduler=args.scheduler, progress=bar, should_stop=stop, pixel_size=args.pixel_size,
-                                override_pixel_size=args.override_pixel_size)
+                                override_pixel_size=args.override_pixel_size, instances=args.instances,
+                                instances_of=instances_of)
     failed = _summary(results, len(images))
     if results and failed == len(results) == len(images):
         # Nothing could be segmented: a usage problem (wrong model, unsupported files), exit 2.
@@ -83,6 +95,10 @@ def _summary(results, n_images) -> int:
             print(f"  {image}: {state}, {r.tiles} tiles ({r.skipped_tiles} without tissue){extra}, "
                   f"{r.seconds:.1f} s, {r.mpx_per_s:.3g} Mpx/s -> {r.path}"
                   f"{' + ' + str(r.png) if r.png else ''}", file=sys.stderr)
+            if r.objects is not None and r.objects.path is not None:
+                counts = ", ".join(f"{n} {name}" for name, n in r.objects.counts.items())
+                files = [r.objects.path] + [p for p in (r.objects.png, r.objects.summary) if p]
+                print(f"    objects: {counts} -> {' + '.join(map(str, files))}", file=sys.stderr)
             for note in r.notes:
                 print(f"    {note}", file=sys.stderr)
         else:
