@@ -2,16 +2,19 @@
 
 As in GenSelfDiff-HIS the whole pretrained U-Net is kept and trained end to end; only
 the 1x1 output head is new (one logit per class) and the timestep is fixed at 0
-(:func:`genselfdiff.unet.to_segmentation`). Loss: structural similarity + focal, 1:1
-(:mod:`genselfdiff.losses`); Adam, lr 1e-4, betas (0.5, 0.999), batch 8; patches drawn
-around annotated pixels (:mod:`genselfdiff.annotations`) and augmented consistently
+(:func:`genselfdiff.unet.to_segmentation`). Loss by default: soft Dice + cross-entropy, plus a
+colour-affinity term for strokes (the paper's structural similarity + focal is ``loss="paper"``;
+:mod:`genselfdiff.losses`); Adam, betas (0.5, 0.999), the learning rate by start
+(:data:`LEARNING_RATES`), batch 8; patches drawn around annotated pixels
+(:mod:`genselfdiff.annotations`) and augmented consistently, stain included
 (:mod:`genselfdiff.augment`). Pixels are scaled to [-1, 1] exactly as in pretraining
 (:func:`genselfdiff.model.to_input`), so the pretrained filters see what they learnt on.
 ``recipe="official"`` follows the official code instead (:mod:`genselfdiff.recipe`).
 
 An epoch is a fixed number of steps (by default about one pass over the annotated
-tiles); after each one the held-out tiles are scored, the best network by mean Dice
-of the object classes is kept, and training stops early after ``patience`` epochs
+tiles); after each one the held-out tiles are scored, the best network is kept (by the mean
+Dice of the object classes for masks, by the validation loss for strokes, whose Dice
+saturates), and training stops early after ``patience`` epochs
 without improvement. As in pretraining, ``out`` holds the best network (rewritten
 atomically when validation improves, and at the end with the full history) and
 ``<out>.last.pt`` the state of the last step (weights, Adam, step, RNG, early-stopping
