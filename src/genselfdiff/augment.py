@@ -1,15 +1,15 @@
 """Cheap, consistent augmentation of one (image, labels) patch for fine-tuning.
 
 Geometric changes (flips, rotations by 90 degrees, elastic deformation) move image and
-labels together; photometric ones (Gaussian blur, colour jitter) touch the image only.
-The paper's set: flips, Gaussian blur (3x3, sigma 1-2, p = 0.3), colour jitter
-(brightness 0.5, contrast 0.4, p = 0.3) and elastic deformation; rotations by 90 degrees
-and a small saturation jitter are free for histology, which has no up or down. The
-elastic field is given in pixels (smoothness ``elastic_sigma``, displacement
-``elastic_px``) so it means the same at every patch size; the official code used one
-fixed field for every image (a seeded generator inside the transform), we draw a new one
-each time. Labels are resampled by nearest neighbour so class indices, including the
-ignore value -1, stay exact.
+labels together; photometric ones (Gaussian blur, colour jitter, stain) touch the image
+only. The official code at HEAD has flips, a 3x3 Gaussian blur (sigma x 1, y 2, p = 0.3)
+and colour jitter (brightness 0.5, contrast 0.4, p = 0.3) (:func:`genselfdiff.recipe.
+official_augment`); an earlier version also had an elastic transform. Ours adds rotations
+by 90 degrees and a small saturation jitter, free for histology, which has no up or down,
+and an elastic deformation given in pixels (smoothness ``elastic_sigma``, displacement
+``elastic_px``) so it means the same at every patch size, drawn anew for each patch.
+Labels are resampled by nearest neighbour so class indices, including the ignore value
+-1, stay exact.
 
 Not in the paper: HED stain augmentation (Tellez et al. 2018, 2019), which scales and
 shifts the haematoxylin, eosin and DAB concentrations of colour deconvolution
