@@ -17,7 +17,7 @@ from scipy import ndimage as ndi
 from _common import split, DATA
 from genselfdiff.model import load_model
 from genselfdiff.segment import segment
-from genselfdiff.metrics import aji, count_error, panoptic_quality
+from genselfdiff.metrics import aji, panoptic_quality
 held, pool = split(DATA)
 work = Path(sys.argv[1])
 for ck in sys.argv[2:]:

@@ -4,7 +4,6 @@ that the model did not train on (8 of the pool, 2 held out), against connected c
 Usage: .venv/bin/python benchmarks/objects_h_sweep.py  (after benchmarks/label_efficiency.py
 --work /tmp/exp/F1 ... made /tmp/exp/F1/ft_random_3_s0.pt; edit ``work`` for another run).
 """
-import sys
 
 import numpy as np
 import torch
@@ -19,7 +18,6 @@ from genselfdiff.model import load_model
 from genselfdiff.segment import segment
 from genselfdiff.instances import split_objects, SplitParameters
 from genselfdiff.metrics import aji
-from genselfdiff.slides import open_slide
 held, pool = split(DATA)
 work = Path("/tmp/exp/F1"); model = load_model(work / "ft_random_3_s0.pt", "cpu")
 imgs = [p for p in pool[3:] if (DATA / "instances" / p.name).exists()] + [p for p in held if (DATA / "instances" / p.name).exists()]
