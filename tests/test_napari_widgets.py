@@ -194,7 +194,11 @@ def test_finetune_plots_loss_and_dice_previews_under_the_strokes_and_continues(m
     assert widget.result.steps == 8 and widget.continue_button.isEnabled()
 
     assert widget.plot.steps == list(range(1, 9)) and all(v > 0 for v in widget.plot.losses)
-    assert widget.plot.score_steps == [4, 8] and all(0 <= v <= 1 for v in widget.plot.scores)
+    # Strokes: the second axis shows the validation loss the engine chooses by (their Dice saturates).
+    history = torch.load(tmp_path / "seg.pt", weights_only=True)["history"]
+    val_loss = {h["step"]: h["val_loss"] for h in history if "val_loss" in h}
+    assert widget.plot.score_steps == [4, 8] and widget.plot.scores == pytest.approx([val_loss[4], val_loss[8]])
+    assert widget.plot.score_axes.get_ylabel() == "validation loss"
     assert [step for step, _ in seen] == [3, 6, 8]
     preview = seen[0][1]
     assert all(layer is preview for _, layer in seen)  # one layer, updated in place

@@ -193,6 +193,15 @@ class TrainingPlot(QWidget):
         self.score_steps, self.scores = [], []
         self.redraw()
 
+    def set_score(self, name: str, unit_range: bool = True):
+        """What the second axis shows: a score in [0, 1] (Dice), or one scaled to its values (a loss)."""
+        if self.score_axes is None:
+            return
+        self.score_axes.set_ylabel(name, fontsize=8, color=self.score_line.get_color())
+        self.score_axes.set_autoscaley_on(not unit_range)
+        if unit_range:
+            self.score_axes.set_ylim(0, 1)
+
     def add(self, step: int, loss: float):
         self.setVisible(True)
         self.steps.append(step)
@@ -218,6 +227,9 @@ class TrainingPlot(QWidget):
         self.axes.autoscale_view()
         if self.score_line is not None:
             self.score_line.set_data(self.score_steps, self.scores)
+            if self.score_axes.get_autoscaley_on():
+                self.score_axes.relim()
+                self.score_axes.autoscale_view(scalex=False)
         self.canvas.draw_idle()
 
 

@@ -76,6 +76,7 @@ class FinetuneWidget(JobWidget):
         self.continue_button.setEnabled(False)
         self.dice = QLabel("")
         self.plot = TrainingPlot(napari_viewer.theme, score="validation Dice")
+        self._score = "val_dice"  # what the plot's second axis shows (the loss for strokes)
 
         form = QFormLayout()
         form.addRow("Image", self.image)
@@ -212,6 +213,10 @@ class FinetuneWidget(JobWidget):
             spec["pretrained"] = base
             self._steps_before += self.result.steps
         self._preview_on = (self.image.layer(), spec["resolution"]["level"], self.labels.layer())
+        # Strokes along object cores reach Dice 1 within a few steps; their loss keeps moving,
+        # and it is what the engine chooses the network by.
+        self._score = "val_loss" if spec["sparse"] else "val_dice"
+        self.plot.set_score("validation loss" if spec["sparse"] else "validation Dice", unit_range=not spec["sparse"])
         self.dice.setText("")
         self.runner.start("finetune", spec)
         self.progress.start("Fine-tuning (starting)…" if base is None else f"Continuing from {Path(base).name}…")
@@ -236,11 +241,12 @@ class FinetuneWidget(JobWidget):
         text = f"{p.stage}: step {p.done}" + (f" / {p.total}" if p.total else "")
         if "loss" in p.metrics:
             text += f" · loss {float(p.metrics['loss']):.4f}"
-        dice = p.metrics.get("val_dice")
+        dice, loss = p.metrics.get("val_dice"), p.metrics.get("val_loss")
         if dice is not None and dice == dice:  # NaN until the first validation
-            self.dice.setText(f"Validation Dice: {float(dice):.3f}")
-        if isinstance(p.payload, dict) and "val_dice" in p.payload:  # an epoch's validation
-            self.plot.add_score(step, float(p.payload["val_dice"]))
+            self.dice.setText(f"Validation loss: {float(loss):.3f} (Dice {float(dice):.3f})"
+                              if self._score == "val_loss" and loss is not None else f"Validation Dice: {float(dice):.3f}")
+        if isinstance(p.payload, dict) and self._score in p.payload:  # an epoch's validation
+            self.plot.add_score(step, float(p.payload[self._score]))
         elif p.stage == "finetune" and "loss" in p.metrics:
             self.plot.add(step, float(p.metrics["loss"]))
         self.progress.update(p, text)
