@@ -55,13 +55,13 @@ from .unet import SegmentationNet, UNet, to_segmentation
 
 NORMALIZATION = NORMALIZATIONS["default"]  # uint8 / 127.5 - 1, as in pretraining (the official recipe: [0, 1])
 LR_SCHEDULES = ("constant", "cosine")
-DEFAULT_EPOCHS = 50
+DEFAULT_EPOCHS = 50  # when no budget is given; early stopping usually ends sooner
 # Learning rates of the default recipe, chosen on MoNuSeg with the tiny network (docs/finetuning.md):
 # a pretrained (or segmentation) start loses what it learnt at 1e-3, a random one learns fastest
 # there. The paper network keeps the published 1e-4.
 LEARNING_RATES = {"paper": (1e-4, 1e-4)}  # preset: (from a trained start, from scratch)
 OTHER_LEARNING_RATES = (3e-4, 1e-3)
-SPARSE_AFFINITY = 1.0  # when no budget is given; early stopping usually ends sooner
+SPARSE_AFFINITY = 1.0  # weight of the colour-affinity loss for strokes (losses.affinity_loss)
 PREVIEW_MAX_SIDE = 1024  # pixels at the training resolution: a quick prediction, a small message
 
 
@@ -252,13 +252,12 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
                         affinity=cfg.affinity)
 
     run = _Run(cfg=cfg, net=net, optimizer=optimizer, out=out, names=names, colors=colors, start=start,
-               items=items, val=val, spe=spe, preview=preview)
-    run.loss_fn = loss_fn  # the official recipe keeps the network of the lowest validation loss
+               items=items, val=val, spe=spe, preview=preview, loss_fn=loss_fn)
     if resume:
         run.resume()
     else:
         run.validate(dev)  # the untrained start, as a baseline and a first "best"
-    return run.train(sampler, loss_fn, dev, progress, should_stop)
+    return run.train(sampler, dev, progress, should_stop)
 
 
 # --- setting up ----------------------------------------------------------------------------
@@ -368,8 +367,9 @@ def _default_steps_per_epoch(items: list, cfg: FinetuneConfig) -> int:
 # --- the training run --------------------------------------------------------------------
 
 class _Run:
-    def __init__(self, *, cfg, net, optimizer, out, names, colors, start, items, val, spe, preview=None):
+    def __init__(self, *, cfg, net, optimizer, out, names, colors, start, items, val, spe, preview=None, loss_fn=None):
         self.cfg, self.net, self.optimizer, self.out, self.preview_region = cfg, net, optimizer, out, preview
+        self.loss_fn = loss_fn  # loss(logits, target, image); the official recipe also validates with it
         self.names, self.colors, self.start, self.items, self.val, self.spe = names, colors, start, items, val, spe
         self.step = self.epoch = self.since_best = 0
         self.history: list = []
@@ -495,7 +495,7 @@ class _Run:
             epochs = DEFAULT_EPOCHS
         return Budget(steps=cfg.steps, minutes=cfg.minutes, epochs=epochs, steps_per_epoch=self.spe)
 
-    def train(self, sampler, loss_fn, dev, progress, should_stop) -> FinetuneResult:
+    def train(self, sampler, dev, progress, should_stop) -> FinetuneResult:
         cfg, budget = self.cfg, self._budget()
         t0 = time.perf_counter() - self.seconds
         losses: deque = deque(maxlen=max(1, cfg.log_every))
@@ -518,7 +518,7 @@ class _Run:
                 x, y = to_input(imgs, dev, NORMALIZATIONS[cfg.recipe]), torch.from_numpy(tgts).to(dev)
                 with autocast(dev, cfg.amp):
                     logits = self.net(x)
-                loss = loss_fn(logits, y, x)
+                loss = self.loss_fn(logits, y, x)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
