@@ -67,6 +67,9 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--scale", type=int, choices=[1, 2], default=2, help="2 = work at half resolution (default)")
     p.add_argument("--pretrain-minutes", type=float, default=10.0)
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="end pretraining after this many steps instead (whichever of the two comes first; "
+                        "steps do not depend on how busy the machine is)")
     p.add_argument("--finetune-minutes", type=float, default=5.0)
     p.add_argument("--lr", type=float, help="fine-tuning learning rate from the pretrained start (default: the engine's)")
     p.add_argument("--random-lr", type=float,
@@ -267,7 +270,7 @@ def main(argv=None) -> int:
     _add(results, "otsu", **_timed(otsu_scores, held, args))
 
     pre_path = args.pretrained or args.work / "pretrained.pt"
-    pcfg = PretrainConfig.from_preset(args.preset, minutes=args.pretrain_minutes, patch=patch, batch=args.batch,
+    pcfg = PretrainConfig.from_preset(args.preset, minutes=args.pretrain_minutes, steps=args.pretrain_steps, patch=patch, batch=args.batch,
                                       resolution=resolution, seed=args.pretrain_seed, ema_decay=args.pretrain_ema, lr=args.pretrain_lr,
                                       val_every=100 if args.quick else 200)
     if not {"pretrained", "total"} & set(args.runs):
