@@ -17,7 +17,7 @@ from genselfdiff.errors import UserError
 from genselfdiff.finetune import FinetuneConfig, finetune
 from genselfdiff.losses import IGNORE
 from genselfdiff.model import load_model
-from genselfdiff.pretrain import last_path
+from genselfdiff.trainjob import last_path
 from genselfdiff.unet import UNet
 
 TINY = NetConfig.from_dict(get_preset("tiny").net.to_dict())
