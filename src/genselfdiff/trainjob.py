@@ -119,7 +119,7 @@ class TrainLoop:
     It ends when the budget is spent or, failing that, when ``should_stop()`` says so
     (``stopped``). ``since``: the ``time.perf_counter()`` the run's clock counts from (earlier
     sessions of a resumed run included); default now. Under DDP every rank must end at the same
-    step: ``agree`` turns this rank's [time spent, stop] into all ranks' verdict
+    step: ``agree`` turns this rank's [budget spent, stop] into all ranks' verdict
     (:func:`genselfdiff.distributed.any_rank`), asked every ``agree_every`` steps since it waits
     for every rank; a step budget is the same on every rank and needs no agreement.
     """
