@@ -45,7 +45,7 @@ def finetune_job(spec, progress, should_stop):
 
 def sample_job(spec, progress, should_stop):
     """Images drawn from a pretrained model, as one grid (previews on the way, too)."""
-    from genselfdiff.pretrain import image_grid, sample_images
+    from genselfdiff.sampling import image_grid, sample_images
 
     def report(p):
         progress(type(p)(p.stage, p.done, p.total, p.metrics, image_grid(p.payload) if p.payload is not None else None))

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from genselfdiff.checkpoint import load_checkpoint
 from genselfdiff.config import PretrainConfig
-from genselfdiff.pretrain import last_path
+from genselfdiff.trainjob import last_path
 
 STEPS = 3
 

@@ -17,7 +17,7 @@ from genselfdiff.errors import UserError
 from genselfdiff.finetune import FinetuneConfig, finetune
 from genselfdiff.losses import IGNORE
 from genselfdiff.model import load_model
-from genselfdiff.pretrain import last_path
+from genselfdiff.trainjob import last_path
 from genselfdiff.unet import UNet
 
 TINY = NetConfig.from_dict(get_preset("tiny").net.to_dict())
@@ -248,7 +248,7 @@ def test_a_saturated_validation_keeps_the_later_network():
     from types import SimpleNamespace
 
     from genselfdiff.annotations import ValidationSet
-    from genselfdiff.finetune import _Run
+    from genselfdiff.finetune_run import FinetuneRun
 
     class Perfect(torch.nn.Module):
         def __init__(self):
@@ -263,7 +263,7 @@ def test_a_saturated_validation_keeps_the_later_network():
     images[:, :4] = 0
     targets = np.zeros((2, 8, 8), np.int64)
     targets[:, :4] = 1
-    run = object.__new__(_Run)
+    run = object.__new__(FinetuneRun)
     run.val, run.net, run.names = ValidationSet(images, targets), Perfect(), ["background", "nucleus"]
     run.cfg, run.history, run.epoch = SimpleNamespace(batch=8, amp=False, sparse=False, recipe="default"), [], 0
     run.best, run.since_best = {"dice": -1.0, "score": -np.inf, "per_class": [], "step": 0, "state": None}, 0
@@ -279,7 +279,7 @@ def test_strokes_choose_the_network_by_validation_loss():
     from types import SimpleNamespace
 
     from genselfdiff.annotations import ValidationSet
-    from genselfdiff.finetune import _Run
+    from genselfdiff.finetune_run import FinetuneRun
 
     class Scaled(torch.nn.Module):  # always right, more or less confident
         def __init__(self):
@@ -294,7 +294,7 @@ def test_strokes_choose_the_network_by_validation_loss():
     images[:, :4] = 0
     targets = np.full((1, 8, 8), IGNORE, np.int64)
     targets[:, 1], targets[:, 6] = 1, 0
-    run = object.__new__(_Run)
+    run = object.__new__(FinetuneRun)
     run.val, run.net, run.names = ValidationSet(images, targets), Scaled(), ["background", "nucleus"]
     run.cfg, run.history, run.epoch = SimpleNamespace(batch=8, amp=False, sparse=True, recipe="default"), [], 0
     run.best, run.since_best = {"dice": -1.0, "score": -np.inf, "per_class": [], "step": 0, "state": None}, 0

@@ -13,9 +13,11 @@ from genselfdiff.config import PretrainConfig, Resolution
 from genselfdiff.errors import UserError
 from genselfdiff.model import load_model
 from genselfdiff.patches import OpenSlide, PatchStream, plan_data
-from genselfdiff.pretrain import last_path, pretrain, sample_images
+from genselfdiff.pretrain import pretrain
+from genselfdiff.sampling import sample_images
 from genselfdiff.synthetic import synthetic_tissue
 from genselfdiff.tissue import tissue_mask
+from genselfdiff.trainjob import last_path
 
 TINY = dict(patch=32, batch=4, val_batches=2, warmup_steps=0)
 

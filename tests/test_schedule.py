@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from genselfdiff.pretrain import respace
+from genselfdiff.sampling import respace
 from genselfdiff.schedule import Schedule, p2_loss, q_sample
 
 T = 1000

@@ -24,7 +24,7 @@ _LAZY = {
     "Slide": ".slides",
     "PretrainConfig": ".config",
     "pretrain": ".pretrain",
-    "sample_images": ".pretrain",
+    "sample_images": ".sampling",
     "FinetuneConfig": ".finetune",
     "finetune": ".finetune",
     "segment": ".segment",

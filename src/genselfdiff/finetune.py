@@ -10,6 +10,7 @@ colour-affinity term for strokes (the paper's structural similarity + focal is `
 (:mod:`genselfdiff.augment`). Pixels are scaled to [-1, 1] exactly as in pretraining
 (:func:`genselfdiff.model.to_input`), so the pretrained filters see what they learnt on.
 ``recipe="official"`` follows the official code instead (:mod:`genselfdiff.recipe`).
+This module checks the inputs and sets the run up; :mod:`genselfdiff.finetune_run` trains.
 
 An epoch is a fixed number of steps (by default about one pass over the annotated
 tiles); after each one the held-out tiles are scored, the best network is kept (by the mean
@@ -29,8 +30,6 @@ nothing about the training itself.
 from __future__ import annotations
 
 import math
-import time
-from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,19 +37,19 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .annotations import (PatchSampler, ValidationSet, default_class_names, open_labelled, scan,
-                          split_tiles, validation_set)
-from .augment import Augment, augment
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .annotations import PatchSampler, default_class_names, open_labelled, scan, split_tiles, validation_set
+from .augment import Augment
+from .checkpoint import load_checkpoint
 from .config import AUTO, NetConfig, Resolution, net_from_dict, net_to_dict, preset_fields, with_preset
 from .errors import UserError
-from .losses import IGNORE, LOSSES, make_loss
-from .model import autocast, default_colors, pick_device, to_input
+from .losses import LOSSES, make_loss
+from .model import default_colors, pick_device
 from .pixelsize import tell, unknown_note, working_resolution
 from .progress import Progress, resolve
 from .recipe import NORMALIZATIONS, check_recipe, official_finetune_fields, official_segmentation_net
+from .finetune_run import FinetuneResult, FinetuneRun
 from .slides import Slide, as_slide
-from .trainjob import Budget, last_path, load_resume_state, prefetch
+from .trainjob import Budget
 from .unet import SegmentationNet, UNet, to_segmentation
 
 NORMALIZATION = NORMALIZATIONS["default"]  # uint8 / 127.5 - 1, as in pretraining (the official recipe: [0, 1])
@@ -130,20 +129,6 @@ class FinetuneConfig:
             d["betas"] = tuple(d["betas"])
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-@dataclass
-class FinetuneResult:
-    path: Path
-    best_dice: float
-    per_class_dice: list
-    history: list
-    stopped: bool
-    steps: int
-    classes: list = field(default_factory=list)
-    early_stopped: bool = False
-    best_step: int = 0
-    seconds: float = 0.0
 
 
 @dataclass
@@ -251,8 +236,9 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
                         c=cfg.ss_c, gamma=cfg.focal_gamma,
                         affinity=cfg.affinity)
 
-    run = _Run(cfg=cfg, net=net, optimizer=optimizer, out=out, names=names, colors=colors, start=start,
-               items=items, val=val, spe=spe, preview=preview, loss_fn=loss_fn)
+    run = FinetuneRun(cfg=cfg, net=net, optimizer=optimizer, loss_fn=loss_fn, budget=_budget(cfg, spe), out=out,
+                      names=names, colors=colors, meta=_checkpoint_meta(cfg, net, names, colors, start, items, val),
+                      val=val, preview=preview)
     if resume:
         run.resume()
     else:
@@ -364,255 +350,24 @@ def _default_steps_per_epoch(items: list, cfg: FinetuneConfig) -> int:
     return int(min(250, max(10, math.ceil(tiles / cfg.batch))))
 
 
-# --- the training run --------------------------------------------------------------------
-
-class _Run:
-    def __init__(self, *, cfg, net, optimizer, out, names, colors, start, items, val, spe, preview=None, loss_fn=None):
-        self.cfg, self.net, self.optimizer, self.out, self.preview_region = cfg, net, optimizer, out, preview
-        self.loss_fn = loss_fn  # loss(logits, target, image); the official recipe also validates with it
-        self.names, self.colors, self.start, self.items, self.val, self.spe = names, colors, start, items, val, spe
-        self.step = self.epoch = self.since_best = 0
-        self.history: list = []
-        self.best = {"dice": -1.0, "score": -math.inf, "per_class": [], "step": 0, "state": None}
-        self.last_val_step = -1
-        self.last_preview_step = -1
-        self.seconds = 0.0
-
-    # validation
-    @torch.no_grad()
-    def validate(self, dev) -> tuple:
-        """Score the held-out tiles: Dice per class and the mean cross-entropy ("val_loss").
-
-        Dense labels choose the best network by Dice; painted strokes by the loss, since
-        strokes along object cores are easy and their Dice reaches 1 within a few steps,
-        while the loss keeps telling a confident network from a hesitant one.
-        """
-        val: ValidationSet = self.val
-        k = len(self.names)
-        conf = np.zeros((k, k), np.int64)
-        official = self.cfg.recipe == "official"
-        ce, counted, loss_sum = 0.0, 0, 0.0
-        self.net.eval()
-        for b in range(0, len(val.images), self.cfg.batch):
-            x = to_input(val.images[b : b + self.cfg.batch], dev, NORMALIZATIONS[self.cfg.recipe])
-            with autocast(dev, self.cfg.amp):
-                logits = self.net(x).float()
-            t = val.targets[b : b + self.cfg.batch]
-            if official:
-                loss_sum += float(self.loss_fn(logits, torch.from_numpy(t).to(dev))) * len(t)
-            sel = t != IGNORE
-            target = torch.from_numpy(np.where(sel, t, 0)).to(dev).long()
-            nll = -logits.log_softmax(1).gather(1, target[:, None])[:, 0]
-            ce += float(nll[torch.from_numpy(sel).to(dev)].sum())
-            counted += int(sel.sum())
-            pred = logits.argmax(1).cpu().numpy()
-            conf += np.bincount(t[sel] * k + pred[sel], minlength=k * k).reshape(k, k)
-        self.net.train()
-        tp = np.diag(conf).astype(float)
-        denom = conf.sum(0) + conf.sum(1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_class = np.where(denom > 0, 2 * tp / denom, np.nan)
-        mean = _mean_dice(per_class)
-        val_loss = ce / max(counted, 1)
-        self.last_val_step = self.step
-        entry = {"step": self.step, "epoch": self.epoch, "val_dice": mean, "val_loss": val_loss,
-                 "per_class_dice": [float(v) for v in per_class]}
-        if official:  # the official code's own loss, averaged over images
-            entry["val_loss"] = loss_sum / max(1, len(val.images))
-        self.history.append(entry)
-        # Dense labels: the best Dice. Strokes and the official recipe: the lowest loss (the
-        # official code keeps the lowest validation loss, a tie to the earlier network).
-        by_loss = official or self.cfg.sparse
-        score = -entry["val_loss"] if by_loss else mean
-        improved = score > self.best["score"] + (0 if official else 1e-4)
-        # A tie keeps the later network (trained longer on the same score): a small validation
-        # set often saturates (Dice 1 on a few painted strokes), and the first network to reach
-        # it is the least trained. Only a real improvement resets the patience.
-        tied = not official and not improved and self.step > 0 and score >= self.best["score"] - 1e-4
-        if improved or tied:
-            self.best = {"dice": mean, "score": score, "per_class": entry["per_class_dice"], "step": self.step,
-                         "state": {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}}
-        self.since_best = 0 if improved else self.since_best + 1
-        return mean, improved or tied
-
-    # preview
-    def preview(self, dev, progress) -> None:
-        """Report the current network's class ids over the preview region, leaving training as it was."""
-        from .model import Model
-        from .segment import segment  # the tiler, as a slide would be segmented
-
-        region = self.preview_region
-        model = Model(net=self.net, kind="segmentation", net_config=self.net.unet.cfg, device=dev,
-                      classes=list(self.names), colors=self.colors, patch=self.cfg.patch,
-                      normalization=NORMALIZATIONS[self.cfg.recipe], amp=self.cfg.amp)
-        self.net.eval()
-        try:
-            with torch.random.fork_rng(devices=[]):  # inference draws nothing; this makes sure
-                labels = segment(model, np.asarray(region.image), skip_background=False).labels
-        finally:
-            self.net.train()
-        self.last_preview_step = self.step
-        progress(Progress("preview", self.step, payload={
-            "labels": labels.astype(np.uint8), "origin": tuple(int(v) for v in region.origin), "step": self.step,
-            "classes": list(self.names), "colors": [list(map(int, c)) for c in self.colors[: len(self.names)]]}))
-
-    # resume
-    def resume(self) -> None:
-        last = last_path(self.out)
-        ckpt = load_resume_state(self.out, lambda c: c.get("kind") == "segmentation" and "train_state" in c
-                                 and "optimizer" in c, "fine-tuning")
-        if list(ckpt.get("classes") or []) != self.names or NetConfig.from_dict(ckpt["net"]) != self.net.unet.cfg:
-            raise UserError(f"{last} was trained with other classes or another network; "
-                            "resume with the same settings, or choose a new output file.")
-        self.net.load_state_dict(ckpt["state_dict"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        st = ckpt["train_state"]
-        self.step, self.epoch, self.since_best = int(ckpt["step"]), int(st["epoch"]), int(st["since_best"])
-        best = load_checkpoint(self.out)["state_dict"] if self.out.exists() else ckpt["state_dict"]
-        self.best = {"dice": float(st["best_dice"]), "score": float(st.get("best_score", st["best_dice"])),
-                     "per_class": list(st["per_class_dice"]),
-                     "step": int(st["best_step"]), "state": best}
-        self.history = list(ckpt.get("history") or [])
-        self.seconds = float(st.get("seconds", 0.0))
-        if ckpt.get("rng"):
-            restore_rng(ckpt["rng"])
-
-    # training
-    def _batches(self, sampler: PatchSampler):
-        cfg = self.cfg
-
-        def make(step):
-            rng = np.random.default_rng([cfg.seed, step])  # the same batches however many threads
-            pairs = [augment(*sampler.sample(rng), rng, cfg.augment) for _ in range(cfg.batch)]
-            return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-        return prefetch(make, self.step, cfg.workers)
-
-    def _budget(self) -> Budget:
-        cfg = self.cfg
-        epochs = cfg.epochs
-        if epochs is None and cfg.steps is None and cfg.minutes is None:
-            epochs = DEFAULT_EPOCHS
-        return Budget(steps=cfg.steps, minutes=cfg.minutes, epochs=epochs, steps_per_epoch=self.spe)
-
-    def train(self, sampler, dev, progress, should_stop) -> FinetuneResult:
-        cfg, budget = self.cfg, self._budget()
-        t0 = time.perf_counter() - self.seconds
-        losses: deque = deque(maxlen=max(1, cfg.log_every))
-        window: list = []
-        stopped = early = False
-        batches = self._batches(sampler)
-        self.net.train()
-        try:
-            while True:
-                elapsed = time.perf_counter() - t0
-                if budget.spent(self.step, elapsed, self.epoch):
-                    break
-                if should_stop():
-                    stopped = True
-                    break
-                if cfg.lr_schedule == "cosine":
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * budget.fraction(self.step, elapsed)))
-                imgs, tgts = next(batches)
-                x, y = to_input(imgs, dev, NORMALIZATIONS[cfg.recipe]), torch.from_numpy(tgts).to(dev)
-                with autocast(dev, cfg.amp):
-                    logits = self.net(x)
-                loss = self.loss_fn(logits, y, x)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-                self.step += 1
-                losses.append(loss.item())
-                window.append(losses[-1])
-                if not math.isfinite(losses[-1]):
-                    raise FloatingPointError(f"fine-tuning loss became {losses[-1]} at step {self.step}")
-                if self.step % cfg.log_every == 0:
-                    self.history.append({"step": self.step, "loss": float(np.mean(window))})
-                    window = []
-                metrics = {"loss": float(np.mean(losses)), "val_dice": self.history_val()}
-                progress(Progress("finetune", self.step, budget.total(self.step, time.perf_counter() - t0), metrics))
-                if self.step % self.spe == 0:
-                    self.epoch += 1
-                    dice, improved = self.validate(dev)
-                    self.history[-1]["train_loss"] = float(np.mean(losses))
-                    self.seconds = time.perf_counter() - t0
-                    self.save(best=improved)
-                    progress(Progress("finetune", self.step, budget.total(self.step, self.seconds),
-                                      {"loss": float(np.mean(losses)), "val_dice": dice,
-                                       "val_loss": self.history[-1]["val_loss"]},
-                                      payload={"epoch": self.epoch, "val_dice": dice, "improved": improved,
-                                               "val_loss": self.history[-1]["val_loss"],
-                                               "per_class_dice": self.history[-1]["per_class_dice"],
-                                               "classes": self.names}))
-                    if cfg.patience and self.since_best >= cfg.patience:
-                        early = True
-                        break
-                if self.preview_region is not None and cfg.preview_every and self.step % cfg.preview_every == 0:
-                    self.preview(dev, progress)
-        finally:
-            batches.close()
-        if self.last_val_step != self.step:
-            self.validate(dev)
-        if self.preview_region is not None and cfg.preview_every and not stopped and self.last_preview_step != self.step:
-            self.preview(dev, progress)  # what the network finally does (Stop should not wait for it)
-        self.seconds = time.perf_counter() - t0
-        self.save(best=True, final=True)
-        return FinetuneResult(path=self.out, best_dice=float(self.best["dice"]), per_class_dice=self.best["per_class"],
-                              history=self.history, stopped=stopped, steps=self.step, classes=self.names,
-                              early_stopped=early, best_step=self.best["step"], seconds=self.seconds)
-
-    def history_val(self) -> float:
-        for h in reversed(self.history):
-            if "val_dice" in h:
-                return h["val_dice"]
-        return float("nan")
-
-    def save(self, best: bool, final: bool = False) -> Path:
-        """Write the resume state to ``<out>.last.pt`` and, if ``best``, the best network to ``out``."""
-        cfg = self.cfg
-        data = {"images": [it.image_source or it.name for it in self.items],
-                "labels": [it.label_source for it in self.items],
-                "annotated_pixels": _pixels_per_class(self.items, cfg.sparse, len(self.names)),
-                "sparse": cfg.sparse, "val_tiles": int(len(self.val.images)), "val_on_train": self.val.on_train}
-        common = {
-            "kind": "segmentation",
-            "net": self.net.unet.cfg.to_dict(),
-            "classes": list(self.names),
-            "colors": [list(map(int, c)) for c in self.colors[: len(self.names)]],
-            "config": cfg.to_dict(),
-            "resolution": _resolution(self.items, cfg).to_dict(),
-            "normalization": NORMALIZATIONS[cfg.recipe],
-            "pretrained_from": self.start.provenance,
-            "data": data,
-            "history": self.history,
-            "best_step": self.best["step"],
-            "best_dice": float(self.best["dice"]),
-            "per_class_dice": list(self.best["per_class"]),
-        }
-        last = {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}
-        save_checkpoint(last_path(self.out), {
-            **common, "state_dict": last, "step": self.step, "optimizer": self.optimizer.state_dict(),
-            "rng": capture_rng(),
-            "train_state": {"epoch": self.epoch, "since_best": self.since_best, "best_dice": float(self.best["dice"]),
-                            "best_score": float(self.best["score"]),
-                            "best_step": self.best["step"], "per_class_dice": list(self.best["per_class"]),
-                            "seconds": self.seconds, "finished": final}})
-        if best or not self.out.exists():
-            save_checkpoint(self.out, {**common, "state_dict": self.best["state"] if self.best["state"] is not None else last,
-                                       "step": self.best["step"], "trained_steps": self.step})
-        return self.out
+def _budget(cfg: FinetuneConfig, steps_per_epoch: int) -> Budget:
+    """The run's epochs, steps and minutes; none given means ``DEFAULT_EPOCHS``."""
+    epochs = cfg.epochs
+    if epochs is None and cfg.steps is None and cfg.minutes is None:
+        epochs = DEFAULT_EPOCHS
+    return Budget(steps=cfg.steps, minutes=cfg.minutes, epochs=epochs, steps_per_epoch=steps_per_epoch)
 
 
-def _mean_dice(per_class: np.ndarray) -> float:
-    """Mean Dice of the object classes (background excluded, as usual); falls back to all classes."""
-    for values in (per_class[1:], per_class):
-        values = values[~np.isnan(values)]
-        if len(values):
-            return float(values.mean())
-    return 0.0
+def _checkpoint_meta(cfg: FinetuneConfig, net: SegmentationNet, names: list, colors: list, start: _Start,
+                     items: list, val) -> dict:
+    """What every checkpoint of the run says about the model, where it started and its data."""
+    data = {"images": [it.image_source or it.name for it in items], "labels": [it.label_source for it in items],
+            "annotated_pixels": _pixels_per_class(items, cfg.sparse, len(names)),
+            "sparse": cfg.sparse, "val_tiles": int(len(val.images)), "val_on_train": val.on_train}
+    return {"kind": "segmentation", "net": net.unet.cfg.to_dict(), "classes": list(names),
+            "colors": [list(map(int, c)) for c in colors[: len(names)]], "config": cfg.to_dict(),
+            "resolution": _resolution(items, cfg).to_dict(), "normalization": NORMALIZATIONS[cfg.recipe],
+            "pretrained_from": start.provenance, "data": data}
 
 
 def _pixels_per_class(items: list, sparse: bool, k: int) -> list:

@@ -1,4 +1,4 @@
-"""Self-supervised diffusion pretraining (the pretext task of GenSelfDiff-HIS), and sampling from it.
+"""Self-supervised diffusion pretraining (the pretext task of GenSelfDiff-HIS).
 
 The network learns to predict the noise added to unlabelled tissue patches: x0 in [-1, 1],
 t uniform over the T = 1000 steps of the quadratic schedule, x_t = sqrt(abar_t) x0 +
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .checkpoint import capture_rng, restore_rng, save_checkpoint
+from .checkpoint import save_checkpoint
 from .config import PretrainConfig, Resolution, with_preset
 from .errors import UserError
 from .model import autocast, pick_device, to_input
@@ -35,7 +35,8 @@ from .pixelsize import tell, unknown_note, working_resolution
 from .progress import Progress, resolve
 from .recipe import check_recipe, official_init
 from .schedule import Schedule, p2_loss, q_sample
-from .trainjob import Budget, default_workers, last_path, load_resume_state  # noqa: F401  (last_path: public here too)
+from .trainjob import (Budget, LossWindow, TrainLoop, default_workers, last_path, load_resume_state,
+                       optimise, restore_resume_state, save_resume_state)
 from .unet import UNet
 
 # Fields a resumed run takes from the caller rather than from the checkpoint: they change
@@ -164,12 +165,10 @@ class _Trainer:
         self.net.load_state_dict(ckpt["state_dict"])
         if self.ema is not None:
             self.ema.load_state_dict(ckpt.get("ema_state_dict") or ckpt["state_dict"])
-        self.opt.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
         self.history = list(ckpt.get("history", []))
         self.best_val, self.best_step = ckpt.get("best_val_loss"), ckpt.get("best_step")
-        if ckpt.get("rng"):
-            restore_rng(ckpt["rng"])
+        restore_resume_state(ckpt, self.opt)
         self.resumed_data = ckpt.get("data", {})
 
     # --- the loop -------------------------------------------------------------------
@@ -191,69 +190,59 @@ class _Trainer:
                                              prefetch_factor=4 if cfg.workers else None)
         batches_in = iter(loader)
         gen = torch.Generator(device=self.device)
-        loss_sum, n_sum = torch.zeros((), device=self.device), 0
-        window_t, window_steps = time.perf_counter(), 0
-        last_loss, last_pps, stopped = None, None, False
+        agree = (lambda flags: distributed.any_rank(flags, ctx)) if ctx.active else None
+        loop = TrainLoop(Budget(steps=cfg.steps, minutes=cfg.minutes), should_stop, since=t0, agree=agree,
+                         agree_every=self.log_every)
+        window, logged = LossWindow(), {}
         start_step = self.step
-        budget = Budget(steps=cfg.steps, minutes=cfg.minutes)
         self.net.train()
         try:
-            while True:
-                if budget.steps is not None and self.step >= budget.steps:
-                    break
-                over_time = budget.spent(self.step, time.perf_counter() - t0)
-                stop = bool(should_stop())
-                if ctx.active:  # decided together (else a rank waits forever), every log_every steps
-                    over_time, stop = distributed.any_rank([over_time, stop], ctx) \
-                        if self.step % self.log_every == 0 else (False, False)
-                if over_time or stop:
-                    stopped = stop
-                    break
+            while loop.goes_on(self.step):
                 batch, bad = next(batches_in)
                 self.skipped.update(dict(bad))
-                loss = self._train_step(batch.numpy(), gen)
+                window.add(self._train_step(batch.numpy(), gen).detach())
                 self.step += 1
-                loss_sum += loss.detach()
-                n_sum += 1
-                window_steps += 1
                 val_due = cfg.val_every > 0 and self.step % cfg.val_every == 0
                 finishing = cfg.steps is not None and self.step >= cfg.steps
                 if self.step % self.log_every == 0 or val_due or finishing:
-                    mean = distributed.all_sum(loss_sum / n_sum, ctx) / ctx.world_size
-                    last_loss = float(mean)
-                    elapsed = time.perf_counter() - window_t
-                    last_pps = window_steps * cfg.batch * ctx.world_size / max(elapsed, 1e-9)
-                    self.history.append({"step": self.step, "loss": last_loss, "patches_per_s": last_pps,
-                                         "lr": self._lr(self.step - 1)})
-                    loss_sum.zero_()
-                    n_sum = 0
+                    logged = self._log(window)
                     if val_due:
                         self._validate_and_save()
-                    window_t, window_steps = time.perf_counter(), 0
-                metrics = {"loss": last_loss, "patches/s": last_pps, "val_loss": self.last_val}
+                    window = LossWindow()  # validation is not counted in the next window's speed
+                metrics = {"loss": logged.get("loss"), "patches/s": logged.get("patches_per_s"),
+                           "val_loss": self.last_val}
                 progress(Progress("pretrain", self.step, cfg.steps, {k: v for k, v in metrics.items() if v is not None}))
+            if len(window):  # steps since the last history entry
+                self._log(window)
         finally:
             del batches_in  # stops the loader's workers
 
-        if n_sum:  # steps since the last history entry
-            mean = distributed.all_sum(loss_sum / n_sum, ctx) / ctx.world_size
-            self.history.append({"step": self.step, "loss": float(mean), "patches_per_s": last_pps or 0.0,
-                                 "lr": self._lr(self.step - 1)})
-        if not stopped and self.step > start_step and not self.history[-1].get("val_loss"):
+        if not loop.stopped and self.step > start_step and not self.history[-1].get("val_loss"):
             self._validate_and_save()  # the final weights compete for best too
         else:
             self._save_last()
             if not self.best_written and ctx.is_main:  # stopped before any validation: keep what we have
-                save_checkpoint(self.out, self._payload(resume_state=False))
+                save_checkpoint(self.out, self._payload())
                 self.best_written = True
         if not distributed.weights_agree(self.net, ctx):
             raise RuntimeError("DDP ranks ended with different weights; this is a bug, please report it.")
         distributed.barrier(ctx)
         return PretrainResult(
-            path=self.out, steps=self.step, history=self.history, stopped=stopped,
+            path=self.out, steps=self.step, history=self.history, stopped=loop.stopped,
             skipped=sorted(self.skipped.items()), best_val_loss=self.best_val, best_step=self.best_step,
             last_path=self.last, seconds=time.perf_counter() - t0, validation=plan.validation,
             net=self.ema if self.ema is not None else self.net)
+
+    def _log(self, window: LossWindow) -> dict:
+        """The history entry of the steps in ``window``: their mean loss over all ranks, patches/s, learning rate."""
+        ctx = self.ctx
+        loss_sum = sum(window.losses, torch.zeros((), device=self.device))  # on the device: read once per entry
+        mean = distributed.all_sum(loss_sum / len(window), ctx) / ctx.world_size
+        entry = {"step": self.step, "loss": float(mean),
+                 "patches_per_s": len(window) * self.cfg.batch * ctx.world_size / max(window.seconds, 1e-9),
+                 "lr": self._lr(self.step - 1)}
+        self.history.append(entry)
+        return entry
 
     def _autocast(self):
         return autocast(self.device, self.cfg.amp)
@@ -272,14 +261,9 @@ class _Trainer:
         with self._autocast():
             eps = self.model(q_sample(self.schedule, x0, t, noise), t)
         loss = p2_loss(self.schedule, eps, noise, t, cfg.p2_k, cfg.p2_gamma)
-        self.opt.zero_grad(set_to_none=True)
         # The official loss sums over the batch; the history keeps the per-image mean either way.
-        (loss * x0.shape[0] if cfg.recipe == "official" else loss).backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
-        for group in self.opt.param_groups:
-            group["lr"] = self._lr(self.step)
-        self.opt.step()
+        optimise(self.opt, loss * x0.shape[0] if cfg.recipe == "official" else loss, cfg.grad_clip,
+                 lr=self._lr(self.step))
         if self.ema is not None:
             # Bias-corrected ramp (as in timm/diffusers), so short runs get a usable average.
             d = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
@@ -316,15 +300,15 @@ class _Trainer:
         if self.best_val is None or val < self.best_val or not self.best_written:
             self.best_val, self.best_step = val, self.step
             if self.ctx.is_main:
-                save_checkpoint(self.out, self._payload(resume_state=False))
+                save_checkpoint(self.out, self._payload())
             self.best_written = True
         self._save_last()
 
     def _save_last(self) -> None:
         if self.ctx.is_main:
-            save_checkpoint(self.last, self._payload(resume_state=True))
+            save_resume_state(self.out, self._payload(), self.opt)
 
-    def _payload(self, resume_state: bool) -> dict:
+    def _payload(self) -> dict:
         cfg = self.cfg
         d = {"kind": "pretrained", "net": cfg.net.to_dict(), "state_dict": self.net.state_dict(),
              "config": cfg.to_dict(), "schedule": schedule_of(cfg).to_dict(), "step": self.step,
@@ -334,9 +318,6 @@ class _Trainer:
              "best_val_loss": self.best_val, "best_step": self.best_step}
         if self.ema is not None:
             d["ema_state_dict"] = self.ema.state_dict()
-        if resume_state:
-            d["optimizer"] = self.opt.state_dict()
-            d["rng"] = capture_rng()
         return d
 
 
@@ -356,87 +337,3 @@ def _learnt_resolution(requested, used: Resolution, plan, tell_user: bool) -> Re
 
 def _seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
-# --- sampling -----------------------------------------------------------------------------
-
-def respace(schedule: Schedule, steps: Optional[int] = None) -> tuple:
-    """(timesteps, betas) of a strided DDPM over ``steps`` of the T timesteps (Nichol & Dhariwal 2021).
-
-    The kept timesteps are spread evenly over 0..T-1 and the new betas are chosen so that
-    abar at each kept timestep is unchanged: beta'_i = 1 - abar_{t_i} / abar_{t_{i-1}}.
-    ``steps`` None or >= T gives back the full schedule.
-    """
-    T = schedule.timesteps
-    steps = T if steps is None else max(1, min(int(steps), T))
-    ts = np.unique(np.round(np.linspace(0, T - 1, steps)).astype(int))
-    abar = schedule.alphas_cumprod[torch.from_numpy(ts)]
-    prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
-    return [int(t) for t in ts], 1.0 - abar / prev
-
-
-@torch.no_grad()
-def sample_images(model, n: int = 4, *, device="auto", seed: int = 0, timesteps: Optional[int] = None,
-                  size: Optional[int] = None, progress=None, should_stop=None) -> np.ndarray:
-    """Draw ``n`` images from a pretrained model by the reverse process: uint8 (n, H, W, 3).
-
-    ``model``: a checkpoint path or a loaded :class:`~genselfdiff.model.Model` of kind
-    "pretrained" (then its own device is used). ``timesteps``: run a strided (respaced)
-    DDPM over that many of the T steps instead of all T, e.g. 50 for a quick look; each
-    step uses the posterior variance and clips the predicted x0 to [-1, 1]. ``size``: side in
-    pixels (default: the training patch). On ``should_stop`` it returns the current
-    estimate of the clean images. Progress payloads carry that estimate every 10 % of steps.
-    """
-    from .model import Model, load_model
-
-    progress, should_stop = resolve(progress, should_stop)
-    m = model if isinstance(model, Model) else load_model(model, device)
-    if m.kind != "pretrained":
-        raise UserError(f"{m.path or 'This model'} is a segmentation model; sampling needs a pretrained "
-                        "diffusion model (genselfdiff pretrain).")
-    size = int(size or m.patch)
-    if size % m.multiple:
-        raise UserError(f"Sample size {size} must be a multiple of {m.multiple} for this network.")
-    s = m.meta.get("schedule", {})
-    schedule = Schedule.quadratic(int(s.get("timesteps", 1000)), float(s.get("beta_start", 1e-4)),
-                                  float(s.get("beta_end", 0.02)))
-    ts, betas = respace(schedule, timesteps)
-    abar = schedule.alphas_cumprod[torch.tensor(ts)]
-    abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
-    g = torch.Generator().manual_seed(int(seed))
-    x = torch.randn((n, 3, size, size), generator=g).to(m.device)
-    x0 = x
-    net, dev = m.net, m.device
-    every = max(1, len(ts) // 10)
-    for i in reversed(range(len(ts))):
-        tt = torch.full((n,), ts[i], device=dev, dtype=torch.long)
-        with autocast(dev, m.amp):
-            eps = net(x, tt).float()
-        a, ap, b = float(abar[i]), float(abar_prev[i]), float(betas[i])
-        x0 = ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
-        done = len(ts) - i
-        if should_stop():
-            break
-        if i > 0:
-            # Posterior q(x_{t-1} | x_t, x0): mean and variance beta * (1 - abar_prev) / (1 - abar).
-            mean = (ap**0.5 * b / (1 - a)) * x0 + ((1 - b) ** 0.5 * (1 - ap) / (1 - a)) * x
-            noise = torch.randn(x.shape, generator=g).to(dev)
-            x = mean + (b * (1 - ap) / (1 - a)) ** 0.5 * noise
-        progress(Progress("sample", done, len(ts), payload=_to_uint8(x0) if done % every == 0 else None))
-    return _to_uint8(x0)
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def image_grid(images: np.ndarray, gap: int = 2) -> np.ndarray:
-    """Tile uint8 (n, H, W, 3) images into one near-square grid with white gaps."""
-    n, h, w, _ = images.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
-    for k, img in enumerate(images):
-        r, c = divmod(k, cols)
-        grid[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = img
-    return grid

@@ -29,7 +29,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..cli import ProgressBar, StopOnInterrupt
     from ..errors import UserError
-    from ..pretrain import image_grid, sample_images
+    from ..sampling import image_grid, sample_images
 
     if args.n < 1:
         raise UserError("-n must be at least 1.")
