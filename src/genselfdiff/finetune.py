@@ -13,10 +13,10 @@ colour-affinity term for strokes (the paper's structural similarity + focal is `
 This module checks the inputs and sets the run up; :mod:`genselfdiff.finetune_run` trains.
 
 An epoch is a fixed number of steps (by default about one pass over the annotated
-tiles); after each one the held-out tiles are scored, the best network is kept (by the mean
-Dice of the object classes for masks, by the validation loss for strokes, whose Dice
-saturates), and training stops early after ``patience`` epochs
-without improvement. As in pretraining, ``out`` holds the best network (rewritten
+tiles); after each one the held-out tiles are scored. For masks the best network is kept (by
+the mean Dice of the object classes) and training stops early after ``patience`` epochs
+without improvement; for strokes, whose few held-out pixels cannot rank networks, the latest
+network is kept and the run uses its whole budget. As in pretraining, ``out`` holds the best network (rewritten
 atomically when validation improves, and at the end with the full history) and
 ``<out>.last.pt`` the state of the last step (weights, Adam, step, RNG, early-stopping
 counters) that ``resume=True`` continues from.
