@@ -107,3 +107,49 @@ def simulate_strokes(mask, rng, *, nuclei: int = 40, background: int = 20, width
             line[tuple(np.array(path).T)] = True
         out[ndi.binary_dilation(line, brush) & far & (out == 0)] = 1
     return out
+
+
+def simulate_corrections(strokes, truth, predicted, rng, *, background: int = 20, nuclei: int = 10,
+                         width: int = 3, reach: int = 12, max_painted: float = 0.01):
+    """The strokes a pathologist adds after seeing the model's prediction (napari's preview,
+    then Continue): ``strokes`` plus short strokes in the largest regions where ``predicted``
+    (bool, the object class) is wrong, largest first whatever their kind (what the eye
+    catches): up to ``background`` strokes in false-positive regions (labelled background)
+    and up to ``nuclei`` in missed objects, one per region. Each is the region's skeleton
+    within ``reach`` pixels of its most interior point, thickened to the brush ``width`` and
+    kept inside the wrong region, so a correction never contradicts the truth. Regions already
+    painted are skipped, and painting stops before more than ``max_painted`` of the image is
+    painted in all; ``rng`` breaks ties between equal regions.
+    """
+    from scipy import ndimage as ndi
+    from skimage.morphology import skeletonize
+
+    out = np.array(strokes, np.uint8, copy=True)
+    truth, predicted = np.asarray(truth, bool), np.asarray(predicted, bool)
+    brush = np.ones((width, width), bool)
+    candidates = []  # (size, tie-break, value, region mask's label image, label)
+    for wrong, value in ((predicted & ~truth, 1), (truth & ~predicted, 2)):
+        regions, n = ndi.label(wrong)
+        sizes = ndi.sum_labels(np.ones_like(regions), regions, np.arange(1, n + 1)) if n else []
+        candidates += [(size, rng.random(), value, regions, r + 1) for r, size in enumerate(sizes)]
+    left = {1: background, 2: nuclei}
+    budget = int(max_painted * out.size) - int((out > 0).sum())
+    yy, xx = np.ogrid[: out.shape[0], : out.shape[1]]
+    for size, _, value, regions, label in sorted(candidates, key=lambda c: (-c[0], c[1])):
+        if not any(left.values()):
+            break
+        region = regions == label
+        if not left[value] or (out[region] != 0).any():
+            continue
+        depth = ndi.distance_transform_edt(region)
+        cy, cx = np.unravel_index(np.argmax(depth), depth.shape)
+        line = skeletonize(region) & ((yy - cy) ** 2 + (xx - cx) ** 2 <= reach**2)
+        if not line.any():
+            line[cy, cx] = True
+        stroke = ndi.binary_dilation(line, brush) & region & (out == 0)
+        if stroke.sum() > budget:
+            break
+        out[stroke] = value
+        budget -= int(stroke.sum())
+        left[value] -= 1
+    return out

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 # benchmarks/ is on sys.path when a benchmark is run as a script
-from _common import DATA, MPP, dice, machine, read_mask, read_rgb, simulate_strokes, split
+from _common import DATA, MPP, dice, machine, read_mask, read_rgb, simulate_corrections, simulate_strokes, split
 
 from genselfdiff.atomic import atomic_path, write_text
 
@@ -78,6 +78,14 @@ def parse(argv=None):
                    help="what the labelled images carry: full masks, or simulated brush strokes "
                         "(benchmarks/_common.simulate_strokes: 40 nucleus and 20 background strokes per image, "
                         "under 1 %% of the pixels) used as sparse labels")
+    p.add_argument("--corrections", type=int, default=0, metavar="N",
+                   help="with strokes: N rounds of corrective strokes, as a pathologist adds them after seeing the "
+                        "preview and clicks Continue, with the same painting effort: the first strokes are half as many "
+                        "(20 nucleus, 10 background per image); the fine-tuning steps are split evenly into N + 1 rounds; "
+                        "after each round but the last the model segments its labelled images, "
+                        "benchmarks/_common.simulate_corrections paints up to 20 background and 10 nucleus strokes into "
+                        "the largest regions it got wrong (never past 1 %% of the pixels painted in all), and the next "
+                        "round goes on from the round's model")
     p.add_argument("--augment", default="", metavar="K=V,...",
                    help="override fine-tuning augmentation fields (genselfdiff.augment.Augment), e.g. hed=0.5,hed_sigma=0.2")
     p.add_argument("--set", default="", metavar="K=V,...",
@@ -118,6 +126,8 @@ def parse(argv=None):
     args.set = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.set.split(",") if kv)}
     if set(args.runs) - {"pretrained", "random", "total", "forest"}:
         p.error("--runs takes pretrained, random, total and forest")
+    if args.corrections and (args.annotation != "strokes" or args.finetune_steps is None):
+        p.error("--corrections needs --annotation strokes and --finetune-steps")
     if {"random", "total"} & set(args.runs) and "pretrained" not in args.runs and args.finetune_steps is None:
         p.error("random-init runs without the pretrained run need the fine-tuning budget as --finetune-steps")
     return args
@@ -144,14 +154,16 @@ def prepare(args, pool, held):
     images, masks = {}, {}
     for i, p in enumerate(pool):
         tif = source_of(args, p)
-        png = folder / (f"{p.stem}_mask.png" if args.annotation == "dense" else f"{p.stem}_strokes.png")
+        kind = "mask" if args.annotation == "dense" else "strokes_first_half" if args.corrections else "strokes"
+        png = folder / f"{p.stem}_{kind}.png"
         if not tif.exists():
             write_pyramidal_tiff(tif, read_rgb(p), mpp=MPP, min_side=400)
         if not png.exists():
-            m = read_mask(args.data, p).astype(np.float32)
-            half = (m[0::2, 0::2] + m[1::2, 0::2] + m[0::2, 1::2] + m[1::2, 1::2]) / 4 >= 0.5
+            half = half_mask(args, p)
             # strokes are drawn once per image (fixed seed): every run and seed sees the same ones
-            labels = half if args.annotation == "dense" else simulate_strokes(half, np.random.default_rng([7, i]))
+            # with corrections, half the strokes come first and the rest where the model errs
+            effort = dict(nuclei=20, background=10) if args.corrections else {}
+            labels = half if args.annotation == "dense" else simulate_strokes(half, np.random.default_rng([7, i]), **effort)
             with atomic_path(png) as tmp:
                 imsave(tmp, labels.astype(np.uint8), check_contrast=False)
         images[p.stem], masks[p.stem] = tif, png
@@ -159,6 +171,12 @@ def prepare(args, pool, held):
         if not source_of(args, p).exists():
             write_pyramidal_tiff(source_of(args, p), read_rgb(p), mpp=MPP, min_side=400)
     return images, masks, Resolution(level=1)
+
+
+def half_mask(args, image: Path) -> np.ndarray:
+    """The true nucleus mask at half scale (a pixel is nucleus where most of its four are)."""
+    m = read_mask(args.data, image).astype(np.float32)
+    return (m[0::2, 0::2] + m[1::2, 0::2] + m[0::2, 1::2] + m[1::2, 1::2]) / 4 >= 0.5
 
 
 def source_of(args, image: Path) -> Path:
@@ -313,7 +331,7 @@ def main(argv=None) -> int:
 
 def unit_runs(args, pool, held, images, masks, resolution, pre_path, extra_steps, unit) -> dict:
     """The runs of one (labelled images, seed): fine-tuning from each start, and the forest."""
-    from genselfdiff.finetune import FinetuneConfig, finetune
+    from genselfdiff.finetune import FinetuneConfig
 
     n, seed = unit
     subset = pool[:n]
@@ -333,7 +351,7 @@ def unit_runs(args, pool, held, images, masks, resolution, pre_path, extra_steps
         budget = dict(steps=steps) if steps else dict(minutes=args.finetune_minutes)
         cfg = FinetuneConfig.from_preset(args.preset, lr=args.lr, **budget, **base)
         out = args.work / f"ft_pretrained_{n}_s{seed}.pt"
-        r = finetune(imgs, msks, out, cfg, pretrained=pre_path, device=args.device, progress=ticker(out.stem))
+        r = train(args, subset, imgs, msks, out, cfg, pre_path, seed)
         runs[f"pretrained_{n}"], steps = (out, r), r.steps
     budgets = {}  # random init: as many steps as the pretrained start; total: plus pretraining's compute
     if "random" in args.runs:
@@ -343,14 +361,46 @@ def unit_runs(args, pool, held, images, masks, resolution, pre_path, extra_steps
     for name, budget_steps in budgets.items():
         rcfg = FinetuneConfig.from_preset(args.preset, steps=budget_steps, lr=args.random_lr, **base)
         path = args.work / f"ft_{name}_s{seed}.pt"
-        runs[name] = (path, finetune(imgs, msks, path, rcfg, pretrained=None, device=args.device,
-                                     progress=ticker(path.stem)))
+        runs[name] = (path, train(args, subset, imgs, msks, path, rcfg, None, seed))
     scores = {name: dict(dice=score_model(path, held, args), steps=res.steps, seconds=res.seconds,
-                         val_dice=res.best_dice, seed=seed)
+                         val_dice=res.best_dice, seed=seed, painted=getattr(res, "painted", None))
               for name, (path, res) in runs.items()}
     if "forest" in args.runs:
         scores[f"rf_{n}"] = dict(**_timed(rf_scores, subset, held, args, seed), seed=seed)
     return scores
+
+
+def train(args, subset, imgs, msks, out, cfg, pretrained, seed):
+    """Fine-tune once, or with --corrections in rounds, each going on from the last round's model
+    with the strokes the pathologist added after seeing its prediction (see --corrections)."""
+    from dataclasses import replace
+
+    from skimage.io import imread
+
+    from genselfdiff.finetune import finetune
+    from genselfdiff.model import load_model
+    from genselfdiff.segment import segment
+
+    rounds = args.corrections + 1
+    labels = [np.asarray(imread(m)) for m in msks] if rounds > 1 else msks
+    steps = seconds = 0
+    for r in range(rounds):
+        path = out if r == rounds - 1 else out.with_name(f"{out.stem}_round{r}{out.suffix}")
+        budget = replace(cfg, steps=cfg.steps // rounds + (cfg.steps % rounds if r == rounds - 1 else 0)) \
+            if rounds > 1 else cfg
+        res = finetune(imgs, labels, path, budget, pretrained=pretrained, device=args.device, progress=ticker(path.stem))
+        steps, seconds = steps + res.steps, seconds + res.seconds
+        if r < rounds - 1:
+            model = load_model(path, args.device)
+            for i, (image, p) in enumerate(zip(imgs, subset)):
+                predicted = np.asarray(segment(model, image, skip_background=False).labels) == 1
+                labels[i] = simulate_corrections(labels[i], half_mask(args, p), predicted,
+                                                 np.random.default_rng([11, seed, r, i]))
+            pretrained = path  # as napari's Continue: from the model just saved
+    res.steps, res.seconds = steps, seconds
+    if args.annotation == "strokes":  # the share of pixels painted, corrections included
+        res.painted = float(np.mean([(np.asarray(imread(m) if rounds == 1 else m) > 0).mean() for m in labels]))
+    return res
 
 
 def _threads(n: int) -> None:
