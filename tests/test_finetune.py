@@ -534,3 +534,22 @@ def test_auto_preset_follows_the_base_model_else_the_device(tmp_path, synthetic_
     result = finetune([img], [truth], tmp_path / "b.pt", auto, device="cpu")
     saved = torch.load(result.path, weights_only=True)
     assert saved["config"]["preset"] == "tiny" and saved["net"]["width"] == TINY.width
+
+
+def test_early_stopping_waits_for_min_steps(tmp_path, synthetic_pair):
+    """Patience ends a run only once min_steps have passed; a learning rate of 0 never improves."""
+    img, truth = synthetic_pair
+    frozen = dict(steps=None, epochs=40, steps_per_epoch=2, lr=0.0, patience=1)
+    early = finetune([img], [truth], tmp_path / "a.pt", _cfg(**frozen, min_steps=0), device="cpu")
+    assert early.early_stopped and early.steps == 2  # one epoch without improvement on the start
+    held = finetune([img], [truth], tmp_path / "b.pt", _cfg(**frozen, min_steps=10), device="cpu")
+    assert held.early_stopped and held.steps == 10
+
+
+def test_the_default_budget_lasts_at_least_min_steps():
+    from genselfdiff.finetune import DEFAULT_EPOCHS, _budget
+
+    cfg = FinetuneConfig(min_steps=2500)
+    assert _budget(cfg, 23).epoch_steps == 109 * 23  # 50 epochs of 23 steps would be 1150
+    assert _budget(cfg, 250).epochs == DEFAULT_EPOCHS  # many tiles: the epochs are longer anyway
+    assert _budget(FinetuneConfig(steps=100, min_steps=2500), 23).steps == 100  # a given budget is kept

@@ -213,8 +213,8 @@ class FinetuneWidget(JobWidget):
             spec["pretrained"] = base
             self._steps_before += self.result.steps
         self._preview_on = (self.image.layer(), spec["resolution"]["level"], self.labels.layer())
-        # Strokes along object cores reach Dice 1 within a few steps; their loss keeps moving,
-        # and it is what the engine chooses the network by.
+        # Strokes along object cores reach Dice 1 within a few steps; their loss still moves
+        # (the engine keeps the latest network either way).
         self._score = "val_loss" if spec["sparse"] else "val_dice"
         self.plot.set_score("validation loss" if spec["sparse"] else "validation Dice", unit_range=not spec["sparse"])
         self.dice.setText("")

@@ -54,7 +54,7 @@ from .unet import SegmentationNet, UNet, to_segmentation
 
 NORMALIZATION = NORMALIZATIONS["default"]  # uint8 / 127.5 - 1, as in pretraining (the official recipe: [0, 1])
 LR_SCHEDULES = ("constant", "cosine")
-DEFAULT_EPOCHS = 50  # when no budget is given; early stopping usually ends sooner
+DEFAULT_EPOCHS = 50  # when no budget is given (at least min_steps); early stopping may end sooner
 # Learning rates of the default recipe, chosen on MoNuSeg with the tiny network (docs/finetuning.md):
 # a pretrained (or segmentation) start loses what it learnt at 1e-3, a random one learns fastest
 # there. The paper network keeps the published 1e-4.
@@ -81,7 +81,7 @@ class FinetuneConfig:
     ss_c: float = 0.01
     focal_gamma: float = 2.0
     affinity: Optional[float] = None  # weight of the colour-affinity loss; default SPARSE_AFFINITY for strokes, else 0
-    # Budget: whichever comes first; none given means DEFAULT_EPOCHS (early stopping still applies).
+    # Budget: whichever comes first; none given means DEFAULT_EPOCHS, and at least min_steps.
     epochs: Optional[int] = None
     steps: Optional[int] = None
     minutes: Optional[float] = None
@@ -89,6 +89,9 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     val_max_tiles: int = 64
     patience: int = 10  # epochs without a better validation Dice before stopping; 0 = never
+    # No early stop before this step: on a few images validation is noisy, and a run stopped
+    # at its best step 462 scored 0.767 where 2500 steps scored 0.808 (docs/finetuning.md).
+    min_steps: int = 2500
     sparse: bool = False
     classes: Optional[int] = None  # number of classes incl. background; default from names or labels
     class_names: Optional[list] = None  # index 0 = background
@@ -351,10 +354,10 @@ def _default_steps_per_epoch(items: list, cfg: FinetuneConfig) -> int:
 
 
 def _budget(cfg: FinetuneConfig, steps_per_epoch: int) -> Budget:
-    """The run's epochs, steps and minutes; none given means ``DEFAULT_EPOCHS``."""
+    """The run's epochs, steps and minutes; none given means ``DEFAULT_EPOCHS`` and at least ``min_steps``."""
     epochs = cfg.epochs
     if epochs is None and cfg.steps is None and cfg.minutes is None:
-        epochs = DEFAULT_EPOCHS
+        epochs = max(DEFAULT_EPOCHS, math.ceil(cfg.min_steps / steps_per_epoch))
     return Budget(steps=cfg.steps, minutes=cfg.minutes, epochs=epochs, steps_per_epoch=steps_per_epoch)
 
 

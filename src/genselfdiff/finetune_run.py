@@ -242,7 +242,7 @@ class FinetuneRun:
                           payload={"epoch": self.epoch, "val_dice": dice, "improved": improved,
                                    "val_loss": entry["val_loss"], "per_class_dice": entry["per_class_dice"],
                                    "classes": self.names}))
-        return bool(self.cfg.patience) and self.since_best >= self.cfg.patience
+        return bool(self.cfg.patience) and self.since_best >= self.cfg.patience and self.step >= self.cfg.min_steps
 
     def history_val(self) -> float:
         for h in reversed(self.history):

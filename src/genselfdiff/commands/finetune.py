@@ -53,7 +53,7 @@ def register(sub) -> None:
                         "official = the same with the official code's batch-mean cross-entropy")
     p.add_argument("--steps-per-epoch", type=int, metavar="N", help="default: about one pass over the annotated tiles")
     p.add_argument("--val-fraction", type=float, metavar="F", help="share of annotated tiles held out (default 0.1)")
-    p.add_argument("--patience", type=int, metavar="N", help="epochs without a better validation Dice before stopping (default 10; masks only: "
+    p.add_argument("--patience", type=int, metavar="N", help="epochs without a better validation Dice before stopping (default 10, never before step 2500; masks only: "
                         "a run on strokes keeps its latest network and uses its whole budget)")
     res = p.add_mutually_exclusive_group()
     res.add_argument("--level", type=int, metavar="N",
