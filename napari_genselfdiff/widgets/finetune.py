@@ -68,7 +68,9 @@ class FinetuneWidget(JobWidget):
                                       "(each preview takes a moment of training time)")
         self.run_button, self.stop_button = QPushButton("Fine-tune"), QPushButton("Stop")
         self.continue_button = QPushButton("Continue")
-        self.continue_button.setToolTip("Train on, with the strokes as they are now, from the model just saved")
+        self.continue_button.setToolTip("Train on from the model just saved, with the strokes as they are now. Correct "
+                                        "both ways: objects the preview misses and background it calls an object "
+                                        "(correcting one kind only teaches the model to overdo the other)")
         self.run_button.clicked.connect(self.start)
         self.continue_button.clicked.connect(self.continue_training)
         self.stop_button.clicked.connect(self.stop)
