@@ -16,9 +16,9 @@ An epoch is a fixed number of steps (by default about one pass over the annotate
 tiles); after each one the held-out tiles are scored. For masks the best network is kept (by
 the mean Dice of the object classes) and training stops early after ``patience`` epochs
 without improvement; for strokes, whose few held-out pixels cannot rank networks, the latest
-network is kept and the run uses its whole budget. As in pretraining, ``out`` holds the best network (rewritten
-atomically when validation improves, and at the end with the full history) and
-``<out>.last.pt`` the state of the last step (weights, Adam, step, RNG, early-stopping
+network is kept and the run uses its whole budget; no run stops early before ``min_steps``.
+As in pretraining, ``out`` holds the kept network (rewritten atomically when validation
+improves, and at the end with the full history) and ``<out>.last.pt`` the state of the last step (weights, Adam, step, RNG, early-stopping
 counters) that ``resume=True`` continues from.
 
 Given a ``preview`` region, the current network's prediction over it is reported every

@@ -115,8 +115,8 @@ class FinetuneRun:
             score = -entry["val_loss"] if official else mean
             improved = score > self.best["score"] + (0 if official else 1e-4)
         # A tie keeps the later network (trained longer on the same score): a small validation
-        # set often saturates (Dice 1 on a few painted strokes), and the first network to reach
-        # it is the least trained. Only a real improvement resets the patience.
+        # set often saturates, and the first network to reach it is the least trained. Only a
+        # real improvement resets the patience.
         tied = not official and not improved and self.step > 0 and score >= self.best["score"] - 1e-4
         if improved or tied:
             self.best = {"dice": mean, "score": score, "per_class": entry["per_class_dice"], "step": self.step,
