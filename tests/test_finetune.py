@@ -185,7 +185,7 @@ def test_sparse_scribbles_train_and_leave_unlabelled_pixels_alone(tmp_path, synt
     img, truth = synthetic_pair
     sparse = _strokes(truth)
     assert (sparse > 0).mean() < 0.05  # a few strokes
-    result = finetune([img], [sparse], tmp_path / "s.pt", _cfg(sparse=True, val_fraction=0.3),
+    result = finetune([img], [sparse], tmp_path / "s.pt", _cfg(sparse=True, val_fraction=0.3, prior=0.0),
                       device="cpu")
     model = load_model(result.path, "cpu")
     pred = model.predict(img[None]).argmax(1)[0]
@@ -194,6 +194,19 @@ def test_sparse_scribbles_train_and_leave_unlabelled_pixels_alone(tmp_path, synt
     assert model.classes == ["background", "class 1"]
     ckpt = torch.load(result.path, weights_only=True)
     assert ckpt["data"]["sparse"] and ckpt["data"]["annotated_pixels"] == [int((sparse == 1).sum()), int((sparse == 2).sum())]
+
+
+def test_strokes_of_nuclei_get_the_haematoxylin_prior_and_others_do_not(tmp_path, synthetic_pair):
+    img, truth = synthetic_pair
+    nuclei = _strokes(truth)
+    cfg = _cfg(sparse=True, steps=2, steps_per_epoch=2)
+    finetune([img], [nuclei], tmp_path / "n.pt", cfg, device="cpu")
+    assert torch.load(tmp_path / "n.pt", weights_only=True)["config"]["prior"] == 0.5  # the default weight
+    swapped = np.where(nuclei > 0, 3 - nuclei, 0).astype(np.uint8)  # class 1 painted on the stroma
+    finetune([img], [swapped], tmp_path / "s.pt", cfg, device="cpu")
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["config"]["prior"] == 0.0
+    finetune([img], [truth], tmp_path / "d.pt", _cfg(steps=2, steps_per_epoch=2), device="cpu")  # masks need none
+    assert torch.load(tmp_path / "d.pt", weights_only=True)["config"]["prior"] == 0.0
 
 
 def test_pretrained_weights_are_loaded_except_the_head(tmp_path, synthetic_pair):

@@ -167,3 +167,22 @@ def test_make_loss_adds_the_affinity_term_only_when_asked():
     assert plain.item() == pytest.approx(make_loss("ce")(logits, target).item())
     both = make_loss("ce", affinity=2.0)(logits, target, image)
     assert both.item() == pytest.approx(plain.item() + 2 * affinity_loss(logits, image).item(), rel=1e-6)
+
+
+def test_the_prior_term_pulls_only_prior_coded_pixels():
+    from genselfdiff.losses import PRIOR, prior_loss
+
+    logits = torch.zeros(1, 2, 2, 2, requires_grad=True)
+    target = torch.tensor([[[0, IGNORE], [PRIOR, PRIOR - 1]]])
+    loss = prior_loss(logits, target)
+    assert loss.item() == pytest.approx(math.log(2))  # p = 1/2 for both prior pixels
+    loss.backward()
+    g = logits.grad[0]
+    assert g[:, 0, 0].abs().sum() == 0 and g[:, 0, 1].abs().sum() == 0  # labelled and ignored: untouched
+    assert g[0, 1, 0] < 0 < g[1, 1, 0] and g[1, 1, 1] < 0 < g[0, 1, 1]  # towards background, towards class 1
+    assert prior_loss(logits, torch.zeros(1, 2, 2, dtype=torch.long)).item() == 0
+    # the other losses ignore prior-coded pixels as they ignore IGNORE
+    assert make_loss("dice_ce")(logits, target).item() == pytest.approx(
+        make_loss("dice_ce")(logits, torch.where(target < 0, IGNORE, target)).item())
+    both = make_loss("dice_ce", prior=0.5)(logits, target)
+    assert both.item() == pytest.approx(make_loss("dice_ce")(logits, target).item() + 0.5 * math.log(2))

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from . import stain_prior
 from .errors import UserError
 from .labels import as_label_array, open_label_image, require_integers
 from .losses import IGNORE
@@ -315,8 +316,10 @@ def to_targets(values: np.ndarray, sparse: bool) -> np.ndarray:
 class PatchSampler:
     """Draws (image, target) training patches around annotated positions of training tiles."""
 
-    def __init__(self, items: list, patch: int, tile: int, sparse: bool, balance: float = 0.0):
+    def __init__(self, items: list, patch: int, tile: int, sparse: bool, balance: float = 0.0,
+                 prior: Optional[list] = None):
         self.items, self.patch, self.tile, self.sparse, self.balance = items, patch, tile, sparse, balance
+        self.prior = prior  # per image: the haematoxylin threshold of stain_prior, or None
         # Per (image, value): training positions and the number of real pixels they stand for.
         self.pools = []
         for i, it in enumerate(items):
@@ -356,6 +359,8 @@ class PatchSampler:
             x0 = min(max(x0, 0), W - P)
         image = it.image.read(y0, x0, P, P)
         target = to_targets(it.labels.read(y0, x0, P, P), self.sparse)
+        if self.prior is not None:
+            target = stain_prior.apply(image, target, self.prior[i])
         target[self._outside_or_val(it, y0, x0, P)] = IGNORE
         return image, target
 

@@ -3,7 +3,8 @@
 As in GenSelfDiff-HIS the whole pretrained U-Net is kept and trained end to end; only
 the 1x1 output head is new (one logit per class) and the timestep is fixed at 0
 (:func:`genselfdiff.unet.to_segmentation`). Loss by default: soft Dice + cross-entropy, plus a
-colour-affinity term for strokes (the paper's structural similarity + focal is ``loss="paper"``;
+colour-affinity term and, for strokes of nuclei, a haematoxylin prior on the unlabelled pixels
+(:mod:`genselfdiff.stain_prior`; the paper's structural similarity + focal is ``loss="paper"``;
 :mod:`genselfdiff.losses`); Adam, betas (0.5, 0.999), the learning rate by start
 (:data:`LEARNING_RATES`), batch 8; patches drawn around annotated pixels
 (:mod:`genselfdiff.annotations`) and augmented consistently, stain included
@@ -37,6 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from . import stain_prior
 from .annotations import PatchSampler, default_class_names, open_labelled, scan, split_tiles, validation_set
 from .augment import Augment
 from .checkpoint import load_checkpoint
@@ -61,6 +63,7 @@ DEFAULT_EPOCHS = 50  # when no budget is given (at least min_steps); early stopp
 LEARNING_RATES = {"paper": (1e-4, 1e-4)}  # preset: (from a trained start, from scratch)
 OTHER_LEARNING_RATES = (3e-4, 1e-3)
 SPARSE_AFFINITY = 1.0  # weight of the colour-affinity loss for strokes (losses.affinity_loss)
+SPARSE_PRIOR = 0.5  # weight of the haematoxylin prior for strokes that agree with it (stain_prior)
 PREVIEW_MAX_SIDE = 1024  # pixels at the training resolution: a quick prediction, a small message
 
 
@@ -81,6 +84,7 @@ class FinetuneConfig:
     ss_c: float = 0.01
     focal_gamma: float = 2.0
     affinity: Optional[float] = None  # weight of the colour-affinity loss; default SPARSE_AFFINITY for strokes, else 0
+    prior: Optional[float] = None  # weight of the haematoxylin prior; default SPARSE_PRIOR for strokes that agree with it, else 0
     # Budget: whichever comes first; none given means DEFAULT_EPOCHS, and at least min_steps.
     epochs: Optional[int] = None
     steps: Optional[int] = None
@@ -226,7 +230,8 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
 
     split = split_tiles(items, cfg.val_fraction, seed=cfg.seed)
     balance = cfg.balance if cfg.balance is not None else (1.0 if cfg.sparse else 0.0)
-    sampler = PatchSampler(items, cfg.patch, cfg.patch, cfg.sparse, balance)
+    thresholds = _stain_prior(items, cfg)
+    sampler = PatchSampler(items, cfg.patch, cfg.patch, cfg.sparse, balance, prior=thresholds)
     margin = max(mult, cfg.patch // 4 // mult * mult)
     val = validation_set(items, cfg.patch, margin, cfg.sparse, on_train=not split, max_tiles=cfg.val_max_tiles, seed=cfg.seed)
     spe = cfg.steps_per_epoch or _default_steps_per_epoch(items, cfg)
@@ -237,7 +242,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     loss_fn = make_loss(cfg.loss, ss_weight=cfg.ss_weight, focal_weight=cfg.focal_weight, beta=cfg.ss_beta,
                         c=cfg.ss_c, gamma=cfg.focal_gamma,
-                        affinity=cfg.affinity)
+                        affinity=cfg.affinity, prior=cfg.prior)
 
     run = FinetuneRun(cfg=cfg, net=net, optimizer=optimizer, loss_fn=loss_fn, budget=_budget(cfg, spe), out=out,
                       names=names, colors=colors, meta=_checkpoint_meta(cfg, net, names, colors, start, items, val),
@@ -346,6 +351,17 @@ def _check_classes(items: list, cfg: FinetuneConfig, start: _Start) -> list:
         raise UserError(f"The annotations contain only the class {label!r}; annotate at least one more class "
                         f"(e.g. background{' = 1' if sparse else ' = 0'}).")
     return names
+
+
+def _stain_prior(items: list, cfg: FinetuneConfig) -> Optional[list]:
+    """Per-image haematoxylin thresholds when the prior applies; ``cfg.prior`` becomes the
+    weight used (0 when the strokes disagree with the stain), which the checkpoint records."""
+    wanted = SPARSE_PRIOR if cfg.prior is None else cfg.prior
+    thresholds = None
+    if wanted > 0 and cfg.sparse and cfg.classes == 2:
+        thresholds = stain_prior.fit(items, cfg.patch, seed=cfg.seed)
+    cfg.prior = wanted if thresholds else 0.0
+    return thresholds
 
 
 def _default_steps_per_epoch(items: list, cfg: FinetuneConfig) -> int:

@@ -43,6 +43,9 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -1
+# Unlabelled pixels that carry a weak prior (genselfdiff.stain_prior): PRIOR - c for class c.
+# Every loss but prior_loss ignores them, as it ignores IGNORE.
+PRIOR = -2
 LOSSES = ("paper", "official", "ce", "dice", "dice_ce")
 
 
@@ -145,12 +148,24 @@ def affinity_loss(logits: torch.Tensor, image: torch.Tensor, radius: int = 3, si
     return total / weights
 
 
+def prior_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the pixels coded ``PRIOR - c`` toward their class c; 0 without any."""
+    prior = target <= PRIOR
+    if not bool(prior.any()):
+        return logits.sum() * 0.0
+    logp = logits.float().log_softmax(1)
+    cls = (PRIOR - target).clamp(0, logits.shape[1] - 1)
+    return -logp.gather(1, cls[:, None].long())[:, 0][prior].mean()
+
+
 def make_loss(name: str = "paper", *, ss_weight: float = 1.0, focal_weight: float = 1.0,
-              beta: float = 0.1, c: float = 0.01, gamma: float = 2.0, affinity: float = 0.0) -> Callable:
+              beta: float = 0.1, c: float = 0.01, gamma: float = 2.0, affinity: float = 0.0,
+              prior: float = 0.0) -> Callable:
     """``loss(logits, target, image) -> scalar``: "paper" (SS + focal, 1:1 by default), "official"
     (the same with the official code's batch-mean cross-entropy in SS), "ce", "dice" or
     "dice_ce" (their sum), plus
-    ``affinity`` times :func:`affinity_loss` on the input ``image`` when > 0."""
+    ``affinity`` times :func:`affinity_loss` on the input ``image`` when > 0 and ``prior``
+    times :func:`prior_loss` when > 0."""
     if name == "paper":
         base = lambda lo, t: ss_weight * ss_loss(lo, t, beta, c) + focal_weight * focal_loss(lo, t, gamma)  # noqa: E731
     elif name == "official":
@@ -163,6 +178,12 @@ def make_loss(name: str = "paper", *, ss_weight: float = 1.0, focal_weight: floa
         base = lambda lo, t: dice_loss(lo, t) + ce_loss(lo, t)  # noqa: E731
     else:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    if not affinity:
-        return lambda lo, t, image=None: base(lo, t)
-    return lambda lo, t, image: base(lo, t) + affinity * affinity_loss(lo, image)
+    def loss(lo, t, image=None):
+        total = base(lo, t)
+        if affinity:
+            total = total + affinity * affinity_loss(lo, image)
+        if prior:
+            total = total + prior * prior_loss(lo, t)
+        return total
+
+    return loss

@@ -72,7 +72,7 @@ def official_finetune_fields() -> dict:
     """FinetuneConfig values of the official recipe (the caller's explicit choices still win)."""
     return dict(lr=1e-4, betas=(0.5, 0.999), batch=8, loss="official", ss_weight=1.0, focal_weight=1.0,
                 ss_beta=0.1, ss_c=0.01, focal_gamma=2.0, epochs=OFFICIAL_FINETUNE_EPOCHS, patience=0,
-                augment=official_augment(), grad_clip=0.0, lr_schedule="constant", amp=False, affinity=0.0,
+                augment=official_augment(), grad_clip=0.0, lr_schedule="constant", amp=False, affinity=0.0, prior=0.0,
                 recipe="official")
 
 

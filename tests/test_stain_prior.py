@@ -1,0 +1,63 @@
+"""The haematoxylin prior for strokes: its threshold, when it applies, and the targets it codes."""
+
+import numpy as np
+
+from genselfdiff import stain_prior
+from genselfdiff.annotations import PatchSampler, open_labelled, scan, to_targets
+from genselfdiff.config import Resolution
+from genselfdiff.losses import IGNORE, PRIOR
+from genselfdiff.measure import haematoxylin_od
+
+
+def _strokes(truth, nucleus=2, background=1):
+    from scipy import ndimage as ndi
+
+    inside = ndi.binary_erosion(truth == 1)
+    outside = ~ndi.binary_dilation(truth == 1, iterations=3)
+    sparse = np.zeros(truth.shape, np.uint8)
+    for r in (40, 100, 160, 220):
+        sparse[r : r + 3][outside[r : r + 3]] = background
+        sparse[r : r + 3][inside[r : r + 3]] = nucleus
+    return sparse
+
+
+def _item(img, sparse):
+    item = open_labelled(img, sparse, Resolution())
+    scan(item, sparse=True, tile=64)
+    return item
+
+
+def test_the_threshold_separates_nuclei_from_stroma(synthetic_pair):
+    img, truth = synthetic_pair
+    (t,) = stain_prior.fit([_item(img, _strokes(truth))], 64)
+    dark = haematoxylin_od(img) > t
+    nuclei = truth == 1
+    assert dark[nuclei].mean() > 0.8 and (~dark[~nuclei]).mean() > 0.8
+
+
+def test_strokes_that_disagree_with_the_stain_switch_it_off(synthetic_pair):
+    img, truth = synthetic_pair
+    swapped = _strokes(truth, nucleus=1, background=2)  # "background" painted on the nuclei
+    assert stain_prior.fit([_item(img, swapped)], 64) is None
+
+
+def test_only_unlabelled_pixels_get_prior_codes(synthetic_pair):
+    img, truth = synthetic_pair
+    sparse = _strokes(truth)
+    target = to_targets(sparse, sparse=True)
+    coded = stain_prior.apply(img, target, 0.3)
+    painted = sparse > 0
+    assert np.array_equal(coded[painted], target[painted])  # strokes win
+    assert set(np.unique(coded[~painted])) <= {PRIOR, PRIOR - 1} and IGNORE not in coded
+    dark = haematoxylin_od(img) > 0.3
+    assert np.array_equal(coded[~painted] == PRIOR - 1, dark[~painted])
+
+
+def test_the_sampler_codes_the_prior_but_never_in_held_out_tiles(synthetic_pair):
+    img, truth = synthetic_pair
+    item = _item(img, _strokes(truth))
+    item.val_tiles[0, 0] = True
+    sampler = PatchSampler([item], 256, 64, sparse=True, balance=1.0, prior=[0.3])
+    _, target = sampler.sample(np.random.default_rng(0))  # the patch is the whole image
+    assert (target <= PRIOR).any()
+    assert (target[:64, :64] == IGNORE).all()
