@@ -62,7 +62,7 @@ DEFAULT_EPOCHS = 50  # when no budget is given (at least min_steps); early stopp
 # there. The paper network keeps the published 1e-4.
 LEARNING_RATES = {"paper": (1e-4, 1e-4)}  # preset: (from a trained start, from scratch)
 OTHER_LEARNING_RATES = (3e-4, 1e-3)
-SPARSE_AFFINITY = 1.0  # weight of the colour-affinity loss for strokes (losses.affinity_loss)
+SPARSE_AFFINITY = 10.0  # weight of the colour-affinity loss for strokes (losses.affinity_loss)
 SPARSE_PRIOR = 0.5  # weight of the haematoxylin prior for strokes that agree with it (stain_prior)
 PREVIEW_MAX_SIDE = 1024  # pixels at the training resolution: a quick prediction, a small message
 
