@@ -12,7 +12,10 @@ In one run, with one model and the same tile, overlap and batch:
     The pyramids are written tile by tile (never held in memory): white glass with the same
     5 x 5 tissue squares of 512 px spread over it, so the network does the same work at every
     size (peak RSS of the CPU allocator depends on how many batches ran) while the slide, its
-    tissue map, its units and its output grow.
+    tissue map, its units and its output grow. With ``--instances`` the child calls
+    ``segment(..., instances=True)``, so the peak also covers the objects pass (the ids written
+    chunk by chunk into ``OUT/instances``), and it reports how many objects were written.
+    ``--only-memory`` runs (d) alone.
 
 With ``--amp-compare`` it runs only
 
@@ -22,6 +25,7 @@ With ``--amp-compare`` it runs only
     says (CUDA, CPUs with native bf16); elsewhere both columns are fp32 and say so.
 
     .venv/bin/python benchmarks/tiled_inference.py [--quick] [--device cpu] [--amp-compare]
+    .venv/bin/python benchmarks/tiled_inference.py --only-memory [--instances] [--memory-sizes 4096 40960]
 
 Speeds are megapixels of the processing level per second.
 """
@@ -219,7 +223,15 @@ def peak_rss() -> int:
 
 
 def memory_child(args) -> None:
-    """Runs in its own process: segment one slide, print the peak RSS as JSON."""
+    """Runs in its own process: segment one slide, print the peak RSS as JSON.
+
+    With ``--instances`` the objects pass runs too. The random-weight tiny model needs no help to
+    give objects: its argmax is a speckle of class 1 over the tissue squares (and the glass next to
+    them inside network tiles), which the split turns into thousands of small objects, so the
+    objects pass has real work. The count is the pass's own (each object counted in the chunk of
+    its first pixel); the largest id and the number of written chunks of ``OUT/instances/0`` are
+    read back from the OME-Zarr after the peak was taken, so that reading them adds nothing to it.
+    """
     import psutil
     import torch
 
@@ -229,10 +241,31 @@ def memory_child(args) -> None:
     model = tiny_model(device)
     base = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    r = segment(model, args.memory_child, args.out, tile=args.tile, overlap=args.overlap, batch=args.batch)
+    r = segment(model, args.memory_child, args.out, tile=args.tile, overlap=args.overlap, batch=args.batch,
+                instances=args.instances)
     peak = peak_rss()
-    print(json.dumps({"peak": peak, "base": base, "seconds": time.perf_counter() - t0, "tiles": r.tiles,
-                      "skipped": r.skipped_tiles, "chunks": r.chunks_computed, "shape": list(r.shape)}))
+    d = {"peak": peak, "base": base, "seconds": time.perf_counter() - t0, "tiles": r.tiles,
+         "skipped": r.skipped_tiles, "chunks": r.chunks_computed, "shape": list(r.shape)}
+    if args.instances:
+        d.update(instances_written(r))
+    print(json.dumps(d))
+
+
+def instances_written(r) -> dict:
+    """What the objects pass of ``r`` wrote: its count, the largest id and the chunks stored in
+    ``OUT/instances/0`` (a chunk without objects is not written), read back chunk by chunk."""
+    import zarr
+
+    if r.objects is None or r.objects.path is None:
+        raise RuntimeError(f"segment(instances=True) returned no objects: stopped={r.stopped}, notes={r.notes}")
+    ids = zarr.open_array(r.objects.path / "0", mode="r")
+    cy, cx = ids.chunks
+    top = 0
+    for y in range(0, ids.shape[0], cy):
+        for x in range(0, ids.shape[1], cx):
+            top = max(top, int(np.asarray(ids[y : y + cy, x : x + cx]).max()))
+    return {"objects": int(sum(r.objects.counts.values())), "max_id": top,
+            "id_chunks": int(ids.nchunks_initialized), "id_chunks_total": int(ids.nchunks)}
 
 
 def memory(work: Path, side: int, args) -> dict:
@@ -247,13 +280,41 @@ def memory(work: Path, side: int, args) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, __file__, "--memory-child", str(path), "--out", str(out), "--tile", str(args.tile),
            "--overlap", str(args.overlap), "--batch", str(args.batch), "--device", args.device]
+    if args.instances:
+        cmd.append("--instances")
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(res.stderr[-3000:])
     d = json.loads(res.stdout.strip().splitlines()[-1])
     d["write_seconds"] = made
     shutil.rmtree(out, ignore_errors=True)
+    (work / f"spots_{side}_objects.csv").unlink(missing_ok=True)  # the objects pass's summary, beside OUT
     return d
+
+
+def memory_sizes(work: Path, sizes, args) -> dict:
+    """(d) for each side in turn, one line each; returns the peaks by side."""
+    peaks = {}
+    for side in sizes:
+        d = memory(work, side, args)
+        peaks[side] = d["peak"]
+        objects = (f", {d['objects']} objects (largest id {d['max_id']}, {d['id_chunks']} of {d['id_chunks_total']} "
+                   f"id chunks written)" if "objects" in d else "")
+        print(f"(d) memory {side}^2{' --instances' if args.instances else ''}: peak RSS {d['peak'] / 2**20:.0f} MiB "
+              f"(after imports+model {d['base'] / 2**20:.0f} MiB), {d['tiles']} tiles ({d['skipped']} glass), "
+              f"{d['chunks']} chunks{objects}, {d['seconds']:.0f} s (slide written in {d['write_seconds']:.0f} s)",
+              flush=True)
+    return peaks
+
+
+def memory_only(work: Path, sizes, args) -> None:
+    """``--only-memory``: (d) alone, and the ratio of the largest side's peak to the smallest's."""
+    print(f"model: tiny preset (random weights), tile {args.tile}, overlap {args.overlap}, batch {args.batch}"
+          f"{', instances=True' if args.instances else ''}", flush=True)
+    peaks = memory_sizes(work, sizes, args)
+    if peaks:
+        print(f"summary: peak RSS {max(peaks)}^2 / {min(peaks)}^2 = {peaks[max(peaks)] / peaks[min(peaks)]:.2f}x"
+              f"{' with --instances' if args.instances else ''}")
 
 
 def main() -> None:
@@ -268,6 +329,9 @@ def main() -> None:
     p.add_argument("--memory-sizes", type=int, nargs="*", help="sides for (d) (default 4096 16384 40960)")
     p.add_argument("--spots", type=int, default=5, help="(d): spots x spots tissue squares, whatever the side")
     p.add_argument("--spot", type=int, default=512, help="(d): side of a tissue square")
+    p.add_argument("--instances", action="store_true",
+                   help="(d): segment with instances=True (the objects pass too) and report the objects written")
+    p.add_argument("--only-memory", action="store_true", help="only (d): no dense image, no (a)-(c)")
     p.add_argument("--no-monai", action="store_true")
     p.add_argument("--repeats", type=int, default=2, help="runs of (a)-(c), best kept (default %(default)s)")
     p.add_argument("--amp-compare", action="store_true", help="only (e): bf16 autocast against fp32 per preset")
@@ -290,6 +354,8 @@ def main() -> None:
     print("machine:", machine(device))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="genselfdiff-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.only_memory:
+        return memory_only(work, sizes, args)
     dense = work / f"dense_{size}.ome.tif"
     if not dense.exists():
         write_spotted_pyramid(dense, size, dense=True)
@@ -321,13 +387,7 @@ def main() -> None:
         mon2 = max(runs["c2"], key=lambda d: d["mpx_per_s"])
         print(f"(c') MONAI, NHWC windows {size}^2: {mon2['seconds']:.1f} s, {mon2['mpx_per_s']:.3f} Mpx/s "
               f"(runs: {each['c2']})")
-    peaks = {}
-    for side in sizes:
-        d = memory(work, side, args)
-        peaks[side] = d["peak"]
-        print(f"(d) memory {side}^2: peak RSS {d['peak'] / 2**20:.0f} MiB (after imports+model "
-              f"{d['base'] / 2**20:.0f} MiB), {d['tiles']} tiles ({d['skipped']} glass), {d['chunks']} chunks, "
-              f"{d['seconds']:.0f} s (slide written in {d['write_seconds']:.0f} s)")
+    peaks = memory_sizes(work, sizes, args)
     growth = peaks[max(peaks)] / peaks[min(peaks)] if peaks else float("nan")
     summary = (f"summary: segment {e2e['mpx_per_s']:.3f} Mpx/s = {ratio:.0%} of raw {raw['mpx_per_s']:.3f}"
                + (f", MONAI {mon['mpx_per_s']:.3f} (NHWC windows {mon2['mpx_per_s']:.3f}) Mpx/s" if mon else "")
