@@ -178,6 +178,7 @@ def make_loss(name: str = "paper", *, ss_weight: float = 1.0, focal_weight: floa
         base = lambda lo, t: dice_loss(lo, t) + ce_loss(lo, t)  # noqa: E731
     else:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+
     def loss(lo, t, image=None):
         total = base(lo, t)
         if affinity:

@@ -31,7 +31,7 @@ MIN_AGREEMENT = 0.75
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1-D sample (scikit-image's, without importing its filters)."""
+    """Otsu's threshold of a 1-D sample (scikit-image's)."""
     from skimage.filters import threshold_otsu
 
     return float(threshold_otsu(np.asarray(values, np.float64), nbins=bins))
