@@ -20,6 +20,8 @@ from genselfdiff.model import load_model
 from genselfdiff.trainjob import last_path
 from genselfdiff.unet import UNet
 
+from conftest import paint_strokes as _strokes
+
 TINY = NetConfig.from_dict(get_preset("tiny").net.to_dict())
 
 
@@ -30,21 +32,6 @@ def _cfg(**kw):
 
 def _dice(a, b):
     return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
-
-
-def _strokes(truth):
-    """A few horizontal brush strokes, 3 px thick: 2 inside nuclei, 1 on clear background."""
-    from scipy import ndimage as ndi
-
-    inside = ndi.binary_erosion(truth == 1)
-    outside = ~ndi.binary_dilation(truth == 1, iterations=3)
-    sparse = np.zeros(truth.shape, np.uint8)
-    for r in (40, 100, 160, 220):
-        band = np.zeros(truth.shape, bool)
-        band[r : r + 3] = True
-        sparse[band & outside] = 1
-        sparse[band & inside] = 2
-    return sparse
 
 
 def _pretrained(path, seed=123, ema=False):

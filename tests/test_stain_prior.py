@@ -8,17 +8,7 @@ from genselfdiff.config import Resolution
 from genselfdiff.losses import IGNORE, PRIOR
 from genselfdiff.measure import haematoxylin_od
 
-
-def _strokes(truth, nucleus=2, background=1):
-    from scipy import ndimage as ndi
-
-    inside = ndi.binary_erosion(truth == 1)
-    outside = ~ndi.binary_dilation(truth == 1, iterations=3)
-    sparse = np.zeros(truth.shape, np.uint8)
-    for r in (40, 100, 160, 220):
-        sparse[r : r + 3][outside[r : r + 3]] = background
-        sparse[r : r + 3][inside[r : r + 3]] = nucleus
-    return sparse
+from conftest import paint_strokes as _strokes
 
 
 def _item(img, sparse):
@@ -37,7 +27,8 @@ def test_the_threshold_separates_nuclei_from_stroma(synthetic_pair):
 
 def test_strokes_that_disagree_with_the_stain_switch_it_off(synthetic_pair):
     img, truth = synthetic_pair
-    swapped = _strokes(truth, nucleus=1, background=2)  # "background" painted on the nuclei
+    nuclei = _strokes(truth)
+    swapped = np.where(nuclei > 0, 3 - nuclei, 0).astype(np.uint8)  # "background" painted on the nuclei
     assert stain_prior.fit([_item(img, swapped)], 64) is None
 
 
