@@ -1,8 +1,8 @@
 """A haematoxylin prior for the pixels strokes leave unlabelled (nuclei from brush strokes).
 
 Strokes along nucleus cores and through the stroma say nothing about where a nucleus ends,
-and a network trained on them alone calls a ring of one to three pixels around every
-nucleus nucleus too (docs/finetuning.md: 38 % of the pixels called nucleus where 28 % are).
+and a network trained on them alone also calls a ring of one to three pixels around every
+nucleus "nucleus" (docs/finetuning.md: 38 % of the pixels called nucleus where 28 % are).
 Otsu's threshold on haematoxylin has the opposite fault: tight at the boundary, but it
 misses pale nuclei. Here each unlabelled pixel of a training patch gets a weak target from
 that threshold (``losses.prior_loss``, a small weight beside the strokes' own loss), so
@@ -30,16 +30,11 @@ from .measure import haematoxylin_od
 MIN_AGREEMENT = 0.75
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1-D sample (scikit-image's)."""
-    from skimage.filters import threshold_otsu
-
-    return float(threshold_otsu(np.asarray(values, np.float64), nbins=bins))
-
-
 def fit(items: list, tile: int, *, max_tiles: int = 64, seed: int = 0) -> Optional[list]:
     """Per-image haematoxylin thresholds for sparse two-class labels (1 = background,
     2 = the object class), or None when the strokes disagree with them (see the module doc)."""
+    from skimage.filters import threshold_otsu
+
     rng = np.random.default_rng(seed)
     thresholds, above, below = [], [], []
     for it in items:
@@ -54,7 +49,7 @@ def fit(items: list, tile: int, *, max_tiles: int = 64, seed: int = 0) -> Option
         if not od:
             return None
         od, lab = np.concatenate(od), np.concatenate(lab)
-        t = otsu_threshold(od)
+        t = float(threshold_otsu(od))
         thresholds.append(t)
         above.append(od[lab == 2] > t)
         below.append(od[lab == 1] <= t)
