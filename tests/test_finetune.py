@@ -546,10 +546,13 @@ def test_early_stopping_waits_for_min_steps(tmp_path, synthetic_pair):
     assert held.early_stopped and held.steps == 10
 
 
-def test_the_default_budget_lasts_at_least_min_steps():
-    from genselfdiff.finetune import DEFAULT_EPOCHS, _budget
+def test_the_default_budget_lasts_at_least_min_steps_and_strokes_a_fixed_number_of_steps():
+    from genselfdiff.finetune import DEFAULT_EPOCHS, SPARSE_STEPS, _budget
 
     cfg = FinetuneConfig(min_steps=2500)
     assert _budget(cfg, 23).epoch_steps == 109 * 23  # 50 epochs of 23 steps would be 1150
     assert _budget(cfg, 250).epochs == DEFAULT_EPOCHS  # many tiles: the epochs are longer anyway
     assert _budget(FinetuneConfig(steps=100, min_steps=2500), 23).steps == 100  # a given budget is kept
+    strokes = _budget(FinetuneConfig(sparse=True, min_steps=2500), 23)
+    assert (strokes.steps, strokes.epochs) == (SPARSE_STEPS, None)  # longer scored lower on strokes
+    assert _budget(FinetuneConfig(sparse=True, minutes=3.0), 23).minutes == 3.0

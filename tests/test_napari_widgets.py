@@ -35,6 +35,13 @@ def test_widget_docks(make_napari_viewer, name):
     assert name in dock.name
 
 
+def test_finetune_widget_trains_strokes_for_the_engines_default_budget(make_napari_viewer):
+    from genselfdiff.finetune import SPARSE_STEPS
+
+    _, widget = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    assert widget.budget.spec() == {"budget_unit": "steps", "budget": SPARSE_STEPS}
+
+
 def test_viewer_opens_a_slide_as_a_multiscale_image_with_its_scale(make_napari_viewer, synthetic_slide):
     path, _, _ = synthetic_slide
     viewer = make_napari_viewer()

@@ -54,7 +54,9 @@ class FinetuneWidget(JobWidget):
         self.preset.setCurrentText(settings.get("finetune_preset", "auto"))
         self.preset.setToolTip("Network size when training from scratch (a base model brings its own)")
         self.preset.setEnabled(not self.base.text())
-        self.budget = BudgetEdit(500)
+        # People paint strokes here: the engine's default for them, finetune.SPARSE_STEPS (not
+        # imported: that loads torch when the plugin's menu is built).
+        self.budget = BudgetEdit(1000)
         self.device = DeviceBox()
         self.out = PathEdit("save", "Checkpoints (*.pt)", "where to save the model (.pt)")
         self.out.setText(settings.get("finetune_out", ""))

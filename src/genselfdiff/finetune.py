@@ -18,6 +18,8 @@ tiles); after each one the held-out tiles are scored. For masks the best network
 the mean Dice of the object classes) and training stops early after ``patience`` epochs
 without improvement; for strokes, whose few held-out pixels cannot rank networks, the latest
 network is kept and the run uses its whole budget; no run stops early before ``min_steps``.
+With no budget given, masks train for ``DEFAULT_EPOCHS`` and at least ``min_steps``; strokes
+for ``SPARSE_STEPS``, since longer runs on strokes scored lower (docs/finetuning.md).
 As in pretraining, ``out`` holds the kept network (rewritten atomically when validation
 improves, and at the end with the full history) and ``<out>.last.pt`` the state of the last step (weights, Adam, step, RNG, early-stopping
 counters) that ``resume=True`` continues from.
@@ -57,6 +59,9 @@ from .unet import SegmentationNet, UNet, to_segmentation
 NORMALIZATION = NORMALIZATIONS["default"]  # uint8 / 127.5 - 1, as in pretraining (the official recipe: [0, 1])
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_EPOCHS = 50  # when no budget is given (at least min_steps); early stopping may end sooner
+# Strokes with no budget given: a fixed number of steps. On MoNuSeg 1000 steps beat 2500 (the
+# haematoxylin prior's pale nuclei are lost as training goes on; docs/finetuning.md).
+SPARSE_STEPS = 1000
 # Learning rates of the default recipe, chosen on MoNuSeg with the tiny network (docs/finetuning.md):
 # a pretrained (or segmentation) start loses what it learnt at 1e-3, a random one learns fastest
 # there. The paper network keeps the published 1e-4.
@@ -85,7 +90,8 @@ class FinetuneConfig:
     focal_gamma: float = 2.0
     affinity: Optional[float] = None  # weight of the colour-affinity loss; default SPARSE_AFFINITY for strokes, else 0
     prior: Optional[float] = None  # weight of the haematoxylin prior; default SPARSE_PRIOR for strokes that agree with it, else 0
-    # Budget: whichever comes first; none given means DEFAULT_EPOCHS, and at least min_steps.
+    # Budget: whichever comes first; none given means DEFAULT_EPOCHS and at least min_steps
+    # (strokes: SPARSE_STEPS).
     epochs: Optional[int] = None
     steps: Optional[int] = None
     minutes: Optional[float] = None
@@ -370,9 +376,12 @@ def _default_steps_per_epoch(items: list, cfg: FinetuneConfig) -> int:
 
 
 def _budget(cfg: FinetuneConfig, steps_per_epoch: int) -> Budget:
-    """The run's epochs, steps and minutes; none given means ``DEFAULT_EPOCHS`` and at least ``min_steps``."""
+    """The run's epochs, steps and minutes; none given means ``DEFAULT_EPOCHS`` and at least
+    ``min_steps``, or ``SPARSE_STEPS`` for strokes."""
     epochs = cfg.epochs
     if epochs is None and cfg.steps is None and cfg.minutes is None:
+        if cfg.sparse:
+            return Budget(steps=SPARSE_STEPS, steps_per_epoch=steps_per_epoch)
         epochs = max(DEFAULT_EPOCHS, math.ceil(cfg.min_steps / steps_per_epoch))
     return Budget(steps=cfg.steps, minutes=cfg.minutes, epochs=epochs, steps_per_epoch=steps_per_epoch)
 

@@ -35,7 +35,8 @@ def register(sub) -> None:
     cls.add_argument("--classes", type=int, metavar="N", help="number of classes including background")
     cls.add_argument("--class-names", metavar="A,B,...", help="class names, background first")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=int, metavar="N")
+    budget.add_argument("--epochs", type=int, metavar="N",
+                        help="default, none given: 50 epochs and at least 2500 steps; strokes (--sparse): 1000 steps")
     budget.add_argument("--steps", type=int, metavar="N")
     budget.add_argument("--minutes", type=float, metavar="M")
     p.add_argument("--patch", type=int, help="patch side in pixels (default: the preset's)")
