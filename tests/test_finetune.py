@@ -554,5 +554,5 @@ def test_the_default_budget_lasts_at_least_min_steps_and_strokes_a_fixed_number_
     assert _budget(cfg, 250).epochs == DEFAULT_EPOCHS  # many tiles: the epochs are longer anyway
     assert _budget(FinetuneConfig(steps=100, min_steps=2500), 23).steps == 100  # a given budget is kept
     strokes = _budget(FinetuneConfig(sparse=True, min_steps=2500), 23)
-    assert (strokes.steps, strokes.epochs) == (SPARSE_STEPS, None)  # longer scored lower on strokes
+    assert (strokes.steps, strokes.epochs) == (SPARSE_STEPS, None)  # longer scored no higher on strokes
     assert _budget(FinetuneConfig(sparse=True, minutes=3.0), 23).minutes == 3.0
