@@ -92,7 +92,8 @@ def parse(argv=None):
                    help="override FinetuneConfig number fields, e.g. affinity=1,balance=0.5")
     p.add_argument("--tta", action="store_true", help="score with test-time flips (mean softmax of 4 flips)")
     p.add_argument("--loss", help="fine-tuning loss (default: the engine's)")
-    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="fine-tuning schedule")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                   help="fine-tuning schedule (default: the engine's, cosine for strokes and constant for masks)")
     p.add_argument("--pretrain-lr", type=float, default=5e-4,
                    help="pretraining learning rate (the paper's 1e-4 learns slowly in a few minutes)")
     p.add_argument("--pretrain-ema", type=float, default=0.995,

@@ -242,6 +242,19 @@ def test_cosine_schedule_decays_the_learning_rate_over_the_budget(tmp_path, synt
         finetune([img], [truth], tmp_path / "x.pt", _cfg(steps=8, lr_schedule="linear"), device="cpu")
 
 
+def test_strokes_decay_the_learning_rate_by_default_and_masks_keep_it_constant(tmp_path, synthetic_pair):
+    img, truth = synthetic_pair
+
+    def run(labels, name, **kw):
+        r = finetune([img], [labels], tmp_path / name, _cfg(steps=8, **kw), device="cpu")
+        return (torch.load(r.path, weights_only=True)["config"]["lr_schedule"],
+                torch.load(last_path(r.path), weights_only=True)["optimizer"]["param_groups"][0]["lr"])
+
+    assert run(_strokes(truth), "s.pt", sparse=True) == ("cosine", pytest.approx(3e-4 * (1 + np.cos(7 * np.pi / 8)) / 2))
+    assert run(truth, "m.pt") == ("constant", pytest.approx(3e-4))
+    assert run(_strokes(truth), "c.pt", sparse=True, lr_schedule="constant")[0] == "constant"  # a choice is kept
+
+
 def test_a_saturated_validation_keeps_the_later_network():
     """Validation Dice 1 on a few painted strokes: a tie keeps the network trained longer, and
     only a real improvement resets the patience."""

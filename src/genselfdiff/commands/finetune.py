@@ -44,7 +44,8 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate (default: 3e-4 from a trained model, 1e-3 from "
                                              "scratch; 1e-4 for the paper network and the official recipe)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"],
-                   help="constant (the paper's, default) or cosine: decay to 0 over the budget")
+                   help="constant (the paper's; default for masks) or cosine: decay to 0 over the budget "
+                        "(default for strokes, which keep their last network)")
     p.add_argument("--recipe", choices=["default", "official"], default="default",
                    help="official: the official code's fresh final block and head, [0, 1] inputs, initialisation, "
                         "augmentations, loss, fp32 and 150 epochs keeping the best validation loss "
