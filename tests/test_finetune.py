@@ -253,6 +253,7 @@ def test_strokes_decay_the_learning_rate_by_default_and_masks_keep_it_constant(t
     assert run(_strokes(truth), "s.pt", sparse=True) == ("cosine", pytest.approx(3e-4 * (1 + np.cos(7 * np.pi / 8)) / 2))
     assert run(truth, "m.pt") == ("constant", pytest.approx(3e-4))
     assert run(_strokes(truth), "c.pt", sparse=True, lr_schedule="constant")[0] == "constant"  # a choice is kept
+    assert FinetuneConfig.from_preset("tiny", recipe="official", sparse=True).lr_schedule == "constant"  # its own
 
 
 def test_a_saturated_validation_keeps_the_later_network():

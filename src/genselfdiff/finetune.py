@@ -60,7 +60,7 @@ NORMALIZATION = NORMALIZATIONS["default"]  # uint8 / 127.5 - 1, as in pretrainin
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_EPOCHS = 50  # when no budget is given (at least min_steps); early stopping may end sooner
 # Strokes with no budget given: a fixed number of steps. On MoNuSeg 2500 steps scored no higher
-# than 1000 (Dice 0.766 against 0.769 over 3 seeds) in 2.5x the time (docs/finetuning.md).
+# than 1000 (Dice 0.766 against 0.769 over 3 seeds, constant rate) in 2.5x the time (docs/finetuning.md).
 SPARSE_STEPS = 1000
 # Learning rates of the default recipe, chosen on MoNuSeg with the tiny network (docs/finetuning.md):
 # a pretrained (or segmentation) start loses what it learnt at 1e-3, a random one learns fastest
@@ -198,7 +198,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
         raise UserError(f"Unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}.")
     check_recipe(cfg.recipe)
     if cfg.lr_schedule is None:
-        cfg.lr_schedule = SPARSE_LR_SCHEDULE if cfg.sparse and cfg.recipe != "official" else "constant"
+        cfg.lr_schedule = SPARSE_LR_SCHEDULE if cfg.sparse else "constant"  # the official recipe sets its own
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"Unknown learning-rate schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
     dev = pick_device(device) if not isinstance(device, torch.device) else device
