@@ -2,7 +2,7 @@
 the class probability, scored on every MoNuSeg image with nucleus ids that the model did not
 train on (label_efficiency.py trains on the first images of the pool).
 
-Usage: .venv/bin/python benchmarks/objects_sweep.py WORK MODEL.pt [MODEL.pt ...] [--grid default|wide] [--tta]
+Usage: .venv/bin/python benchmarks/objects_sweep.py WORK MODEL.pt [MODEL.pt ...] [--grid default|split|wide|full] [--tta]
 
 WORK is a benchmarks/label_efficiency.py work folder (its ``half/`` pyramids). The network runs once
 per model and image; its nucleus probability is cached in ``WORK/objects_sweep/`` so that the sweep
@@ -30,13 +30,26 @@ from genselfdiff.segment import segment_tiles
 from genselfdiff.synthetic import write_pyramidal_tiff
 
 GRIDS = {
-    # (probability threshold of the mask, h_um, min_area_um2, smooth_um, use the probability)
-    "default": [(0.5, 0.2, 6.0, 0.5, False), (0.5, 0.2, 6.0, 0.5, True)],
+    # (probability threshold of the mask, h_um, min_area_um2, smooth_um, use the probability, where
+    #  to split: "proc" at the processing level, ids enlarged; "nearest" at full resolution, the
+    #  probability enlarged by nearest neighbour (as segment writes level 0); "bilinear" the same,
+    #  enlarged bilinearly)
+    "default": [(0.5, 0.2, 6.0, 0.5, False, "proc"), (0.5, 0.2, 6.0, 0.5, True, "proc")],
     # the mask as segment writes it (threshold 0.5, no probability): the watershed's own parameters
-    "split": [(0.5, h, a, s, False) for h in (0.05, 0.1, 0.2) for a in (6.0, 12.0) for s in (0.25, 0.5)],
-    "wide": [(t, h, a, s, p) for t in (0.5, 0.7) for h in (0.1, 0.2, 0.4) for a in (6.0, 12.0)
+    "split": [(0.5, h, a, s, False, "proc") for h in (0.05, 0.1, 0.2) for a in (6.0, 12.0) for s in (0.25, 0.5)],
+    "wide": [(t, h, a, s, p, "proc") for t in (0.5, 0.7) for h in (0.1, 0.2, 0.4) for a in (6.0, 12.0)
              for s in (0.5, 1.0) for p in (False, True)],
+    # where to split, with and without the probability
+    "full": [(0.5, h, 6.0, 0.5, p, f) for f in ("proc", "nearest", "bilinear") for p in (False, True) for h in (0.2, 0.4)],
 }
+
+
+def enlarge(prob: np.ndarray, shape) -> np.ndarray:
+    """``prob`` resampled bilinearly to ``shape``, pixel centres aligned (as segment's labels)."""
+    ys = (np.arange(shape[0]) + 0.5) * prob.shape[0] / shape[0] - 0.5
+    xs = (np.arange(shape[1]) + 0.5) * prob.shape[1] / shape[1] - 0.5
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return ndi.map_coordinates(prob, [yy, xx], order=1, mode="nearest")
 
 
 def probability(model, src: Path, cache: Path, tta: bool) -> np.ndarray:
@@ -90,11 +103,16 @@ def main():
             components.append((aji(cc, truth), panoptic_quality(cc, truth)["pq"], abs(int(cc.max()) - n_true) / n_true,
                                (int(cc.max()) - n_true) / n_true))
             line = [f"{p.stem[:12]} {'held' if p in held else 'pool'} nuclei {n_true} components AJI {components[-1][0]:.3f}"]
+            big = {"nearest": prob[rows][:, cols], "bilinear": enlarge(prob, truth.shape)}
             for g in scores:
-                t, h, a, s, use_p = g
-                ids = split_objects(prob if use_p else None, prob > t, mpp=mpp,
-                                    params=replace(SplitParameters(), h_um=h, min_area_um2=a, smooth_um=s))
-                ids = ids.astype(np.int64)[rows][:, cols]
+                t, h, a, s, use_p, full = g
+                params = replace(SplitParameters(), h_um=h, min_area_um2=a, smooth_um=s)
+                if full != "proc":
+                    q = big[full]
+                    ids = split_objects(q if use_p else None, q > t, mpp=MPP, params=params).astype(np.int64)
+                else:
+                    ids = split_objects(prob if use_p else None, prob > t, mpp=mpp, params=params)
+                    ids = ids.astype(np.int64)[rows][:, cols]
                 n = int(ids.max())
                 pq = panoptic_quality(ids, truth)
                 scores[g].append((aji(ids, truth), pq["pq"], abs(n - n_true) / n_true, (n - n_true) / n_true))
@@ -106,7 +124,7 @@ def main():
               f"count error {m[2]:.3f} (signed {m[3]:+.3f})")
         for g, v in scores.items():
             m = np.mean(v, axis=0)
-            print(f"  threshold {g[0]} h {g[1]} min_area {g[2]} smooth {g[3]} prob {g[4]}: AJI {m[0]:.3f} PQ {m[1]:.3f} "
+            print(f"  threshold {g[0]} h {g[1]} min_area {g[2]} smooth {g[3]} prob {g[4]} at {g[5]}: AJI {m[0]:.3f} PQ {m[1]:.3f} "
                   f"count error {m[2]:.3f} (signed {m[3]:+.3f})", flush=True)
 
 
