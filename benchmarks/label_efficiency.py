@@ -90,6 +90,8 @@ def parse(argv=None):
                    help="override fine-tuning augmentation fields (genselfdiff.augment.Augment), e.g. hed=0.5,hed_sigma=0.2")
     p.add_argument("--set", default="", metavar="K=V,...",
                    help="override FinetuneConfig number fields, e.g. affinity=1,balance=0.5")
+    p.add_argument("--pretrain-set", default="", metavar="K=V,...",
+                   help="other PretrainConfig fields for the pretraining run, e.g. max_timestep=300,p2_gamma=0")
     p.add_argument("--tta", action="store_true", help="score with test-time flips (mean softmax of 4 flips)")
     p.add_argument("--loss", help="fine-tuning loss (default: the engine's)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"],
@@ -125,6 +127,7 @@ def parse(argv=None):
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     args.augment = dict(kv.split("=", 1) for kv in args.augment.split(",") if kv)
     args.set = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.set.split(",") if kv)}
+    args.pretrain_set = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.pretrain_set.split(",") if kv)}
     if set(args.runs) - {"pretrained", "random", "total", "forest"}:
         p.error("--runs takes pretrained, random, total and forest")
     if args.corrections and (args.annotation != "strokes" or args.finetune_steps is None):
@@ -132,6 +135,14 @@ def parse(argv=None):
     if {"random", "total"} & set(args.runs) and "pretrained" not in args.runs and args.finetune_steps is None:
         p.error("random-init runs without the pretrained run need the fine-tuning budget as --finetune-steps")
     return args
+
+
+def _value(text: str):
+    """A number (or true/false/null) as JSON reads it, else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def prepare(args, pool, held):
@@ -289,9 +300,10 @@ def main(argv=None) -> int:
     _add(results, "otsu", **_timed(otsu_scores, held, args))
 
     pre_path = args.pretrained or args.work / "pretrained.pt"
-    pcfg = PretrainConfig.from_preset(args.preset, minutes=args.pretrain_minutes, steps=args.pretrain_steps, patch=patch, batch=args.batch,
-                                      resolution=resolution, seed=args.pretrain_seed, ema_decay=args.pretrain_ema, lr=args.pretrain_lr,
-                                      val_every=100 if args.quick else 200)
+    pre_fields = dict(minutes=args.pretrain_minutes, steps=args.pretrain_steps, patch=patch, batch=args.batch,
+                      resolution=resolution, seed=args.pretrain_seed, ema_decay=args.pretrain_ema, lr=args.pretrain_lr,
+                      val_every=100 if args.quick else 200)
+    pcfg = PretrainConfig.from_preset(args.preset, **{**pre_fields, **args.pretrain_set})
     if not {"pretrained", "total"} & set(args.runs):
         pre_steps, pre_seconds = 0, 0.0  # nothing here starts from a pretrained network
     elif args.pretrained is None:

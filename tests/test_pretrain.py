@@ -66,6 +66,27 @@ def test_tiny_run_lowers_the_loss(slides, tmp_path):
     assert "optimizer" not in ckpt and "optimizer" in load_checkpoint(last_path(result.path))
 
 
+def test_max_timestep_keeps_training_and_validation_to_the_low_noise_levels(slides, tmp_path, monkeypatch):
+    import genselfdiff.pretrain as module
+
+    seen = []
+
+    def recording(schedule, x0, t, noise):
+        seen.append(t.clone())
+        return real(schedule, x0, t, noise)
+
+    real = module.q_sample
+    monkeypatch.setattr(module, "q_sample", recording)
+    cfg = PretrainConfig.from_preset("tiny", steps=6, val_every=3, max_timestep=50, **TINY)
+    result = pretrain([slides], tmp_path / "m.pt", cfg, device="cpu")
+    t = torch.cat(seen)
+    assert len(t) >= 6 * TINY["batch"] and int(t.max()) < 50  # 24 training draws and the validation's
+    assert len(set(t.tolist())) > 5  # spread over the allowed levels, not stuck at one
+    assert load_checkpoint(result.path)["config"]["max_timestep"] == 50
+    with pytest.raises(UserError, match="between 1 and 1000"):
+        pretrain([slides], tmp_path / "n.pt", replace(cfg, max_timestep=1001), device="cpu")
+
+
 def test_resume_continues_identically(slides, tmp_path):
     cfg = PretrainConfig.from_preset("tiny", steps=4, val_every=2, ema_decay=0.9, warmup_steps=2,
                                      **{k: v for k, v in TINY.items() if k != "warmup_steps"})

@@ -133,6 +133,7 @@ class PretrainConfig:
     beta_end: float = 0.02
     p2_k: float = 1.0
     p2_gamma: float = 1.0
+    max_timestep: Optional[int] = None  # sample t below this only (light noise); None: all T, as the paper
     # Not in the paper; what a careful practitioner adds. 0 switches each off.
     ema_decay: float = 0.999
     grad_clip: float = 1.0

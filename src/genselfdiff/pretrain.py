@@ -63,6 +63,11 @@ def schedule_of(config: PretrainConfig) -> Schedule:
     return Schedule.quadratic(config.timesteps, config.beta_start, config.beta_end)
 
 
+def _noise_levels(cfg: PretrainConfig) -> int:
+    """How many of the T noise levels the pretext samples from (all, unless ``max_timestep``)."""
+    return cfg.max_timestep or cfg.timesteps
+
+
 def check_config(cfg: PretrainConfig) -> None:
     """One sentence per impossible setting, before any work starts."""
     d = cfg.net.downsampling
@@ -78,6 +83,8 @@ def check_config(cfg: PretrainConfig) -> None:
         raise UserError("EMA decay must be in [0, 1); clipping, warm-up and workers cannot be negative.")
     if not 0 <= cfg.val_fraction < 1:
         raise UserError("The validation fraction must be in [0, 1).")
+    if cfg.max_timestep is not None and not 1 <= cfg.max_timestep <= cfg.timesteps:
+        raise UserError(f"The largest timestep must be between 1 and {cfg.timesteps}.")
     check_recipe(cfg.recipe)
 
 
@@ -182,7 +189,7 @@ class _Trainer:
         if getattr(self, "resumed_data", {}).get("files", self.provenance["files"]) != self.provenance["files"]:
             warnings.warn("The slides differ from those of the run being resumed; the data stream will differ.")
         self.skipped = dict(plan.skipped)
-        self.val = (plan.val_patches, *val_noise(len(plan.val_windows), cfg.patch, cfg.timesteps, cfg.seed))
+        self.val = (plan.val_patches, *val_noise(len(plan.val_windows), cfg.patch, _noise_levels(cfg), cfg.seed))
 
         stream = PatchStream(plan.files, plan.train, cfg.patch, cfg.batch, resolution, seed=cfg.seed,
                              rank=ctx.rank, start=self.step, exclude=plan.exclude, bad=plan.bad, opening=self.opening)
@@ -256,7 +263,7 @@ class _Trainer:
         cfg = self.cfg
         gen.manual_seed(_seed(cfg.seed, self.ctx.rank, self.step))
         x0 = to_input(batch, self.device).contiguous(memory_format=self.memory_format)
-        t = torch.randint(0, cfg.timesteps, (x0.shape[0],), generator=gen, device=self.device)
+        t = torch.randint(0, _noise_levels(cfg), (x0.shape[0],), generator=gen, device=self.device)
         noise = torch.randn(x0.shape, generator=gen, device=self.device).contiguous(memory_format=self.memory_format)
         with self._autocast():
             eps = self.model(q_sample(self.schedule, x0, t, noise), t)
