@@ -436,20 +436,22 @@ def _add(results: dict, name: str, **values) -> None:
 
 
 def _table(results: dict) -> None:
-    """Dice: mean over held-out images and seeds; sd: between seeds; min/max: per image.
+    """Dice: mean over held-out images and seeds; sd: between seeds; min/max: per image; then
+    each seed's mean, in the order of --seeds.
 
     Then, per labelled-image count, pretrained minus random init paired by seed: both runs of
     a seed see the same patches and augmentations, so the pairing removes what the data
     stream does to both and leaves what the start does.
     """
-    print(f"\n{'method':<22} {'Dice':>6} {'sd':>6} {'seeds':>5} {'min':>6} {'max':>6} {'steps':>7} {'minutes':>8}")
+    print(f"\n{'method':<22} {'Dice':>6} {'sd':>6} {'seeds':>5} {'min':>6} {'max':>6} {'steps':>7} {'minutes':>8}  per seed")
     runs = results["runs"]
     for name, r in runs.items():
         d = np.array(r["dice"], float)  # seeds x images
         sd = d.mean(1).std(ddof=1) if len(d) > 1 else float("nan")
         steps = int(np.mean(r["steps"])) if "steps" in r else ""
+        per_seed = ", ".join(f"{x:.3f}" for x in d.mean(1)) if len(d) > 1 else ""
         print(f"{name:<22} {d.mean():6.3f} {sd:6.3f} {len(d):>5} {d.min():6.3f} {d.max():6.3f} {steps:>7} "
-              f"{np.mean(r['seconds']) / 60:8.1f}")
+              f"{np.mean(r['seconds']) / 60:8.1f}  {per_seed}")
     for name in runs:
         other = name.replace("pretrained_", "random_")
         if name.startswith("pretrained_") and other in runs and runs[name].get("seed") == runs[other].get("seed"):
