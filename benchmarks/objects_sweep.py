@@ -103,7 +103,8 @@ def main():
             components.append((aji(cc, truth), panoptic_quality(cc, truth)["pq"], abs(int(cc.max()) - n_true) / n_true,
                                (int(cc.max()) - n_true) / n_true))
             line = [f"{p.stem[:12]} {'held' if p in held else 'pool'} nuclei {n_true} components AJI {components[-1][0]:.3f}"]
-            big = {"nearest": prob[rows][:, cols], "bilinear": enlarge(prob, truth.shape)}
+            enlarged = {"nearest": lambda: prob[rows][:, cols], "bilinear": lambda: enlarge(prob, truth.shape)}
+            big = {f: enlarged[f]() for f in {g[5] for g in scores} - {"proc"}}  # only what the grid splits
             for g in scores:
                 t, h, a, s, use_p, full = g
                 params = replace(SplitParameters(), h_um=h, min_area_um2=a, smooth_um=s)

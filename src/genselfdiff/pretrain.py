@@ -1,9 +1,9 @@
 """Self-supervised diffusion pretraining (the pretext task of GenSelfDiff-HIS).
 
 The network learns to predict the noise added to unlabelled tissue patches: x0 in [-1, 1],
-t uniform over the T = 1000 steps of the quadratic schedule (or below ``max_timestep``), x_t = sqrt(abar_t) x0 +
-sqrt(1 - abar_t) eps, loss = lambda_t * |eps - eps_theta(x_t, t)|^2 with the P2 weights
-lambda_t = 1 / (1 + SNR_t). Adam at 1e-4 as in the paper; EMA of the weights, gradient
+t uniform over the T = 1000 steps of the quadratic schedule (or below ``max_timestep``),
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, loss = lambda_t * |eps - eps_theta(x_t, t)|^2
+with the P2 weights lambda_t = 1 / (1 + SNR_t). Adam at 1e-4 as in the paper; EMA of the weights, gradient
 clipping and a linear warm-up are our additions (each off at 0). The checkpoint kept at
 ``out`` is the best by the loss on fixed validation patches, timesteps and noise.
 ``recipe="official"`` follows the official code instead (:mod:`genselfdiff.recipe`).
