@@ -2,13 +2,15 @@
 the class probability, scored on every MoNuSeg image with nucleus ids that the model did not
 train on (label_efficiency.py trains on the first images of the pool).
 
-Usage: .venv/bin/python benchmarks/objects_sweep.py WORK MODEL.pt [MODEL.pt ...] [--grid default|split|wide|full] [--tta]
+Usage: .venv/bin/python benchmarks/objects_sweep.py WORK MODEL.pt [MODEL.pt ...] [--grid default|split|wide|full] [--tta] [--oracle]
 
 WORK is a benchmarks/label_efficiency.py work folder (its ``half/`` pyramids). The network runs once
 per model and image; its nucleus probability is cached in ``WORK/objects_sweep/`` so that the sweep
 itself (watershed only) is cheap to repeat. Ids are enlarged to full resolution (nearest neighbour)
 and scored against the true ids: AJI, PQ, and the count error (|objects - nuclei| / nuclei),
-beside the baseline of plain connected components of the same mask.
+beside the baseline of plain connected components of the same mask. ``--oracle`` adds two bounds
+that use the truth: how far a perfect split of the same predicted pixels would go, and how far
+the distance watershed goes from perfect markers (one per true nucleus).
 """
 
 import argparse
@@ -21,6 +23,7 @@ import torch
 torch.set_num_threads(1)
 from scipy import ndimage as ndi
 from skimage.io import imread
+from skimage.segmentation import watershed
 
 from _common import DATA, MPP, split
 from genselfdiff.instances import SplitParameters, split_objects
@@ -52,6 +55,31 @@ def enlarge(prob: np.ndarray, shape) -> np.ndarray:
     return ndi.map_coordinates(prob, [yy, xx], order=1, mode="nearest")
 
 
+def oracle_splits(mask: np.ndarray, truth: np.ndarray) -> tuple:
+    """Two splits of a predicted ``mask`` that know the true nucleus ids ``truth`` (same shape).
+
+    - *partition*: every true nucleus's pixels inside the mask seed a watershed of the mask's
+      distance transform, so the mask is cut along the true borders and only its pixel errors
+      (missed, extra and merged-in background pixels) remain: what a perfect split could reach.
+    - *centroids*: one marker per true nucleus, at its centroid where the mask has it, and the
+      same watershed as the default split: perfect markers, borders found by the distance alone.
+    Pixels of the mask that no marker reaches become objects of their own (connected components).
+    """
+    dist = ndi.distance_transform_edt(mask)
+    seeds = np.where(mask, truth, 0)
+    ids = np.arange(1, int(truth.max()) + 1)
+    centre = np.zeros_like(truth)
+    for k, (y, x) in zip(ids, ndi.center_of_mass(truth > 0, truth, ids)):
+        if np.isfinite(y) and mask[int(y), int(x)]:
+            centre[int(y), int(x)] = k
+    out = []
+    for markers in (seeds, centre):
+        ws = watershed(-dist, markers, mask=mask)
+        rest = ndi.label(mask & (ws == 0))[0]
+        out.append(np.where(rest > 0, rest + truth.max(), ws))
+    return tuple(out)
+
+
 def probability(model, src: Path, cache: Path, tta: bool) -> np.ndarray:
     """The nucleus probability (float16, processing level) of one image, cached."""
     if cache.exists():
@@ -78,6 +106,8 @@ def main():
     ap.add_argument("models", nargs="+")
     ap.add_argument("--grid", default="default", choices=sorted(GRIDS))
     ap.add_argument("--tta", action="store_true", help="test-time flips (the mean probability of 4 flips)")
+    ap.add_argument("--oracle", action="store_true",
+                    help="add the two splits that know the truth (oracle_splits): bounds, not methods")
     ap.add_argument("--trained", type=int, default=3, help="the first N pool images are the model's training set")
     args = ap.parse_args()
     held, pool = split(DATA)
@@ -85,7 +115,7 @@ def main():
     for ck in args.models:
         model = load_model(args.work / ck, "cpu")
         scores = {g: [] for g in GRIDS[args.grid]}
-        components = []
+        components, oracles = [], []
         for p in images:
             src = args.work / "half" / f"{p.stem}.ome.tif"
             if not src.exists():
@@ -103,6 +133,9 @@ def main():
             components.append((aji(cc, truth), panoptic_quality(cc, truth)["pq"], abs(int(cc.max()) - n_true) / n_true,
                                (int(cc.max()) - n_true) / n_true))
             line = [f"{p.stem[:12]} {'held' if p in held else 'pool'} nuclei {n_true} components AJI {components[-1][0]:.3f}"]
+            if args.oracle:
+                oracles.append([aji(ids, truth) for ids in oracle_splits(prob[rows][:, cols] > 0.5, truth)])
+                line.append("oracle partition AJI {:.3f} centroids {:.3f}".format(*oracles[-1]))
             enlarged = {"nearest": lambda: prob[rows][:, cols], "bilinear": lambda: enlarge(prob, truth.shape)}
             big = {f: enlarged[f]() for f in {g[5] for g in scores} - {"proc"}}  # only what the grid splits
             for g in scores:
@@ -123,6 +156,10 @@ def main():
         m = np.mean(components, axis=0)
         print(f"  connected components of the mask (threshold 0.5): AJI {m[0]:.3f} PQ {m[1]:.3f} "
               f"count error {m[2]:.3f} (signed {m[3]:+.3f})")
+        if oracles:
+            m = np.mean(oracles, axis=0)
+            print(f"  oracle (knows the true nuclei): a perfect split of this mask AJI {m[0]:.3f}; "
+                  f"true centroids as markers of the distance watershed AJI {m[1]:.3f}")
         for g, v in scores.items():
             m = np.mean(v, axis=0)
             print(f"  threshold {g[0]} h {g[1]} min_area {g[2]} smooth {g[3]} prob {g[4]} at {g[5]}: AJI {m[0]:.3f} PQ {m[1]:.3f} "
