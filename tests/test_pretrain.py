@@ -106,6 +106,25 @@ def test_resume_continues_identically(slides, tmp_path):
     assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
 
 
+def test_resume_from_a_moved_folder_continues_identically_without_a_warning(slides, tmp_path):
+    import shutil
+    import warnings
+
+    cfg = PretrainConfig.from_preset("tiny", steps=4, val_every=2, seed=1, **TINY)
+    pretrain([slides], tmp_path / "a.pt", cfg, device="cpu")
+    pretrain([slides], tmp_path / "b.pt", replace(cfg, steps=2), device="cpu")
+    moved = shutil.copytree(slides, tmp_path / "elsewhere" / "slides")  # the same files, another place
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pretrain([moved], tmp_path / "b.pt", cfg, device="cpu", resume=True)
+    assert not [w for w in caught if "differ" in str(w.message)]  # that would be a false alarm
+    a, b = load_checkpoint(last_path(tmp_path / "a.pt")), load_checkpoint(last_path(tmp_path / "b.pt"))
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    (moved / "tissue0.png").unlink()  # really different slides still warn
+    with pytest.warns(UserWarning, match="slides differ"):
+        pretrain([moved], tmp_path / "b.pt", replace(cfg, steps=5), device="cpu", resume=True)
+
+
 def test_stop_leaves_a_loadable_resumable_checkpoint(stopped_run, slides):
     out, result = stopped_run
     assert result.stopped and result.steps == 3

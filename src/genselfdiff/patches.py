@@ -209,9 +209,25 @@ class DataPlan:
     def provenance(self, sources) -> dict:
         val_files = sorted({w.file for w in self.val_windows})
         return {"sources": [str(s) for s in sources], "files": [str(f) for f in self.files],
+                "fingerprint": fingerprint(self.files),
                 "train_files": len(self.train), "val_files": [str(self.files[i]) for i in val_files],
                 "validation": self.validation, "val_patches": len(self.val_windows),
                 "skipped": [list(s) for s in self.skipped]}
+
+
+def fingerprint(files) -> list:
+    """[name, size in bytes] of each file (size None for a folder such as OME-Zarr): what says
+    that two lists are the same slides wherever they are kept."""
+    return [[Path(f).name, Path(f).stat().st_size if Path(f).is_file() else None] for f in files]
+
+
+def same_slides(saved: dict, now: dict) -> bool:
+    """Whether a run's recorded data (``provenance``) lists the same slides as ``now``, by name
+    and size, so that a moved or copied folder is the same; runs saved before the sizes were
+    recorded compare by name."""
+    if "fingerprint" in saved:
+        return saved["fingerprint"] == now["fingerprint"]
+    return [Path(f).name for f in saved.get("files", [])] == [Path(f).name for f in now["files"]]
 
 
 def plan_data(sources, patch: int, resolution: Resolution, *, seed: int = 0, val_fraction: float = 0.1,

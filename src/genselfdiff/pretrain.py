@@ -30,7 +30,7 @@ from .checkpoint import save_checkpoint
 from .config import PretrainConfig, Resolution, with_preset
 from .errors import UserError
 from .model import autocast, pick_device, to_input
-from .patches import PatchStream, batches, plan_data, val_noise
+from .patches import PatchStream, batches, plan_data, same_slides, val_noise
 from .pixelsize import tell, unknown_note, working_resolution
 from .progress import Progress, resolve
 from .recipe import check_recipe, official_init
@@ -186,7 +186,7 @@ class _Trainer:
                          val_patches=cfg.val_batches * cfg.batch, opening=self.opening)
         self.resolution = _learnt_resolution(cfg.resolution, resolution, plan, ctx.is_main)
         self.plan, self.provenance = plan, plan.provenance(self.sources)
-        if getattr(self, "resumed_data", {}).get("files", self.provenance["files"]) != self.provenance["files"]:
+        if not same_slides(getattr(self, "resumed_data", None) or self.provenance, self.provenance):
             warnings.warn("The slides differ from those of the run being resumed; the data stream will differ.")
         self.skipped = dict(plan.skipped)
         self.val = (plan.val_patches, *val_noise(len(plan.val_windows), cfg.patch, _noise_levels(cfg), cfg.seed))
