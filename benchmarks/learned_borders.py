@@ -1,22 +1,29 @@
-"""Does a learned border between touching nuclei help the split into objects? (issue 16)
+"""Can the network learn the borders between touching nuclei for the split into objects? (issue 16)
 
 The split (genselfdiff.instances) loses most of its AJI at the borders between touching nuclei:
 on the same predicted pixels a perfect split scores 0.10-0.13 more (docs/objects.md, "Where AJI
-is lost"). Here the network is taught where those borders are. Its training masks get a third
-class, *touching border*: nucleus pixels within ``--border-um`` of a different nucleus (only
-where nuclei touch or nearly touch; a nucleus's free outline stays nucleus). At inference the
-foreground is nucleus + border, and the border probability cuts it: the split's distance map is
-multiplied by the interior's share of the foreground probability, so a learned border becomes
-a valley the watershed follows.
+is lost"). Here the training masks, made from the true nucleus ids, teach those borders:
 
-Both targets are trained on the same images, seed and patches: the first ``--trained`` images
-of the pool (benchmarks/_common.split) that have nucleus ids, at full resolution (0.25 µm/px)
-with 128-px patches, the tiny preset from random weights, 2500 steps (docs/objects.md, "Fine-tuning
-at full resolution"). They are scored on every other image with ids.
+- ``plain``: nucleus or background, as every other benchmark;
+- ``border``: a third class, *touching border*: nucleus pixels within ``--border-um`` of a
+  different nucleus (a nucleus's free outline stays nucleus). The foreground is nucleus + border;
+  the border cuts it, as a valley in the split's distance map (weighted by the interior's share of
+  the foreground probability) or by taking the interiors as markers;
+- ``levels``: ``--levels`` classes instead of one nucleus class, the distance to the nucleus's own
+  outline as a share of its largest, in equal steps. The expected level is a learned energy with
+  one peak per nucleus, flooded from its h-maxima or used as the split's weight.
 
-Usage (one training per process; two fit side by side on 2 cores):
-  touching_borders.py train WORK --target border|plain [--seed S] [--border-um 1.0]
-  touching_borders.py score WORK MODEL.pt [MODEL.pt ...]
+Every target is trained on the same images, seed and patches: the first ``--trained`` images with
+nucleus ids in the pool's order (benchmarks/_common.split), at full resolution (0.25 µm/px) with
+128-px patches, the tiny preset from random weights, 2500 steps (docs/objects.md, "Fine-tuning at
+full resolution"). Scoring runs each model on every other image with ids (the probabilities are
+cached in ``WORK/probabilities``) and prints AJI, PQ and the count error of each way of cutting
+objects, beside the default split, connected components and a perfect split of the same
+foreground (a bound that knows the truth).
+
+Usage (one training per process; two fit side by side on 2 cores, 45 minutes each):
+  learned_borders.py train WORK --target plain|border|levels [--seed S] [--border-um 1] [--levels 4]
+  learned_borders.py score WORK MODEL.pt [MODEL.pt ...]
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from _common import DATA, MPP, dice, read_rgb, split
 
 
 def id_images(trained: int):
-    """(training images, scored images): pool images with nucleus ids, the first ``trained`` for training."""
+    """(training images, scored images) among the images with nucleus ids, in the pool's order then
+    the held-out ones: the first ``trained`` are trained on, the others scored."""
     held, pool = split(DATA)
     with_ids = [p for p in list(pool) + list(held) if (DATA / "instances" / p.name).exists()]
     return with_ids[:trained], with_ids[trained:]
@@ -205,7 +213,7 @@ def score(args) -> None:
                 ways["interiors as markers"] = interior_markers(fg & (prob[1] > prob[2]), fg, min_px)
             ways["oracle: perfect split of the foreground"] = oracle_splits(fg, truth)[0]
             line = [f"{p.stem[:12]} n {n_true} Dice {dice(fg, truth > 0):.3f}"]
-            rows.setdefault("pixel Dice", []).append((dice(fg, truth > 0),) * 3)
+            rows.setdefault("pixel Dice", []).append(dice(fg, truth > 0))
             for name, ids in ways.items():
                 ids = ids.astype(np.int64)
                 n = len(np.unique(ids)) - 1
@@ -214,11 +222,9 @@ def score(args) -> None:
                 line.append(f"{name.strip()[:12]} {rows[name][-1][0]:.3f}")
             print(" | ".join(line), flush=True)
         print(f"{ck}: mean over {len(images)} images (AJI, PQ, count error |signed|)")
+        print(f"  pixel Dice of the foreground {np.mean(rows.pop('pixel Dice')):.3f}")
         for name, v in rows.items():
             v = np.array(v)
-            if name == "pixel Dice":
-                print(f"  pixel Dice {v[:, 0].mean():.3f}")
-                continue
             print(f"  {name:<42} AJI {v[:, 0].mean():.3f} PQ {v[:, 1].mean():.3f} "
                   f"count error {np.abs(v[:, 2]).mean():.3f} ({v[:, 2].mean():+.3f})", flush=True)
 
