@@ -161,22 +161,13 @@ def flood(surface: np.ndarray, seeds: np.ndarray, fg: np.ndarray, min_px: float 
     return _absorb_small(ids, SplitParameters().min_area_um2 / MPP**2)
 
 
-def h_maxima(surface: np.ndarray, h: float, fg: np.ndarray) -> np.ndarray:
-    """Maxima of ``surface`` (float64: in float32 a peak of exactly h falls either side of the test)
-    at least ``h`` above the saddle to any higher one."""
-    from skimage.morphology import reconstruction
-
-    flat = reconstruction(np.maximum(surface - h, 0), surface, method="dilation")
-    return (surface - flat >= h * (1 - 1e-9)) & fg
-
-
 def interior_markers(interior: np.ndarray, fg: np.ndarray, min_px: float) -> np.ndarray:
     """The classic three-class split: interiors (without the border) seed a watershed of the foreground."""
     return flood(-ndi.distance_transform_edt(fg), ndi.label(interior)[0], fg, min_px)
 
 
 def score(args) -> None:
-    from genselfdiff.instances import SplitParameters, split_objects
+    from genselfdiff.instances import SplitParameters, _h_maxima, split_objects
     from genselfdiff.metrics import aji, panoptic_quality
     from genselfdiff.model import load_model
     from objects_sweep import oracle_splits
@@ -199,7 +190,8 @@ def score(args) -> None:
                 e = energy(prob)
                 ways["split weighted by the expected level"] = split_objects(e, fg, mpp=MPP)
                 for h in (0.1, 0.2, 0.3):
-                    markers = ndi.label(h_maxima(ndi.gaussian_filter(e.astype(np.float64), 0.5 / MPP), h, fg))[0]
+                    # float64: in float32 a peak of exactly h falls either side of the test
+                    markers = _h_maxima(ndi.gaussian_filter(e.astype(np.float64), 0.5 / MPP), h, fg)
                     ways[f"watershed of the expected level, h {h}"] = flood(-e, markers, fg)
                 for top in (0.5, 0.7):
                     ways[f"levels above {top} as markers"] = flood(-e, ndi.label(fg & (e > top))[0], fg, min_px / 4)
