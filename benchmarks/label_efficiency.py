@@ -10,7 +10,7 @@ sets are nested prefixes (1 of 3 of 10) of a fixed permutation of those 24
 Methods, all scored by pixel Dice of the nucleus class, mean over the held-out images:
 - pretrained: diffusion pretraining for --pretrain-minutes, then fine-tuning for
   --finetune-minutes (or --finetune-steps) at --lr (the genselfdiff pipeline, segmented
-  with ``genselfdiff.segment``);
+  with ``genselfdiff.infer.segment``);
 - random (init), same fine-tuning compute: the same network from random weights, trained
   for the same number of fine-tuning steps as the pretrained run took, at --random-lr (each
   start at the learning rate that served it best in our sweeps: a pretrained network loses
@@ -53,8 +53,7 @@ import numpy as np
 # benchmarks/ is on sys.path when a benchmark is run as a script
 from _common import DATA, MPP, dice, machine, read_mask, read_rgb, simulate_corrections, simulate_strokes, split
 
-from genselfdiff.atomic import atomic_path, write_text
-
+from genselfdiff.io.atomic import atomic_path, write_text
 
 
 def parse(argv=None):
@@ -87,7 +86,7 @@ def parse(argv=None):
                         "the largest regions it got wrong (never past 1 %% of the pixels painted in all), and the next "
                         "round goes on from the round's model")
     p.add_argument("--augment", default="", metavar="K=V,...",
-                   help="override fine-tuning augmentation fields (genselfdiff.augment.Augment), e.g. hed=0.5,hed_sigma=0.2")
+                   help="override fine-tuning augmentation fields (genselfdiff.train.augment.Augment), e.g. hed=0.5,hed_sigma=0.2")
     p.add_argument("--set", default="", metavar="K=V,...",
                    help="override FinetuneConfig number fields, e.g. affinity=1,balance=0.5")
     p.add_argument("--pretrain-set", default="", metavar="K=V,...",
@@ -151,7 +150,7 @@ def prepare(args, pool, held):
     At half scale the held-out images are written as pyramids here too, once, before any
     parallel run reads them.
     """
-    from genselfdiff.config import Resolution
+    from genselfdiff.io.pixelsize import Resolution
 
     if args.scale == 1:
         if args.annotation != "dense":
@@ -159,7 +158,7 @@ def prepare(args, pool, held):
         return {p.stem: p for p in pool}, {p.stem: args.data / "masks" / p.name for p in pool}, Resolution()
     from skimage.io import imsave
 
-    from genselfdiff.synthetic import write_pyramidal_tiff
+    from genselfdiff.app.synthetic import write_pyramidal_tiff
 
     folder = args.work / "half"
     folder.mkdir(parents=True, exist_ok=True)
@@ -197,8 +196,8 @@ def source_of(args, image: Path) -> Path:
 
 
 def score_model(path, held, args) -> list:
-    from genselfdiff.model import load_model
-    from genselfdiff.segment import segment
+    from genselfdiff.infer.segment import segment
+    from genselfdiff.nn.model import load_model
 
     model = load_model(path, args.device)
     scores = []
@@ -219,7 +218,7 @@ def score_model(path, held, args) -> list:
 
 def _flipped_mean(model, source, args) -> np.ndarray:
     """Class ids from the mean softmax over the 4 flips of the whole working-scale image."""
-    from genselfdiff.slides import open_slide
+    from genselfdiff.io.slides import open_slide
 
     img = np.asarray(open_slide(source).levels[args.scale - 1]) if args.scale == 2 else source
     m = model.multiple
@@ -248,8 +247,8 @@ def otsu_scores(held, args) -> list:
 
 
 def rf_scores(labelled, held, args, seed: int, pixels_per_image: int = 40_000) -> list:
-    from sklearn.ensemble import RandomForestClassifier
     from skimage.feature import multiscale_basic_features
+    from sklearn.ensemble import RandomForestClassifier
 
     rng = np.random.default_rng(seed)
     xs, ys = [], []
@@ -283,8 +282,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     import torch
 
-    from genselfdiff.config import PretrainConfig
-    from genselfdiff.pretrain import pretrain
+    from genselfdiff.train.config import PretrainConfig
+    from genselfdiff.train.pretrain import pretrain
 
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(args.threads)
@@ -344,7 +343,7 @@ def main(argv=None) -> int:
 
 def unit_runs(args, pool, held, images, masks, resolution, pre_path, extra_steps, unit) -> dict:
     """The runs of one (labelled images, seed): fine-tuning from each start, and the forest."""
-    from genselfdiff.finetune import FinetuneConfig
+    from genselfdiff.train.finetune import FinetuneConfig
 
     n, seed = unit
     subset = pool[:n]
@@ -354,7 +353,7 @@ def unit_runs(args, pool, held, images, masks, resolution, pre_path, extra_steps
                 seed=seed, resolution=resolution, class_names=["background", "nucleus"])
     base.update(args.set)
     if args.augment:
-        from genselfdiff.augment import Augment
+        from genselfdiff.train.augment import Augment
 
         types = {k: type(v) for k, v in Augment().to_dict().items()}
         parse = {bool: lambda v: v.lower() in ("1", "true", "yes"), list: lambda v: [float(x) for x in v.split(":")]}
@@ -390,9 +389,9 @@ def train(args, subset, imgs, msks, out, cfg, pretrained, seed):
 
     from skimage.io import imread
 
-    from genselfdiff.finetune import finetune
-    from genselfdiff.model import load_model
-    from genselfdiff.segment import segment
+    from genselfdiff.infer.segment import segment
+    from genselfdiff.nn.model import load_model
+    from genselfdiff.train.finetune import finetune
 
     rounds = args.corrections + 1
     labels = [np.asarray(imread(m)) for m in msks] if rounds > 1 else msks

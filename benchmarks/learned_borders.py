@@ -1,6 +1,6 @@
 """Can the network learn the borders between touching nuclei for the split into objects? (issue 16)
 
-The split (genselfdiff.instances) loses most of its AJI at the borders between touching nuclei:
+The split (genselfdiff.objects.split) loses most of its AJI at the borders between touching nuclei:
 on the same predicted pixels a perfect split scores 0.10-0.13 more (docs/objects.md, "Where AJI
 is lost"). Here the training masks, made from the true nucleus ids, teach those borders:
 
@@ -35,12 +35,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from _common import DATA, MPP, dice, read_rgb, split
 from scipy import ndimage as ndi
 from skimage.io import imread, imsave
 from skimage.morphology import disk
 from skimage.segmentation import watershed
-
-from _common import DATA, MPP, dice, read_rgb, split
 
 
 def id_images(trained: int):
@@ -97,7 +96,7 @@ def energy(prob: np.ndarray) -> np.ndarray:
 def train(args) -> None:
     import torch
 
-    from genselfdiff.finetune import FinetuneConfig, finetune
+    from genselfdiff.train.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(1)
     train_images, _ = id_images(args.trained)
@@ -126,7 +125,7 @@ def train(args) -> None:
 
 def probabilities(model, p: Path, cache: Path) -> np.ndarray:
     """All class probabilities (float16, classes x H x W) of one image at full resolution, cached."""
-    from genselfdiff.segment import segment_tiles
+    from genselfdiff.infer.segment import segment_tiles
 
     if cache.exists():
         return np.load(cache)["p"].astype(np.float32)
@@ -149,7 +148,7 @@ def probabilities(model, p: Path, cache: Path) -> np.ndarray:
 def flood(surface: np.ndarray, seeds: np.ndarray, fg: np.ndarray, min_px: float = 0) -> np.ndarray:
     """Seeds (those of at least ``min_px`` pixels) grown over the foreground by a watershed of
     ``surface``; foreground they do not reach becomes objects of its own."""
-    from genselfdiff.instances import SplitParameters, _absorb_small
+    from genselfdiff.objects.split import SplitParameters, _absorb_small
 
     if min_px:
         area = np.bincount(seeds.ravel())
@@ -167,10 +166,11 @@ def interior_markers(interior: np.ndarray, fg: np.ndarray, min_px: float) -> np.
 
 
 def score(args) -> None:
-    from genselfdiff.instances import SplitParameters, _h_maxima, split_objects
-    from genselfdiff.metrics import aji, panoptic_quality
-    from genselfdiff.model import load_model
     from objects_sweep import oracle_splits
+
+    from genselfdiff.eval.metrics import aji, panoptic_quality
+    from genselfdiff.nn.model import load_model
+    from genselfdiff.objects.split import SplitParameters, _h_maxima, split_objects
 
     _, images = id_images(args.trained)
     print(f"scored on {len(images)} images: {', '.join(p.stem for p in images)}")

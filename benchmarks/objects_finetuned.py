@@ -12,12 +12,15 @@ import torch
 
 torch.set_num_threads(1)
 from pathlib import Path
-from skimage.io import imread
+
+from _common import DATA, split
 from scipy import ndimage as ndi
-from _common import split, DATA
-from genselfdiff.model import load_model
-from genselfdiff.segment import segment
-from genselfdiff.metrics import aji, panoptic_quality
+from skimage.io import imread
+
+from genselfdiff.eval.metrics import aji, panoptic_quality
+from genselfdiff.infer.segment import segment
+from genselfdiff.nn.model import load_model
+
 held, pool = split(DATA)
 work = Path(sys.argv[1])
 for ck in sys.argv[2:]:

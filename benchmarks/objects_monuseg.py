@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from genselfdiff.instances import HALO_UM, SplitParameters, array_reader, object_tiles, split_objects
-from genselfdiff.metrics import aji, instances_from_mask, panoptic_quality
+from genselfdiff.eval.metrics import aji, instances_from_mask, panoptic_quality
+from genselfdiff.objects.split import HALO_UM, SplitParameters, array_reader, object_tiles, split_objects
 
 SOURCE_MPP = 0.2527  # MoNuSeg, per the annotations
 

@@ -21,16 +21,16 @@ import numpy as np
 import torch
 
 torch.set_num_threads(1)
+from _common import DATA, MPP, split
 from scipy import ndimage as ndi
 from skimage.io import imread
 from skimage.segmentation import watershed
 
-from _common import DATA, MPP, split
-from genselfdiff.instances import SplitParameters, split_objects
-from genselfdiff.metrics import aji, panoptic_quality
-from genselfdiff.model import load_model
-from genselfdiff.segment import segment_tiles
-from genselfdiff.synthetic import write_pyramidal_tiff
+from genselfdiff.app.synthetic import write_pyramidal_tiff
+from genselfdiff.eval.metrics import aji, panoptic_quality
+from genselfdiff.infer.segment import segment_tiles
+from genselfdiff.nn.model import load_model
+from genselfdiff.objects.split import SplitParameters, split_objects
 
 GRIDS = {
     # (probability threshold of the mask, h_um, min_area_um2, smooth_um, use the probability, where

@@ -7,7 +7,7 @@ On one GPU, within --budget-minutes of wall-clock (10, start-up included):
 2. fine-tune each of those starts and random initialisation on 3 labelled images, from
    dense masks and from simulated strokes, paired over --seeds (each seed: the same
    patches, augmentations and head for every start), with our recipe, then the official
-   one (genselfdiff.recipe) for the last pretrained start and random init while time is left;
+   one (genselfdiff.train.recipe) for the last pretrained start and random init while time is left;
 3. score the 6 held-out images (pixel Dice of the nucleus class), and measure training
    images/s, segmentation Mpx/s and the model FLOP utilisation.
 It writes DIR/results.json, DIR/results.md (the table) and DIR/dice_vs_steps.png.
@@ -15,7 +15,7 @@ It writes DIR/results.json, DIR/results.md (the table) and DIR/dice_vs_steps.png
 The split is benchmarks/label_efficiency.py's (benchmarks/_common.py): every fifth image
 is held out and seen by no phase, the labelled images are the first 3 of its fixed order.
 Training runs on in-memory tensors with the engine's network, schedule, losses,
-augmentation and recipes, not through ``genselfdiff.pretrain``/``finetune``: the GPU
+augmentation and recipes, not through ``genselfdiff.train.pretrain``/``finetune``: the GPU
 machine has no dask, zarr or imagecodecs, which the engine's slide reader needs. Runs of
 the study have a fixed step budget (no validation split from 3 images), so paired runs
 see the same data.
@@ -37,7 +37,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
 from _common import DATA, dice, machine, read_mask, read_rgb, simulate_strokes, split  # benchmarks/ is on sys.path
 
 T_START = time.perf_counter()
@@ -113,8 +112,8 @@ class Pretrainer:
     def __init__(self, net_cfg, patch, lr, dev, amp):
         import torch
 
-        from genselfdiff.schedule import Schedule
-        from genselfdiff.unet import UNet
+        from genselfdiff.nn.schedule import Schedule
+        from genselfdiff.nn.unet import UNet
 
         torch.manual_seed(0)
         self.net = UNet(net_cfg).to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format)
@@ -126,8 +125,8 @@ class Pretrainer:
     def train_step(self, x_uint8) -> float:
         import torch
 
-        from genselfdiff.model import to_input
-        from genselfdiff.schedule import p2_loss, q_sample
+        from genselfdiff.nn.model import to_input
+        from genselfdiff.nn.schedule import p2_loss, q_sample
 
         x0 = to_input(x_uint8, self.dev)
         flip = torch.rand(2) < 0.5
@@ -226,8 +225,8 @@ def pretrain(args, net_cfg, patch, dev, data, work: Path) -> dict:
 
 def build(recipe: str, net_cfg, weights):
     """The segmentation network a recipe starts from (``weights`` None: random initialisation)."""
-    from genselfdiff.recipe import official_segmentation_net
-    from genselfdiff.unet import UNet, to_segmentation
+    from genselfdiff.nn.unet import UNet, to_segmentation
+    from genselfdiff.train.recipe import official_segmentation_net
 
     if recipe == "official":
         return official_segmentation_net(net_cfg, 2, weights)
@@ -239,9 +238,9 @@ def build(recipe: str, net_cfg, weights):
 
 def recipe_choices(recipe: str) -> tuple:
     """(augmentation, loss, Adam betas, bf16) of a fine-tuning recipe. The default's are
-    FinetuneConfig's defaults, restated: genselfdiff.finetune imports the slide reader (dask)."""
-    from genselfdiff.augment import Augment
-    from genselfdiff.recipe import official_finetune_fields
+    FinetuneConfig's defaults, restated: genselfdiff.train.finetune imports the slide reader (dask)."""
+    from genselfdiff.train.augment import Augment
+    from genselfdiff.train.recipe import official_finetune_fields
 
     if recipe == "official":
         f = official_finetune_fields()
@@ -252,10 +251,10 @@ def recipe_choices(recipe: str) -> tuple:
 def finetune_once(args, net_cfg, patch, dev, data, weights, recipe: str, labels: str, seed: int):
     import torch
 
-    from genselfdiff.augment import augment
-    from genselfdiff.losses import make_loss
-    from genselfdiff.model import to_input
-    from genselfdiff.recipe import NORMALIZATIONS
+    from genselfdiff.nn.model import to_input
+    from genselfdiff.train.augment import augment
+    from genselfdiff.train.losses import make_loss
+    from genselfdiff.train.recipe import NORMALIZATIONS
 
     aug, loss_name, betas, amp = recipe_choices(recipe)
     aug = replace(aug, elastic=0.0)  # elastic warps cost more CPU than a GPU step
@@ -288,7 +287,7 @@ def predict(net, rgb: np.ndarray, dev, normalization: str, tile: int, halo: int)
     """Class ids of a whole image from overlapping tiles, keeping each tile's core."""
     import torch
 
-    from genselfdiff.model import to_input
+    from genselfdiff.nn.model import to_input
 
     core = tile - 2 * halo
     h, w, _ = rgb.shape
@@ -307,7 +306,7 @@ def predict(net, rgb: np.ndarray, dev, normalization: str, tile: int, halo: int)
 
 
 def score(net, held, dev, recipe, args, patch) -> tuple:
-    from genselfdiff.recipe import NORMALIZATIONS
+    from genselfdiff.train.recipe import NORMALIZATIONS
 
     tile, halo = 2 * patch, 16 if args.quick else 32
     sync(dev)
@@ -413,8 +412,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     import torch
 
-    from genselfdiff.config import get_preset
-    from genselfdiff.model import pick_device
+    from genselfdiff.nn.config import get_preset
+    from genselfdiff.nn.model import pick_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

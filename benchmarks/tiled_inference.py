@@ -43,18 +43,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import machine  # benchmarks/ is on sys.path when a benchmark is run as a script
 
-from genselfdiff.atomic import atomic_path
+from genselfdiff.io.atomic import atomic_path
 
 
 def tiny_model(device, preset="tiny", classes=2):
     import torch
 
-    from genselfdiff.config import get_preset
-    from genselfdiff.model import Model, default_colors
-    from genselfdiff.unet import UNet, to_segmentation
+    from genselfdiff.nn.config import get_preset
+    from genselfdiff.nn.model import Model, default_colors
+    from genselfdiff.nn.unet import UNet, to_segmentation
 
     torch.manual_seed(0)
     p = get_preset(preset)
@@ -76,7 +75,7 @@ def write_spotted_pyramid(path: Path, side: int, spots: int = 5, spot: int = 512
     offset = (spacing - spot) // 2
     import tifffile
 
-    from genselfdiff.synthetic import downsample2, synthetic_tissue
+    from genselfdiff.app.synthetic import downsample2, synthetic_tissue
 
     texture = synthetic_tissue((texture_side, texture_side), seed=0, glass=0.0)[0]
     textures = [texture]
@@ -119,9 +118,9 @@ def write_spotted_pyramid(path: Path, side: int, spots: int = 5, spot: int = 512
 
 def raw_forward(model, slide_path, tile, overlap, batch, repeats=1) -> dict:
     """The network alone over the tiles segment() would compute, pixels pre-read."""
-    from genselfdiff.pipeline import Predictor, crop
-    from genselfdiff.plan import make_plan
-    from genselfdiff.slides import as_slide
+    from genselfdiff.infer.pipeline import Predictor, crop
+    from genselfdiff.infer.plan import make_plan
+    from genselfdiff.io.slides import as_slide
 
     slide = as_slide(slide_path)
     plan = make_plan(model, slide, tile=tile, overlap=overlap, skip_background=True)
@@ -153,7 +152,7 @@ def raw_forward(model, slide_path, tile, overlap, batch, repeats=1) -> dict:
 def end_to_end(model, slide_path, out, tile, overlap, batch) -> dict:
     import shutil
 
-    from genselfdiff.segment import segment
+    from genselfdiff.infer.segment import segment
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -169,8 +168,8 @@ def monai(model, slide_path, tile, overlap, batch, channels_last=False) -> dict:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from genselfdiff.model import autocast, to_input
-    from genselfdiff.slides import open_slide
+    from genselfdiff.io.slides import open_slide
+    from genselfdiff.nn.model import autocast, to_input
 
     rgb = np.asarray(open_slide(slide_path).levels[0])
     def net(x, _net=model.net):
@@ -189,7 +188,7 @@ def monai(model, slide_path, tile, overlap, batch, channels_last=False) -> dict:
 
 def amp_comparison(device, dense, args) -> None:
     """(e): the raw forward pass in fp32 and under the autocast rule, per preset, one line each."""
-    from genselfdiff.model import amp_enabled
+    from genselfdiff.nn.model import amp_enabled
 
     bf16 = amp_enabled(device)
     parts = []
@@ -235,7 +234,7 @@ def memory_child(args) -> None:
     import psutil
     import torch
 
-    from genselfdiff.segment import segment
+    from genselfdiff.infer.segment import segment
 
     device = torch.device(args.device)
     model = tiny_model(device)

@@ -1,6 +1,6 @@
 """Pretraining step throughput: the optimised step against a plain fp32 eager step of the same network.
 
-Both run the full step of :mod:`genselfdiff.pretrain` (noising, forward, P2 loss, backward,
+Both run the full step of :mod:`genselfdiff.train.pretrain` (noising, forward, P2 loss, backward,
 gradient clipping, Adam, EMA) on the same shapes in the same process, alternating in
 rounds so that a machine shared with other work slows both alike; the figures are the
 medians over rounds.
@@ -28,12 +28,11 @@ import sys
 import time
 
 import torch
-
 from _common import machine  # benchmarks/ is on sys.path when a benchmark is run as a script
 
-from genselfdiff.config import get_preset
-from genselfdiff.schedule import Schedule, p2_loss, q_sample
-from genselfdiff.unet import UNet
+from genselfdiff.nn.config import get_preset
+from genselfdiff.nn.schedule import Schedule, p2_loss, q_sample
+from genselfdiff.nn.unet import UNet
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
 PEAK_BF16 = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
@@ -119,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a few steps, for a smoke test")
     args = p.parse_args(argv)
 
-    from genselfdiff.model import amp_enabled, pick_device
+    from genselfdiff.nn.model import amp_enabled, pick_device
 
     device = pick_device(args.device)
     if args.threads:

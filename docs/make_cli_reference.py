@@ -1,6 +1,6 @@
 """Regenerate docs/cli.md from the command line's own parsers: `python docs/make_cli_reference.py`.
 
-tests/test_cli.py fails when docs/cli.md no longer matches, so the reference cannot drift.
+tests/app/test_cli.py fails when docs/cli.md no longer matches, so the reference cannot drift.
 """
 
 import argparse
@@ -31,7 +31,7 @@ labels at the image's own size.
 
 
 def render() -> str:
-    from genselfdiff.cli import build_parser
+    from genselfdiff.app.cli import build_parser
 
     os.environ["COLUMNS"] = "100"  # stable wrapping whatever the terminal
     parser = build_parser()
@@ -43,7 +43,7 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    from genselfdiff.atomic import write_text
+    from genselfdiff.io.atomic import write_text
 
     write_text(HERE / "cli.md", render())
     print(f"wrote {HERE / 'cli.md'}", file=sys.stderr)

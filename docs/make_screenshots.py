@@ -49,7 +49,7 @@ def screenshot(viewer, path: Path, fit: bool = True):
     if fit:
         viewer.reset_view()
         wait(lambda: True)
-    from genselfdiff.atomic import atomic_path
+    from genselfdiff.io.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         viewer.screenshot(str(tmp), canvas_only=False)
@@ -92,7 +92,7 @@ def main():
 
     import napari
 
-    from genselfdiff.synthetic import synthetic_tissue, write_pyramidal_tiff
+    from genselfdiff.app.synthetic import synthetic_tissue, write_pyramidal_tiff
     from napari_genselfdiff._sample_data import make_sample
 
     print(" ".join([sys.executable, *sys.argv]))

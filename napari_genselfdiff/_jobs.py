@@ -21,8 +21,8 @@ def _budget(spec) -> dict:
 
 
 def pretrain_job(spec, progress, should_stop):
-    from genselfdiff.config import PretrainConfig
-    from genselfdiff.pretrain import pretrain
+    from genselfdiff.train.config import PretrainConfig
+    from genselfdiff.train.pretrain import pretrain
 
     config = PretrainConfig.from_preset(spec["preset"], **_budget(spec))
     return pretrain(spec["sources"], spec["out"], config, device=spec["device"],
@@ -31,8 +31,8 @@ def pretrain_job(spec, progress, should_stop):
 
 
 def finetune_job(spec, progress, should_stop):
-    from genselfdiff.config import Resolution
-    from genselfdiff.finetune import FinetuneConfig, Preview, finetune
+    from genselfdiff.io.pixelsize import Resolution
+    from genselfdiff.train.finetune import FinetuneConfig, Preview, finetune
 
     config = FinetuneConfig.from_preset(spec["preset"], sparse=spec["sparse"], class_names=spec["classes"],
                                         resolution=Resolution(**spec["resolution"]) if spec.get("resolution") else None,
@@ -45,7 +45,7 @@ def finetune_job(spec, progress, should_stop):
 
 def sample_job(spec, progress, should_stop):
     """Images drawn from a pretrained model, as one grid (previews on the way, too)."""
-    from genselfdiff.sampling import image_grid, sample_images
+    from genselfdiff.nn.sampling import image_grid, sample_images
 
     def report(p):
         progress(type(p)(p.stage, p.done, p.total, p.metrics, image_grid(p.payload) if p.payload is not None else None))
@@ -65,7 +65,7 @@ def run_job(name: str, spec: dict, queue, stop_event) -> None:
     import warnings
 
     from genselfdiff.errors import UserError
-    from genselfdiff.pixelsize import PixelSizeWarning
+    from genselfdiff.io.pixelsize import PixelSizeWarning
 
     def progress(p):
         queue.put(("progress", type(p)(p.stage, p.done, p.total, dict(p.metrics), _sendable(p.payload))))

@@ -1,7 +1,7 @@
 """napari readers: slides and images as lazy multiscale Image layers, genselfdiff label
 outputs (OME-Zarr) as multiscale Labels layers, QuPath GeoJSON as Labels.
 
-Pixels come from :func:`genselfdiff.slides.open_slide` (the engine's own reader), so napari
+Pixels come from :func:`genselfdiff.io.slides.open_slide` (the engine's own reader), so napari
 shows exactly the arrays the engine segments: one dask array per pyramid level, nothing
 decoded until napari draws it, ``scale`` in µm when the file states its pixel size.
 """
@@ -30,7 +30,7 @@ def get_reader(path):
 
 
 def read(path) -> list:
-    from genselfdiff.omezarr import ome_attributes
+    from genselfdiff.io.omezarr import ome_attributes
 
     if isinstance(path, (list, tuple)):
         path = path[0]
@@ -51,7 +51,7 @@ def read(path) -> list:
 
 
 def read_image(path) -> tuple:
-    from genselfdiff.slides import open_slide
+    from genselfdiff.io.slides import open_slide
 
     slide = open_slide(path)
     mpp = slide.mpp
@@ -70,7 +70,7 @@ def read_image(path) -> tuple:
 def read_label_image(path) -> tuple:
     """An NGFF label image (a genselfdiff output or any NGFF label image) as a (multiscale)
     Labels layer with its class names and colours."""
-    from genselfdiff.labels import default_class_names, default_colors, open_label_image
+    from genselfdiff.io.labels import default_class_names, default_colors, open_label_image
 
     source = open_label_image(path)  # says in plain words when an output is unfinished
     levels = source.levels
@@ -93,7 +93,7 @@ def read_label_image(path) -> tuple:
 
 def read_objects(path, name: str) -> tuple:
     """The object ids of a segmentation output as a Labels layer (napari's own colours: one per id)."""
-    from genselfdiff.labels import open_label_image
+    from genselfdiff.io.labels import open_label_image
 
     source = open_label_image(path)
     levels = source.levels
@@ -103,7 +103,7 @@ def read_objects(path, name: str) -> tuple:
 
 
 def _label_names(labels_dir: Path) -> list:
-    from genselfdiff.omezarr import ome_attributes
+    from genselfdiff.io.omezarr import ome_attributes
 
     attrs = ome_attributes(labels_dir) or {}
     return list(attrs.get("labels", [])) or sorted(p.name for p in labels_dir.iterdir() if p.is_dir())
@@ -130,9 +130,9 @@ def read_geojson(path) -> list:
     import math
     import warnings
 
-    from genselfdiff.labels import default_colors
-    from genselfdiff.qupath import read_geojson as parse
-    from genselfdiff.rasterize import read_geojson_labels
+    from genselfdiff.io.labels import default_colors
+    from genselfdiff.io.qupath import read_geojson as parse
+    from genselfdiff.io.rasterize import read_geojson_labels
 
     if isinstance(path, (list, tuple)):
         path = path[0]
@@ -166,7 +166,7 @@ def read_geojson(path) -> list:
 
 def _sibling_slide(path: Path):
     from genselfdiff.errors import UserError
-    from genselfdiff.slides import IMAGE_SUFFIXES, image_stem, open_slide
+    from genselfdiff.io.slides import IMAGE_SUFFIXES, image_stem, open_slide
 
     for candidate in sorted(path.parent.iterdir()):
         if candidate != path and candidate.name.lower().endswith(IMAGE_SUFFIXES) and image_stem(candidate) == path.stem:

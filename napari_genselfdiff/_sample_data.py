@@ -1,6 +1,6 @@
 """File > Open Sample: H&E-like synthetic tissue and its nucleus ground truth.
 
-Generated on the fly by the engine (:func:`genselfdiff.synthetic.synthetic_tissue`), so
+Generated on the fly by the engine (:func:`genselfdiff.app.synthetic.synthetic_tissue`), so
 nothing is downloaded and no patient data ships with the package. Nuclei are 7-17 px
 across, as at 0.5 µm/px, which is the scale the layers get.
 """
@@ -15,8 +15,8 @@ CLASSES = ["background", "nucleus"]
 
 
 def make_sample(shape=SAMPLE_SHAPE, seed: int = 0) -> list:
-    from genselfdiff.labels import default_colors
-    from genselfdiff.synthetic import synthetic_tissue
+    from genselfdiff.app.synthetic import synthetic_tissue
+    from genselfdiff.io.labels import default_colors
 
     rgb, truth = synthetic_tissue(tuple(shape), seed=seed)
     scale = (SAMPLE_MPP, SAMPLE_MPP)

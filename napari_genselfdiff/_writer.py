@@ -16,7 +16,7 @@ from ._layers import META
 
 
 def _labels_and_info(data, meta: dict):
-    from genselfdiff.labels import default_class_names
+    from genselfdiff.io.labels import default_class_names
 
     labels = data[0] if meta.get("multiscale") or isinstance(data, (list, tuple)) else data
     info = dict((meta.get("metadata") or {}).get(META) or {})
@@ -29,8 +29,8 @@ def _labels_and_info(data, meta: dict):
 def write_labels_zarr(path: str, data, meta: dict) -> list:
     """An NGFF 0.5 label image at the layer's own pixel grid, in µm when the layer knows its scale,
     placed where the layer lies on its slide."""
-    from genselfdiff.labels import default_colors
-    from genselfdiff.omezarr import write_label_array
+    from genselfdiff.io.labels import default_colors
+    from genselfdiff.io.omezarr import write_label_array
 
     labels, info = _labels_and_info(data, meta)
     path = Path(path)
@@ -48,7 +48,7 @@ def write_labels_zarr(path: str, data, meta: dict) -> list:
 
 def write_labels_geojson(path: str, data, meta: dict) -> list:
     """Polygons in level-0 pixel coordinates, as QuPath expects, wherever the labels were made."""
-    from genselfdiff.qupath import export_geojson
+    from genselfdiff.io.qupath import export_geojson
 
     labels, info = _labels_and_info(data, meta)
     export_geojson(labels, path, class_names=info["label_names"], colors=info.get("label_colors"),

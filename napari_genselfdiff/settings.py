@@ -14,7 +14,7 @@ from pathlib import Path
 
 from psygnal import Signal
 
-from genselfdiff.atomic import write_text
+from genselfdiff.io.atomic import write_text
 
 ENV_DIR = "GENSELFDIFF_NAPARI_CONFIG_DIR"
 

@@ -20,7 +20,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ._jobs import run_job
@@ -193,9 +192,9 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
     @thread_worker(ignore_errors=True)  # the widget reports errors itself (errored signal)
     def work():
         from genselfdiff.errors import UserError
-        from genselfdiff.model import load_model
-        from genselfdiff.objects import object_request, objects_in_memory
-        from genselfdiff.segment import segment_tiles
+        from genselfdiff.infer.segment import segment_tiles
+        from genselfdiff.nn.model import load_model
+        from genselfdiff.objects.output import object_request, objects_in_memory
 
         model = load_model(model_path, device)
         model.require_segmentation()

@@ -12,7 +12,7 @@ MONUSEG = ROOT.parent / "shared" / "data" / "monuseg" / "train"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def paint_strokes(truth):
+def _paint_strokes(truth):
     """A few horizontal brush strokes, 3 px thick: 2 inside nuclei, 1 on clear background."""
     from scipy import ndimage as ndi
 
@@ -25,6 +25,12 @@ def paint_strokes(truth):
         sparse[band & outside] = 1
         sparse[band & inside] = 2
     return sparse
+
+
+@pytest.fixture
+def paint_strokes():
+    """``paint_strokes(truth)``: a few horizontal brush strokes (see :func:`_paint_strokes`)."""
+    return _paint_strokes
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,7 +46,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def synthetic_pair():
     """A small H&E-like image with its nucleus mask (no download)."""
-    from genselfdiff.synthetic import synthetic_tissue
+    from genselfdiff.app.synthetic import synthetic_tissue
 
     return synthetic_tissue((256, 256), seed=3, glass=0.15)
 
@@ -48,7 +54,7 @@ def synthetic_pair():
 @pytest.fixture(scope="session")
 def synthetic_slide(tmp_path_factory, synthetic_pair):
     """A pyramidal OME-TIFF of synthetic tissue, 1024 px wide, with its ground truth."""
-    from genselfdiff.synthetic import synthetic_tissue, write_pyramidal_tiff
+    from genselfdiff.app.synthetic import synthetic_tissue, write_pyramidal_tiff
 
     rgb, labels = synthetic_tissue((1024, 1024), seed=7)
     path = tmp_path_factory.mktemp("slides") / "synthetic.ome.tif"

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from skimage.io import imsave
 
-import genselfdiff.finetune as finetune_module
-from genselfdiff.cli import main
-from genselfdiff.finetune import FinetuneResult
-from genselfdiff.synthetic import synthetic_tissue
+import genselfdiff.train.finetune as finetune_module
+from genselfdiff.app.cli import main
+from genselfdiff.app.synthetic import synthetic_tissue
+from genselfdiff.train.finetune import FinetuneResult
 from napari_genselfdiff._jobs import finetune_job, pretrain_job
 
 
@@ -53,10 +53,10 @@ def test_napari_and_cli_build_the_same_finetune_call(tmp_path, captured):
 
 def test_data_workers_are_the_engines_choice(monkeypatch):
     """Neither face picks data workers: the config leaves them to the engine, whatever the device."""
-    import genselfdiff.pretrain as pretrain_module
-    from genselfdiff.commands.pretrain import build_config
-    from genselfdiff.cli import build_parser
-    from genselfdiff.trainjob import default_workers
+    import genselfdiff.train.pretrain as pretrain_module
+    from genselfdiff.app.cli import build_parser
+    from genselfdiff.app.commands.pretrain import build_config
+    from genselfdiff.train.run import default_workers
 
     args = build_parser().parse_args(["pretrain", "x", "--out", "y.pt", "--device", "cuda"])
     assert build_config(args).workers is None

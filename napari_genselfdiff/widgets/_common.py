@@ -4,11 +4,21 @@ results and errors are told to the user."""
 
 from __future__ import annotations
 
-from genselfdiff.config import PRESET_CHOICES  # no torch: napari still starts fast
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
-    QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
 )
+
+from genselfdiff.nn.config import PRESET_CHOICES  # no torch: napari still starts fast
 
 from ..settings import settings
 from ..workers import JobRunner, ProgressView
@@ -67,7 +77,7 @@ class DeviceBox(QComboBox):
 
     def showPopup(self):
         if not self._filled:
-            from genselfdiff.model import available_devices
+            from genselfdiff.nn.model import available_devices
 
             current = self.currentText()
             self.blockSignals(True)
@@ -145,7 +155,7 @@ class PixelSizeEdit(QLineEdit):
 
     def value(self, where: str):
         """The µm/px as a float, or None; a bad entry raises the engine's UserError naming ``where``."""
-        from genselfdiff.pixelsize import check_pixel_size
+        from genselfdiff.io.pixelsize import check_pixel_size
 
         return check_pixel_size(self.text().strip() or None, where)
 

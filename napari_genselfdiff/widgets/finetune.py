@@ -15,11 +15,22 @@ from pathlib import Path
 
 from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout
 
-from .. import _layers
-from ..settings import settings
 from genselfdiff.errors import UserError
 
-from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, LayerBox, PathEdit, PixelSizeEdit, TrainingPlot, tell, tell_error
+from .. import _layers
+from ..settings import settings
+from ._common import (
+    PRESETS,
+    BudgetEdit,
+    DeviceBox,
+    JobWidget,
+    LayerBox,
+    PathEdit,
+    PixelSizeEdit,
+    TrainingPlot,
+    tell,
+    tell_error,
+)
 
 SPARSE, DENSE = "scribbles (0 = unpainted, 1 = background, 2 = first class…)", "complete masks (0 = background)"
 
@@ -148,7 +159,7 @@ class FinetuneWidget(JobWidget):
             settings.changed.disconnect(self._on_setting)
 
     def new_annotation_layer(self):
-        from genselfdiff.model import default_colors
+        from genselfdiff.nn.model import default_colors
 
         image = self.image.layer()
         if image is None:
@@ -189,7 +200,7 @@ class FinetuneWidget(JobWidget):
     def preview_region(self, level: int):
         """The pixels to show the model's prediction on: the part of the image in view (or, zoomed
         far out, around the strokes), read at the training level; None when there are none."""
-        from genselfdiff.finetune import PREVIEW_MAX_SIDE
+        from genselfdiff.train.finetune import PREVIEW_MAX_SIDE
 
         image, labels = self.image.layer(), self.labels.layer()
         box = _layers.preview_box(_layers.visible_box(self.viewer, image, level),

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout
 
-from ..settings import settings
 from genselfdiff.errors import UserError
 
+from ..settings import settings
 from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, PathEdit, PixelSizeEdit, TrainingPlot, tell, tell_error
 
 SAMPLING_STEPS = 50  # a strided reverse process: a quick look, not the full 1000 steps

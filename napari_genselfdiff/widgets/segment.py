@@ -11,9 +11,10 @@ import logging
 import time
 from pathlib import Path
 
-from genselfdiff.progress import Progress
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
 from superqt import QCollapsible
+
+from genselfdiff.progress import Progress
 
 from .. import _layers
 from ..settings import settings
@@ -126,7 +127,7 @@ class SegmentWidget(QWidget):
                 self.viewer.layers.selection.events.active.disconnect(self._show_pixel_size)
 
     def items(self) -> list:
-        from genselfdiff.slides import as_slide, with_pixel_size
+        from genselfdiff.io.slides import as_slide, with_pixel_size
 
         items = []
         for layer in self.image_layers():

@@ -18,18 +18,18 @@ from .progress import Progress
 
 # Heavy modules (torch, dask) load on first use, so ``import genselfdiff`` stays cheap.
 _LAZY = {
-    "load_model": ".model",
-    "Model": ".model",
-    "open_slide": ".slides",
-    "Slide": ".slides",
-    "PretrainConfig": ".config",
-    "pretrain": ".pretrain",
-    "sample_images": ".sampling",
-    "FinetuneConfig": ".finetune",
-    "finetune": ".finetune",
-    "segment": ".segment",
-    "segment_tiles": ".segment",
-    "evaluate": ".evaluate",
+    "load_model": ".nn.model",
+    "Model": ".nn.model",
+    "open_slide": ".io.slides",
+    "Slide": ".io.slides",
+    "PretrainConfig": ".train.config",
+    "pretrain": ".train.pretrain",
+    "sample_images": ".nn.sampling",
+    "FinetuneConfig": ".train.finetune",
+    "finetune": ".train.finetune",
+    "segment": ".infer.segment",
+    "segment_tiles": ".infer.segment",
+    "evaluate": ".eval.evaluate",
 }
 
 __all__ = ["__version__", "UserError", "Progress", *_LAZY]

@@ -1,0 +1,168 @@
+"""``genselfdiff finetune``: train a segmentation model from images and their masks or GeoJSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+ORDER = 20
+
+
+def register(sub) -> None:
+    from ..cli import add_device_argument, add_pixel_size_arguments
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune a (pretrained) diffusion U-Net for segmentation from masks or scribbles",
+        description="Fine-tune the whole diffusion U-Net with a new output head (t = 0) on labelled images, "
+                    "with the paper's structural-similarity + focal loss. Masks are matched to images by file "
+                    "stem (a.svs <- a.png, a_mask.tif, a_labels.png, ...). Dense masks: 0 = background, "
+                    "1..K = classes. --sparse scribbles: 0 = unlabelled (ignored), 1 = background, 2.. = classes. "
+                    "Without --model the preset's network starts from random weights (the supervised baseline). "
+                    "Ctrl-C stops after the current step and keeps a valid checkpoint.")
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
+    ann = p.add_mutually_exclusive_group(required=True)
+    ann.add_argument("--masks", nargs="+", metavar="PATH", help="mask images (files or folders), matched by stem")
+    ann.add_argument("--annotations", nargs="+", metavar="FILE.geojson",
+                     help="QuPath GeoJSON exports (files or a folder), one per image, matched by stem")
+    p.add_argument("--out", required=True, metavar="MODEL.pt", help="segmentation checkpoint to write")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--model", metavar="PRETRAINED.pt", help="pretrained (or segmentation) checkpoint to start from")
+    start.add_argument("--preset", choices=["auto", "tiny", "small", "paper"], default="auto",
+                       help="network for random initialisation; auto: paper on CUDA, the CPU's best by measurement "
+                            "otherwise (default: auto; with --model: the model's)")
+    p.add_argument("--sparse", action="store_true", help="labels are scribbles: 0 unlabelled, k = class k-1")
+    cls = p.add_mutually_exclusive_group()
+    cls.add_argument("--classes", type=int, metavar="N", help="number of classes including background")
+    cls.add_argument("--class-names", metavar="A,B,...", help="class names, background first")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, metavar="N",
+                        help="default, none given: 50 epochs and at least 2500 steps; strokes (--sparse): 1000 steps")
+    budget.add_argument("--steps", type=int, metavar="N")
+    budget.add_argument("--minutes", type=float, metavar="M")
+    p.add_argument("--patch", type=int, help="patch side in pixels (default: the preset's)")
+    p.add_argument("--batch", type=int, help="patches per step (default: the preset's)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default: 3e-4 from a trained model, 1e-3 from "
+                                             "scratch; 1e-4 for the paper network and the official recipe)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                   help="constant (the paper's; default for masks) or cosine: decay to 0 over the budget "
+                        "(default for strokes, which keep their last network)")
+    p.add_argument("--recipe", choices=["default", "official"], default="default",
+                   help="official: the official code's fresh final block and head, [0, 1] inputs, initialisation, "
+                        "augmentations, loss, fp32 and 150 epochs keeping the best validation loss "
+                        "(default: %(default)s)")
+    p.add_argument("--loss", choices=["paper", "official", "ce", "dice", "dice_ce"],
+                   help="dice_ce = soft Dice + cross-entropy (default); paper = structural similarity + focal; "
+                        "official = the same with the official code's batch-mean cross-entropy")
+    p.add_argument("--steps-per-epoch", type=int, metavar="N", help="default: about one pass over the annotated tiles")
+    p.add_argument("--val-fraction", type=float, metavar="F", help="share of annotated tiles held out (default 0.1)")
+    p.add_argument("--patience", type=int, metavar="N", help="epochs without a better validation Dice before stopping (default 10, never before step 2500; masks only: "
+                        "a run on strokes keeps its latest network and uses its whole budget)")
+    res = p.add_mutually_exclusive_group()
+    res.add_argument("--level", type=int, metavar="N",
+                     help="pyramid level to train at (default: 0.5 µm/px where the pixel size is known, else level 0)")
+    res.add_argument("--mpp", type=float, metavar="UM", help="train at this many µm per pixel")
+    add_pixel_size_arguments(p)
+    p.add_argument("--no-augment", action="store_true", help="switch off flips, rotations, blur, colour, stain (HED) and elastic")
+    p.add_argument("--workers", type=int, help="threads preparing batches (default 0)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast on CUDA and on CPUs with native bf16; --no-amp keeps fp32 (default on)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    add_device_argument(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ...errors import UserError
+    from ...io.pixelsize import Resolution
+    from ...io.rasterize import training_labels
+    from ...train.annotations import image_paths, match_by_stem
+    from ...train.augment import Augment
+    from ...train.finetune import FinetuneConfig, finetune
+    from ..cli import ProgressBar, StopOnInterrupt
+
+    images = image_paths(args.images)
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    if names is not None and (len(names) < 2 or not all(names)):
+        raise UserError("--class-names needs at least two non-empty names, background first (e.g. background,nucleus).")
+    resolution = Resolution(level=args.level or 0, mpp=args.mpp) if args.level is not None or args.mpp else None
+    if args.masks:
+        pairs, unmatched, unused = match_by_stem(images, args.masks)
+        kind = "mask"
+    else:
+        pairs, unmatched, unused = match_by_stem(images, args.annotations, suffixes=(".geojson", ".json"))
+        kind = "GeoJSON file"
+    _report_matching(pairs, unmatched, unused, kind)
+    if not pairs:
+        raise UserError(f"No {kind} matches any of the {len(images)} image(s) by file name; name them after their "
+                        "images (a.svs -> a.png or a_mask.png).")
+    colors = None
+    if args.annotations:
+        labels, names, colors, warns = training_labels(pairs, resolution, names, sparse=args.sparse,
+                                                        pixel_size=args.pixel_size,
+                                                        override_pixel_size=args.override_pixel_size)
+        for w in warns:
+            print(f"warning: {w}", file=sys.stderr)
+    else:
+        labels = [m for _, m in pairs]
+
+    overrides = dict(patch=args.patch, batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule,
+                     loss=args.loss, epochs=args.epochs,
+                     steps=args.steps, minutes=args.minutes, steps_per_epoch=args.steps_per_epoch,
+                     val_fraction=args.val_fraction, patience=args.patience, classes=args.classes,
+                     class_names=names, colors=colors, workers=args.workers, amp=args.amp, seed=args.seed, sparse=args.sparse,
+                     resolution=resolution, recipe=args.recipe)
+    if args.no_augment:
+        overrides["augment"] = Augment.off()
+    cfg = FinetuneConfig.from_preset(args.preset, **overrides)
+    network = "the network auto chooses for this device" if args.preset == "auto" else f"the {args.preset} network"
+    print(f"Fine-tuning {'from ' + args.model if args.model else network + ' from random weights'} "
+          f"on {len(pairs)} image(s), {'sparse' if cfg.sparse else 'dense'} labels, loss {cfg.loss}.", file=sys.stderr)
+    with StopOnInterrupt() as stop, ProgressBar() as bar:
+        result = finetune([i for i, _ in pairs], labels, args.out, cfg, pretrained=args.model, device=args.device,
+                          progress=_EpochPrinter(bar), should_stop=stop, resume=args.resume,
+                          pixel_size=args.pixel_size, override_pixel_size=args.override_pixel_size)
+    _summary(result)
+    return 0
+
+
+class _EpochPrinter:
+    """The progress bar, plus one line per epoch with the per-class validation Dice."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, p) -> None:
+        self.bar(p)
+        if isinstance(p.payload, dict) and "epoch" in p.payload:
+            from tqdm import tqdm
+
+            d = p.payload
+            per = ", ".join(f"{n} {_f(v)}" for n, v in zip(d["classes"], d["per_class_dice"]))
+            tqdm.write(f"epoch {d['epoch']:3d}  step {p.done:6d}  loss {p.metrics.get('loss', float('nan')):.4f}  "
+                       f"val Dice {_f(d['val_dice'])}{' (best)' if d['improved'] else ''}  [{per}]", file=sys.stderr)
+
+
+def _f(v) -> str:
+    return "  n/a" if v != v else f"{v:.3f}"
+
+
+def _report_matching(pairs, unmatched, unused, kind: str) -> None:
+    if unmatched:
+        shown = ", ".join(p.name for p in unmatched[:10]) + (f" and {len(unmatched) - 10} more" if len(unmatched) > 10 else "")
+        print(f"warning: {len(unmatched)} image(s) have no {kind} and are left out: {shown} "
+              f"({kind}s are matched by file stem, e.g. a.svs <- a.png or a_mask.png).", file=sys.stderr)
+    if unused:
+        shown = ", ".join(p.name for p in unused[:10]) + (f" and {len(unused) - 10} more" if len(unused) > 10 else "")
+        print(f"note: {len(unused)} {kind}(s) match no image: {shown}.", file=sys.stderr)
+
+
+
+
+def _summary(result) -> None:
+    what = "stopped by request" if result.stopped else ("stopped early (no improvement)" if result.early_stopped else "finished")
+    print(f"\nFine-tuning {what} after {result.steps} steps in {result.seconds / 60:.1f} min.", file=sys.stderr)
+    print(f"Best validation Dice {_f(result.best_dice)} at step {result.best_step}:", file=sys.stderr)
+    for name, v in zip(result.classes, result.per_class_dice):
+        print(f"  {name:<24} {_f(v)}", file=sys.stderr)
+    print(f"Model: {result.path}")

@@ -1,0 +1,177 @@
+"""Segmentation on a dask.distributed cluster: one task per missing output chunk.
+
+Each task opens the slide and loads the model itself (a worker keeps the last few of
+each, bounded, so a long-lived worker serving many runs does not grow), runs the chunk
+through :func:`pipeline.run_units` and writes it; zarr 3 has no locks, and one writer
+per chunk is what makes that safe. The client keeps a bounded window of tasks in flight,
+so stopping cancels little.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from ..errors import UserError
+from ..io.omezarr import LabelImage
+from ..progress import Progress, drain, resolve
+from .pipeline import STAGE, run_units
+from .plan import Plan, make_plan
+
+MODELS_KEPT = 2  # models a worker keeps loaded (a GPU holds a few, not one per run ever seen)
+PLANS_KEPT = 8  # opened slides with their tissue maps
+COUNTS = ("done", "skipped", "pixels", "written")
+
+
+class _Recent:
+    """A small least-recently-used cache, safe across a worker's threads."""
+
+    def __init__(self, size: int):
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key, make):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+            value = self.items[key] = make()
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+            return value
+
+
+_MODELS = _Recent(MODELS_KEPT)
+_PLANS = _Recent(PLANS_KEPT)
+
+
+def model_payload(model) -> dict:
+    """What a worker needs to rebuild an in-memory model (when it has no checkpoint file)."""
+    return {"net": model.net_config.to_dict(), "state_dict": {k: v.cpu() for k, v in model.net.state_dict().items()},
+            "classes": list(model.classes), "colors": list(model.colors), "resolution": model.resolution.to_dict(),
+            "patch": model.patch}
+
+
+def _source_key(source):
+    return source if isinstance(source, str) else id(source)
+
+
+def _load(source, device: str):
+    from ..nn.model import Model, load_model, pick_device
+
+    if isinstance(source, str):
+        return load_model(source, device)
+    from ..io.pixelsize import Resolution
+    from ..nn.config import NetConfig
+    from ..nn.unet import UNet, to_segmentation
+
+    cfg = NetConfig.from_dict(source["net"])
+    net = to_segmentation(UNet(NetConfig.from_dict({**cfg.to_dict(), "out_channels": 3})), cfg.out_channels)
+    net.load_state_dict(source["state_dict"])
+    dev = pick_device(device)
+    return Model(net=net.to(dev).eval(), kind="segmentation", net_config=net.unet.cfg, device=dev,
+                 classes=source["classes"], colors=source["colors"], resolution=Resolution(**source["resolution"]),
+                 patch=source["patch"])
+
+
+def worker_model(source, device: str, amp: bool = True):
+    """The model named by a checkpoint path or a payload, loaded once per worker while it is recent."""
+    model = _MODELS.get((_source_key(source), device), lambda: _load(source, device))
+    model.amp = amp
+    return model
+
+
+def worker_plan(spec: dict, model, model_key) -> Plan:
+    """Open the slide on the worker (tifffile's zarr store cannot be pickled) and plan it once;
+    ``spec["mpp"]``: the level-0 µm/px the client settled on."""
+    from ..io.slides import open_slide
+
+    def make():
+        slide = open_slide(spec["image"])
+        slide.mpp = spec["mpp"] if spec.get("mpp") is not None else slide.mpp
+        return make_plan(model, slide, tile=spec["tile"], overlap=spec["overlap"],
+                         skip_background=spec["skip_background"], chunk=spec["chunk"])
+
+    key = (spec["image"], model_key, spec["tile"], spec["overlap"], spec["skip_background"], spec["chunk"],
+           spec.get("mpp"))
+    return _PLANS.get(key, make)
+
+
+def segment_chunk(spec: dict, index: tuple, model_source) -> dict:
+    """A dask task: compute and write one output chunk. Runs on a worker; returns counts."""
+    model = worker_model(model_source, spec["device"], spec["amp"])
+    plan = worker_plan(spec, model, (_source_key(model_source), spec["device"]))
+    units = [u for u in plan.units() if u[0] == tuple(index)]
+    tiles = run_units(model, plan, units, LabelImage.open(spec["out"]), batch=spec["batch"],
+                      probabilities=spec["probabilities"], tta=spec["tta"])
+    state = drain(tiles)
+    return {k: state.get(k, 0) for k in COUNTS}
+
+
+def _client(scheduler):
+    from distributed import Client
+
+    if isinstance(scheduler, Client):
+        return scheduler, False
+    try:
+        return Client(scheduler, timeout="20s"), True
+    except (OSError, TimeoutError) as e:
+        raise UserError(f"Cannot reach the dask scheduler at {scheduler} ({e}); start it or check the address.") from None
+
+
+def run_on_cluster(model, slide, plan: Plan, image: LabelImage, todo: list, scheduler, *, batch, probabilities,
+                   tta, skip_background, progress=None, should_stop=None, device: str = "auto") -> dict:
+    """Run the missing chunks ``todo`` as tasks on a dask cluster; returns the run's counts.
+
+    Progress is reported per chunk (no tiles come back to the client)."""
+    from distributed import as_completed
+
+    progress, should_stop = resolve(progress, should_stop)
+    if not slide.path.exists():
+        raise UserError("Segmenting on a dask cluster needs an image file that the workers can open.")
+    client, own = _client(scheduler)
+    state = dict(done=0, skipped=0, pixels=0, written=0, stopped=False)
+    total = sum(len(plan.tiles(rect)) for _, _, rect in todo)
+    state["total"] = total
+    t0 = time.perf_counter()
+    try:
+        if model.path is not None and Path(model.path).is_file():
+            source = str(Path(model.path).resolve())
+        else:
+            [source] = client.scatter([model_payload(model)], broadcast=True)
+        spec = {"image": str(slide.path.resolve()), "out": str(image.path.resolve()), "tile": plan.tile,
+                "overlap": plan.overlap, "chunk": plan.chunk, "skip_background": skip_background, "batch": batch,
+                "probabilities": probabilities, "tta": tta, "amp": model.amp, "device": device, "mpp": slide.mpp}
+        window = max(2, 2 * len(client.scheduler_info().get("workers", {})))
+        pending = iter(todo)
+        ac = as_completed()
+        for u in _take(pending, window):
+            ac.add(client.submit(segment_chunk, spec, u[0], source, pure=False))
+        for fut in ac:
+            counts = fut.result()
+            for k in COUNTS:
+                state[k] += counts[k]
+            progress(Progress(STAGE, state["done"], total,
+                              {"Mpx/s": state["pixels"] / max(time.perf_counter() - t0, 1e-9) / 1e6}))
+            if should_stop():
+                state["stopped"] = True
+                for other in list(ac.futures):
+                    other.cancel()
+                break
+            for u in _take(pending, 1):
+                ac.add(client.submit(segment_chunk, spec, u[0], source, pure=False))
+    finally:
+        if own:
+            client.close()
+    return state
+
+
+def _take(it, n):
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out

@@ -1,0 +1,360 @@
+"""The segmentation pipeline: three stages at once, so that reading and writing hide behind the network.
+
+    reader thread    decodes the next unit's window once, cuts tiles, skips glass,
+                     stacks batches (in pinned memory on CUDA)
+    this thread      runs the network (bf16 autocast where it pays: model.amp_enabled),
+                     optionally over the four flips of each tile (``tta``), keeps each tile's core
+    writer thread    upsamples a finished unit to level 0 and writes its chunks (:mod:`omezarr`)
+
+A *unit* is one level-0 output chunk and the tiles that cover it (:mod:`plan`). Memory
+stays flat: at most a few units are alive at once, whatever the slide size.
+:func:`run_units` is the one entry: a generator of finished tiles that writes each unit
+when its last tile is done.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+from ..io.omezarr import LabelImage
+from ..progress import Progress, resolve
+from . import tiling
+from .plan import LOCAL, Plan, reading
+
+STAGE = "segment"
+
+
+@dataclass
+class TileResult:
+    """One finished tile: class ids of its core, in processing-level pixels."""
+
+    y: int  # top-left of the core, processing level
+    x: int
+    labels: np.ndarray  # uint8 (h, w) class ids of the core
+    level: int  # pyramid level the model ran on
+    downsample: float  # processing level -> level 0
+    done: int  # tiles finished so far in this run
+    total: int  # tiles this run will compute
+    probabilities: Optional[np.ndarray] = None  # float32 (classes, h, w) when asked for
+    skipped: bool = False  # no tissue: labels are background without running the network
+    chunk: tuple = ()  # level-0 output chunk (row, col) the tile belongs to
+    chunk_done: bool = False  # the last tile of its chunk
+
+
+
+@dataclass
+class Unit:
+    index: tuple
+    rect0: tuple
+    rect: tuple
+    tiles: list
+    pending: int = 0
+
+
+_END = object()
+
+
+def crop(region: np.ndarray, origin: tuple, window: tuple, shape: tuple) -> np.ndarray:
+    """The window out of a read region, reflect-padded where it leaves an image smaller than a tile."""
+    h, w = shape
+    y0, x0, y1, x1 = window
+    part = region[y0 - origin[0] : min(y1, h) - origin[0], x0 - origin[1] : min(x1, w) - origin[1]]
+    pad_y, pad_x = y1 - min(y1, h), x1 - min(x1, w)
+    if pad_y or pad_x:
+        mode = "reflect" if min(part.shape[:2]) > 1 else "edge"
+        part = np.pad(part, ((0, pad_y), (0, pad_x), (0, 0)), mode=mode)
+    return part
+
+
+class Reader(threading.Thread):
+    """Reads units ahead of the network: ("unit", Unit) then ("batch", [(unit, tile)], array) items."""
+
+    def __init__(self, plan: Plan, units: list, region, batch: int, pin: bool, depth: int = 3):
+        super().__init__(daemon=True, name="genselfdiff-reader")
+        self.plan, self.units, self.region, self.batch, self.pin = plan, units, region, batch, pin
+        self.queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+
+    def put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run(self):
+        try:
+            self._run()
+        except BaseException as e:  # handed to the consuming thread, which raises it
+            self.put(("error", e))
+        else:
+            self.put(_END)
+
+    def _run(self):
+        plan, pending = self.plan, []
+        for index, rect0, rect in self.units:
+            tiles = plan.tiles(rect, self.region)
+            if not tiles:
+                continue
+            unit = Unit(index, rect0, rect, tiles, len(tiles))
+            flags = [plan.has_tissue(t) for t in tiles]
+            live = [t for t, f in zip(tiles, flags) if f]
+            if not self.put(("unit", unit, [t for t, f in zip(tiles, flags) if not f])):
+                return
+            if not live:
+                continue
+            # One read per unit: the union of its windows (inside the image).
+            h, w = plan.shape
+            y0, x0 = min(t.window[0] for t in live), min(t.window[1] for t in live)
+            y1, x1 = min(max(t.window[2] for t in live), h), min(max(t.window[3] for t in live), w)
+            region = self._read(y0, x0, y1, x1)
+            for t in live:
+                pending.append((unit, t, crop(region, (y0, x0), t.window, plan.shape)))
+                if len(pending) == self.batch:
+                    if not self.put(self._pack(pending)):
+                        return
+                    pending = []
+        if pending:
+            self.put(self._pack(pending))
+
+    def _read(self, y0, x0, y1, x1) -> np.ndarray:
+        with reading(self.plan.slide, f"level {self.plan.level} near pixel ({y0}, {x0})"):
+            return np.asarray(self.plan.array[y0:y1, x0:x1].compute(**LOCAL))
+
+    def _pack(self, items):
+        import torch
+
+        x = torch.from_numpy(np.stack([a for _, _, a in items]))
+        if self.pin:
+            x = x.pin_memory()
+        return ("batch", [(u, t) for u, t, _ in items], x)
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is _END:
+                return
+            if item[0] == "error":
+                raise item[1]
+            yield item
+
+    def close(self):
+        self.stop.set()
+        while True:  # unblock a reader waiting on a full queue
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        self.join(timeout=10)
+
+
+class Predictor:
+    """Runs batches on the model's device; on CUDA one batch stays in flight while the last is unpacked."""
+
+    def __init__(self, model, probabilities: bool, tta: bool = False):
+        import torch
+
+        self.torch = torch
+        self.net = model.require_segmentation()
+        self.device = model.device
+        self.normalization = getattr(model, "normalization", "[-1, 1]")
+        self.amp = model.amp
+        self.probabilities = probabilities
+        self.tta = tta
+        self.cuda = self.device.type == "cuda"
+
+    def launch(self, x):
+        from ..nn.model import class_probabilities, to_input
+
+        torch = self.torch
+        with torch.inference_mode():
+            # to_input is the one normalisation; .numpy() of a pinned tensor keeps its pinned memory.
+            inp = to_input(x.numpy(), self.device, self.normalization)
+            probs = class_probabilities(self.net, inp, amp=self.amp, tta=self.tta)
+            labels = probs.argmax(1).to(torch.uint8)
+            probs = probs if self.probabilities else None
+            if self.cuda:
+                labels = labels.to("cpu", non_blocking=True)
+                probs = probs.to("cpu", non_blocking=True) if probs is not None else None
+                event = torch.cuda.Event()
+                event.record()
+                # ``x`` travels with the result: its pinned memory must outlive the async copy.
+                return labels, probs, event, x
+        return labels.cpu(), (probs.cpu() if probs is not None else None), None, x  # CPU: no-ops; MPS: copies
+
+    @staticmethod
+    def collect(launched):
+        labels, probs, event, _ = launched
+        if event is not None:
+            event.synchronize()
+        return labels.numpy(), (probs.numpy() if probs is not None else None)
+
+
+def stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, tta: bool = False, region=None,
+           progress=None, should_stop=None, state=None) -> Iterator[TileResult]:
+    """Every tile of ``units`` as a :class:`TileResult`, in an order where each unit's last tile says so."""
+    progress, should_stop = resolve(progress, should_stop)
+    state = state if state is not None else {}
+    total = sum(len(plan.tiles(rect, region)) for _, _, rect in units)
+    state.update(done=0, skipped=0, pixels=0, stopped=False, total=total)
+    predictor = Predictor(model, probabilities, tta)
+    reader = Reader(plan, units, region, batch, pin=predictor.cuda)
+    n_classes = predictor.net.classes
+    t0 = time.perf_counter()
+    level, ds = plan.level, plan.downsample
+
+    def result(unit, t, labels, probs, skipped):
+        unit.pending -= 1
+        state["done"] += 1
+        state["skipped"] += skipped
+        state["pixels"] += labels.size
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        r = TileResult(t.core[0], t.core[1], labels, level, ds, state["done"], total, probs, skipped,
+                       unit.index, unit.pending == 0)
+        progress(Progress(STAGE, state["done"], total, {"Mpx/s": state["pixels"] / elapsed / 1e6}, r))
+        return r
+
+    def background(t):
+        h, w = t.core[2] - t.core[0], t.core[3] - t.core[1]
+        probs = None
+        if probabilities:
+            probs = np.zeros((n_classes, h, w), np.float32)
+            probs[0] = 1.0
+        return np.zeros((h, w), np.uint8), probs
+
+    def unpack(launched, members):
+        labels, probs = predictor.collect(launched)
+        for b, (unit, t) in enumerate(members):
+            oy, ox = t.offset
+            h, w = t.core[2] - t.core[0], t.core[3] - t.core[1]
+            p = probs[b, :, oy : oy + h, ox : ox + w] if probs is not None else None
+            yield result(unit, t, labels[b, oy : oy + h, ox : ox + w], p, False)
+
+    reader.start()
+    in_flight = None
+    try:
+        for item in reader:
+            if should_stop():
+                state["stopped"] = True
+                return
+            if item[0] == "unit":
+                _, unit, skipped = item
+                for t in skipped:
+                    labels, probs = background(t)
+                    yield result(unit, t, labels, probs, True)
+                continue
+            _, members, x = item
+            launched = (predictor.launch(x), members)
+            if in_flight is not None:
+                yield from unpack(*in_flight)
+            in_flight = launched
+        if in_flight is not None:
+            yield from unpack(*in_flight)
+            in_flight = None
+        if should_stop() and state["done"] < total:
+            state["stopped"] = True
+    finally:
+        reader.close()
+        state["seconds"] = time.perf_counter() - t0
+
+
+
+def level0(plan: Plan, unit: Unit, labels: np.ndarray, probs: Optional[np.ndarray]):
+    """A unit's processing-level buffers -> its level-0 chunk (nearest neighbour)."""
+    (H, W), (h, w) = plan.shape0, plan.shape
+    y0, x0, y1, x1 = unit.rect0
+    if (H, W) == (h, w):
+        return labels, probs
+    rows = tiling.nearest_index(np.arange(y0, y1), H, h) - unit.rect[0]
+    cols = tiling.nearest_index(np.arange(x0, x1), W, w) - unit.rect[1]
+    lab = labels[rows][:, cols]
+    return lab, (probs[:, rows][:, :, cols] if probs is not None else None)
+
+
+class Writer(threading.Thread):
+    """Writes finished units to the label image in the background, in order."""
+
+    def __init__(self, image: LabelImage, plan: Plan, depth: int = 2):
+        super().__init__(daemon=True, name="genselfdiff-writer")
+        self.image, self.plan = image, plan
+        self.queue = queue.Queue(maxsize=depth)
+        self.error = None
+        self.written = 0
+
+    def run(self):
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                unit, labels, probs, empty = job
+                lab0, probs0 = level0(self.plan, unit, labels, probs)
+                self.image.write(unit.index, lab0, probs0, empty=empty and probs is None)
+                self.written += 1
+            except BaseException as e:
+                self.error = e
+
+    def submit(self, job):
+        if self.error is not None:
+            raise self.error
+        self.queue.put(job)
+
+    def finish(self):
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def run_units(model, plan: Plan, units: list, image: Optional[LabelImage] = None, *, batch: int,
+              probabilities: bool, tta: bool = False, region=None, progress=None, should_stop=None) -> Iterator[TileResult]:
+    """Yield every finished tile of ``units``; with ``image``, write each unit's chunk when its last tile is done.
+
+    Returns (as a generator's value) the run's counts: ``done``, ``skipped``, ``pixels``,
+    ``total``, ``written`` (chunks), ``stopped``, ``seconds``.
+    """
+    state = {"written": 0}
+    writer = Writer(image, plan) if image is not None else None
+    by_index = {u[0]: u for u in units}
+    buffers = {}  # unit index -> [labels, probabilities, all skipped] at the processing level
+    if writer:
+        writer.start()
+    try:
+        for r in stream(model, plan, units, batch=batch, probabilities=probabilities, tta=tta, region=region,
+                        progress=progress, should_stop=should_stop, state=state):
+            if writer:
+                _collect(r, by_index[r.chunk], buffers, writer, probabilities)
+            yield r
+    finally:
+        if writer:
+            writer.finish()
+            state["written"] = writer.written
+    return state
+
+
+def _collect(r: TileResult, unit: tuple, buffers: dict, writer: Writer, probabilities: bool) -> None:
+    """Put a tile into its unit's buffers; hand the unit to the writer when it is complete."""
+    h, w = r.labels.shape
+    uy0, ux0, uy1, ux1 = unit[2]
+    if r.chunk not in buffers:
+        probs = np.zeros((r.probabilities.shape[0], uy1 - uy0, ux1 - ux0), np.float32) if probabilities else None
+        buffers[r.chunk] = [np.zeros((uy1 - uy0, ux1 - ux0), np.uint8), probs, True]
+    buf = buffers[r.chunk]
+    oy, ox = r.y - uy0, r.x - ux0
+    buf[0][oy : oy + h, ox : ox + w] = r.labels
+    if probabilities:
+        buf[1][:, oy : oy + h, ox : ox + w] = r.probabilities
+    buf[2] = buf[2] and r.skipped
+    if r.chunk_done:
+        labels, probs, empty = buffers.pop(r.chunk)
+        writer.submit((Unit(unit[0], unit[1], unit[2], []), labels, probs, empty))

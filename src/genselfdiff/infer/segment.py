@@ -1,0 +1,265 @@
+"""Whole-slide segmentation: the public API.
+
+The slide is read at the level the model was trained at and cut into work units (one
+per level-0 output chunk) and tiles with a halo (:mod:`plan`, :mod:`tiling`); the tiles
+run through a read-ahead / predict / write pipeline (:mod:`pipeline`) or, with
+``scheduler``, as chunk tasks on a dask.distributed cluster (:mod:`distributed_segment`).
+
+A segmentation has one shape: :func:`segment_tiles` is a generator that yields each
+finished tile (for live views and progress) and returns the :class:`SegmentResult`;
+:func:`segment` drains it. :func:`segment_batch` segments many images (errors per image)
+and :func:`load_labels` reads an output back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Generator, Optional
+
+import numpy as np
+
+from ..errors import UserError
+from ..io.labels import load_labels  # noqa: F401  (re-exported: the public way to read an output back)
+from ..io.omezarr import LabelImage, pyramid_levels
+from ..io.outputs import png_path, zarr_path
+from ..io.slides import as_slide  # noqa: F401  (re-exported: images of every kind become Slides)
+from ..progress import drain, resolve
+from .pipeline import STAGE, TileResult, run_units
+from .plan import LOCAL, Plan, default_overlap, default_tile, input_slide, make_plan  # noqa: F401  (re-exported)
+
+PNG_MAX_PIXELS = 100_000_000  # --png is skipped above this many level-0 pixels
+
+
+@dataclass
+class SegmentResult:
+    """What :func:`segment` produced.
+
+    ``labels`` is, with ``out``, a dask array over the written level-0 class ids (the
+    source's level-0 shape); without ``out``, a numpy array at the processing level
+    (the whole image in memory, for small images and tests).
+    """
+
+    labels: object
+    path: Optional[Path]
+    shape: tuple  # shape of ``labels``
+    tiles: int  # tiles computed in this run (network or skipped)
+    skipped_tiles: int  # of which without tissue
+    seconds: float
+    mpx_per_s: float  # processing-level megapixels finished per second in this run
+    stopped: bool = False
+    chunks_computed: int = 0  # output chunks written in this run
+    chunks_resumed: int = 0  # output chunks found finished by an earlier run
+    level: int = 0
+    downsample: float = 1.0
+    png: Optional[Path] = None
+    notes: list = field(default_factory=list)
+    mpp: Optional[float] = None  # µm/px at the processing level, when known
+    objects: object = None  # objects.ObjectResult when asked for instances
+
+
+def segment_tiles(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, skip_background: bool = True,
+                  region=None, region0=None, probabilities: bool = False, tta: bool = False, png: bool = False,
+                  chunk=None, progress=None, should_stop=None, scheduler=None, worker_device: str = "auto",
+                  pixel_size=None, override_pixel_size: bool = False, instances: bool = False,
+                  instances_of=None) -> Generator[TileResult, None, SegmentResult]:
+    """Segment one image at the model's resolution, yielding each tile as it finishes; returns a :class:`SegmentResult`.
+
+    With ``out`` (a ``.ome.zarr`` path) the result is written there as an NGFF 0.5 label
+    image of the source's level-0 shape; rerunning the same call after an interruption
+    computes (and yields) only the missing chunks. ``png`` also writes ``out`` with ``.png``
+    (level-0 class ids) when the image has at most ``PNG_MAX_PIXELS``. Without ``out`` the
+    tiles are the result (the returned ``labels`` is None); ``region`` (y0, x0, y1, x1) in
+    processing-level pixels, or ``region0`` in level-0 pixels, then limits the work to the
+    tiles whose cores meet it (e.g. the part of the slide on screen). ``scheduler`` (an
+    address or a ``distributed.Client``) runs the chunks on a dask cluster, which yields no
+    tiles (progress comes per chunk); it needs ``out`` and an image path. ``tta`` averages
+    each tile's class probabilities over its four flips (:data:`~genselfdiff.nn.model.FLIPS`;
+    4x the compute); ``probabilities`` also keeps them (in each tile, and with ``out`` in
+    the output). Tiles come unit by unit, row by row. Stops cleanly, keeping finished
+    chunks, when ``should_stop()`` is True. ``pixel_size``: the level-0 µm/px of the image
+    (see :func:`genselfdiff.io.slides.open_slide`); an image whose size differs from the
+    model's is resampled to it, and the labels still have the image's own level-0 shape.
+    With ``out``, ``instances`` (or ``instances_of``, class names) also splits the classes into
+    objects once the labels are written (:mod:`genselfdiff.objects.output`): ``result.objects``.
+    """
+    from ..objects.output import add_objects, object_request
+
+    _refuse_combinations(out, png, scheduler, region, region0)
+    if (instances or instances_of) and out is None:
+        raise UserError("Objects are split from the whole written image, so instances=True needs an output "
+                        "path (out=...); segment() also splits them in memory.")
+    request = object_request(model, instances_of) if instances or instances_of else None
+    t0 = time.perf_counter()
+    slide = input_slide(model, image, pixel_size, override_pixel_size)
+    plan = make_plan(model, slide, tile=tile, overlap=overlap, skip_background=skip_background, chunk=chunk)
+    base = dict(level=plan.level, downsample=plan.downsample, mpp=slide.mpp_at(plan.level))
+    if out is None:
+        if region0 is not None:
+            region = plan.processing_region(region0)
+        region = tuple(int(v) for v in region) if region is not None else None
+        state = yield from run_units(model, plan, plan.units(region), batch=batch, probabilities=probabilities,
+                                     tta=tta, region=region, progress=progress, should_stop=should_stop)
+        return _result(None, None, state, t0, shape=plan.shape, **base)
+
+    out = Path(out)
+    n_classes = model.require_segmentation().classes
+    units = plan.units()
+    levels = pyramid_levels(plan.shape0, plan.chunk)
+    run = _run_description(model, plan, skip_background, probabilities, tta)
+    label_image = LabelImage.create(out, shape=plan.shape0, chunk=plan.chunk, levels=levels, run=run,
+                                    probabilities=n_classes if probabilities else 0)
+    done = label_image.done()
+    todo = [u for u in units if u[0] not in done]
+    options = dict(batch=batch, probabilities=probabilities, tta=tta, progress=progress, should_stop=should_stop)
+    if scheduler is not None:
+        from .dask import run_on_cluster
+
+        state = run_on_cluster(model, slide, plan, label_image, todo, scheduler, skip_background=skip_background,
+                               device=worker_device, **options)
+    else:
+        state = yield from run_units(model, plan, todo, label_image, **options)
+    notes = []
+    stopped = state.get("stopped", False) or len(label_image.done()) < len(units)
+    png_file = None
+    if not stopped:
+        label_image.finish(slide.name, model.classes or [str(i) for i in range(n_classes)],
+                           model.colors, slide.mpp, info={"source": str(slide.path), "model": str(model.path)})
+        if png:
+            png_file, note = _write_png(out, plan.shape0)
+            notes += [note] if note else []
+    labels = load_labels(out)[0] if not stopped else None
+    result = _result(labels, out, state, t0, chunks_computed=state.get("written", 0), chunks_resumed=len(done),
+                     png=png_file, notes=notes, stopped=stopped, **base)
+    return add_objects(result, request, slide, png=png, png_max_pixels=PNG_MAX_PIXELS, progress=progress,
+                       should_stop=should_stop)
+
+
+def _refuse_combinations(out, png, scheduler, region, region0) -> None:
+    """Options that need an output folder, or that make no sense with one, are refused, never ignored."""
+    if out is None:
+        if png:
+            raise UserError("A PNG is written next to the OME-Zarr output, so png=True needs an output path (out=...).")
+        if scheduler is not None:
+            raise UserError("Segmenting on a dask cluster needs an output folder (out=...).")
+    elif region is not None or region0 is not None:
+        raise UserError(f"A region is a quick look that writes nothing; segment the whole image into {out} "
+                        "or leave out the output path.")
+    if region is not None and region0 is not None:
+        raise UserError("Give a region in processing-level pixels (region) or in level-0 pixels (region0), not both.")
+
+
+def segment(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, skip_background: bool = True,
+            probabilities: bool = False, tta: bool = False, png: bool = False, chunk=None, progress=None,
+            should_stop=None, scheduler=None, worker_device: str = "auto", pixel_size=None,
+            override_pixel_size: bool = False, instances: bool = False, instances_of=None) -> SegmentResult:
+    """Segment one image at the model's resolution: :func:`segment_tiles`, run to its end.
+
+    Without ``out`` the labels come back as a numpy array at the processing level (the
+    whole image in memory, for small images and tests); class probabilities are kept only
+    in an output, so ``probabilities`` then needs ``out``. ``instances`` (or ``instances_of``,
+    class names) also splits the classes into objects (:mod:`genselfdiff.objects.output`):
+    ``result.objects``.
+    """
+    from ..objects.output import add_objects, object_request
+
+    request = object_request(model, instances_of) if instances or instances_of else None  # before any work
+    if out is None and probabilities:
+        raise UserError("Class probabilities are stored in the OME-Zarr output, so probabilities=True needs an "
+                        "output path (out=...).")
+    tiles = segment_tiles(model, image, out, tile=tile, overlap=overlap, batch=batch, skip_background=skip_background,
+                          probabilities=probabilities, tta=tta, png=png, chunk=chunk, progress=progress,
+                          should_stop=should_stop, scheduler=scheduler, worker_device=worker_device,
+                          pixel_size=pixel_size, override_pixel_size=override_pixel_size,
+                          instances=out is not None and (instances or bool(instances_of)),
+                          instances_of=instances_of if out is not None else None)
+    if out is not None:
+        return drain(tiles)
+    finished = []  # the cores partition the image: together no bigger than the array they fill
+    result = drain(tiles, finished.append)
+    result.labels = np.zeros(result.shape, np.uint8)
+    for t in finished:
+        h, w = t.labels.shape
+        result.labels[t.y : t.y + h, t.x : t.x + w] = t.labels
+    return add_objects(result, request, None, png_max_pixels=PNG_MAX_PIXELS)
+
+
+def _result(labels, path, state, t0, shape=None, **kw) -> SegmentResult:
+    seconds = time.perf_counter() - t0
+    shape = tuple(labels.shape) if labels is not None else (shape or ())
+    return SegmentResult(labels=labels, path=path, shape=shape,
+                         tiles=state.get("done", 0), skipped_tiles=state.get("skipped", 0), seconds=seconds,
+                         mpx_per_s=state.get("pixels", 0) / max(seconds, 1e-9) / 1e6,
+                         **{"stopped": state.get("stopped", False), **kw})
+
+
+
+def _write_png(out: Path, shape0: tuple):
+    from skimage.io import imsave
+
+    from ..io.atomic import atomic_path
+
+    path = png_path(out)
+    if shape0[0] * shape0[1] > PNG_MAX_PIXELS:
+        return None, f"{path.name} not written: the image has more than {PNG_MAX_PIXELS // 10**6} Mpx."
+    labels = load_labels(out)[0].compute(**LOCAL)
+    with atomic_path(path) as tmp:
+        imsave(tmp, labels, check_contrast=False)
+    return path, None
+
+
+def model_fingerprint(model) -> str:
+    """Identifies the weights (so a rerun with another model does not resume an old output)."""
+    import torch
+
+    h = hashlib.sha1()
+    for k, v in sorted(model.net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _run_description(model, plan: Plan, skip_background: bool, probabilities: bool, tta: bool) -> dict:
+    return {"model": model_fingerprint(model), "classes": list(model.classes), "tile": plan.tile,
+            "overlap": plan.overlap, "skip_background": bool(skip_background), "probabilities": bool(probabilities),
+            "tta": bool(tta),
+            "level": plan.level, "source_shape": list(plan.shape0), "processing_shape": list(plan.shape)}
+
+
+# --- many images -------------------------------------------------------------------------------
+
+def segment_batch(model, images, out_dir, *, device: str = "auto", progress=None, should_stop=None, **kw) -> list:
+    """Segment each image into ``out_dir/NAME.ome.zarr``; a bad image is reported and the rest go on.
+
+    ``model`` is a :class:`~genselfdiff.nn.model.Model` or a checkpoint path. Returns
+    ``[(image, SegmentResult or error message)]``; stops before the next image when asked.
+    """
+    from ..io.slides import image_stem
+    from ..nn.model import Model, load_model
+
+    if not isinstance(model, Model):
+        model = load_model(model, device)
+    model.require_segmentation()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress, stop = resolve(progress, should_stop)
+    results = []
+    for image in images:
+        if stop():
+            break
+        name = image_stem(image) if isinstance(image, (str, Path)) else getattr(image, "name", "image")
+
+        def named(p, name=name):  # one progress stage per image
+            progress(replace(p, stage=f"{STAGE} {name}"))
+
+        try:
+            r = segment(model, image, zarr_path(out_dir, name), progress=named, should_stop=stop, **kw)
+        except UserError as e:
+            results.append((image, str(e)))
+            continue
+        results.append((image, r))
+        if r.stopped:
+            break
+    return results

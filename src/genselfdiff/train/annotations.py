@@ -1,0 +1,417 @@
+"""Labelled patches for fine-tuning: drawn around annotated pixels, with context.
+
+A pathologist may paint three strokes on a 100 000-pixel-wide slide, or hand over a
+folder of dense masks. Both become a list of :class:`LabelledImage`: an image (read
+lazily, a window at a time, through a small cache) and its labels at the same pixel
+grid. One pass over the labels, block by block, counts the label values, counts the
+annotated pixels per tile and keeps a uniform sample of annotated positions per value
+(at most ``max_points``), so a huge, mostly empty label layer is never held twice.
+
+Training patches are centred near an annotated position (anywhere but the outer eighth
+of the patch), so every patch carries labels and the network sees the surrounding
+tissue. Labels become class targets: dense masks 0 = background = class 0, value k =
+class k; sparse scribbles 0 = unlabelled (``IGNORE``), value k = class k - 1. Pixels
+outside the image are ``IGNORE`` too.
+
+Validation holds out whole tiles (one patch side square) rather than whole images, so
+one annotated image still gets a validation set; held-out tiles are ignored in every
+training patch (their pixels may appear as context, never as targets).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from ..io.labels import as_label_array, open_label_image, require_integers
+from ..io.slides import IMAGE_SUFFIXES, Slide, find_images, image_stem, open_slide, resize_labels
+from . import stain_prior
+from .losses import IGNORE
+
+# Mask files are matched to images by stem, with or without one of these suffixes.
+MASK_SUFFIXES = ("", "_mask", "_masks", "-mask", "_label", "_labels", "-labels", "_annotation", "_annotations")
+
+
+# --- reading ----------------------------------------------------------------------------
+
+class WindowReader:
+    """``read(y, x, h, w)`` of a 2-D or 3-D array, padded with ``fill`` outside it.
+
+    Small arrays are loaded once; large lazy ones (dask, zarr, a slide level) are read in
+    ``cell``-sized blocks kept in a least-recently-used cache, because patches around a
+    few strokes hit the same few blocks again and again.
+    """
+
+    def __init__(self, array, fill, cell: int = 1024, max_bytes: int = 512 * 2**20, load_below: int = 256 * 2**20):
+        self.shape = tuple(int(s) for s in array.shape)
+        self.fill = fill
+        self.cell = cell
+        nbytes = int(np.prod(self.shape)) * np.dtype(array.dtype).itemsize
+        self.array = np.asarray(array) if isinstance(array, np.ndarray) or nbytes <= load_below else array
+        self.dtype = self.array.dtype
+        self.cache: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()  # patches may be read from several threads
+        self.max_cells = max(4, max_bytes // max(1, cell * cell * (self.shape[2] if len(self.shape) == 3 else 1)
+                                                 * np.dtype(self.dtype).itemsize))
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        H, W = self.shape[:2]
+        out = np.full((h, w) + self.shape[2:], self.fill, self.dtype)
+        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
+        if y1 <= y0 or x1 <= x0:
+            return out
+        if isinstance(self.array, np.ndarray):
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self.array[y0:y1, x0:x1]
+            return out
+        c = self.cell
+        for cy in range(y0 // c, (y1 - 1) // c + 1):
+            for cx in range(x0 // c, (x1 - 1) // c + 1):
+                block = self._cell(cy, cx)
+                by0, bx0 = max(y0, cy * c), max(x0, cx * c)
+                by1, bx1 = min(y1, cy * c + block.shape[0]), min(x1, cx * c + block.shape[1])
+                out[by0 - y : by1 - y, bx0 - x : bx1 - x] = block[by0 - cy * c : by1 - cy * c, bx0 - cx * c : bx1 - cx * c]
+        return out
+
+    def _cell(self, cy: int, cx: int) -> np.ndarray:
+        key = (cy, cx)
+        with self.lock:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return self.cache[key]
+        c = self.cell
+        block = np.asarray(self.array[cy * c : (cy + 1) * c, cx * c : (cx + 1) * c])
+        with self.lock:
+            self.cache[key] = block
+            while len(self.cache) > self.max_cells:
+                self.cache.popitem(last=False)
+        return block
+
+
+def read_mask(path) -> object:
+    """A mask file as a 2-D integer label array (lazy for TIFF and OME-Zarr, whole for PNG)."""
+    return require_integers(open_label_image(path).array, f"Mask {path}")
+
+
+def match_by_stem(images: Sequence, sources: Sequence, suffixes: Optional[tuple] = None):
+    """Pair image paths with annotation files by stem: ``a.svs`` <- ``a.png``, ``a_mask.tif``, ...
+
+    ``sources`` are files or folders (searched recursively) of mask images, or, with
+    ``suffixes`` (e.g. ``(".geojson",)``), of files with those endings. Returns
+    ``(pairs, images_without_annotation, unused_files)``; an image that is itself used
+    as some image's mask (``a_mask.png`` next to ``a.png``) is dropped from the images.
+    """
+    files = find_images(sources) if suffixes is None else _files_with(sources, suffixes)
+    by_stem = {}
+    for f in files:
+        by_stem.setdefault(_stem(f, suffixes).lower(), f)
+    pairs, unmatched, used = [], [], set()
+    for img in images:
+        stem = image_stem(img).lower()
+        hit = next((by_stem[stem + s] for s in MASK_SUFFIXES
+                    if stem + s in by_stem and Path(by_stem[stem + s]).resolve() != Path(img).resolve()), None)
+        if hit is None:
+            unmatched.append(Path(img))
+        else:
+            pairs.append((Path(img), Path(hit)))
+            used.add(Path(hit).resolve())
+    unmatched = [p for p in unmatched if p.resolve() not in used]
+    return pairs, unmatched, [Path(f) for f in files if Path(f).resolve() not in used]
+
+
+def _files_with(sources: Sequence, suffixes: tuple) -> list:
+    files = []
+    for src in sources:
+        p = Path(src)
+        if not p.exists():
+            raise UserError(f"{p} does not exist.")
+        files += sorted(f for f in p.rglob("*") if f.name.lower().endswith(suffixes)) if p.is_dir() else [p]
+    return files
+
+
+def _stem(path, suffixes: Optional[tuple]) -> str:
+    name = Path(path).name
+    for s in suffixes or ():
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return image_stem(path)
+
+
+# --- the annotated images -------------------------------------------------------------
+
+@dataclass
+class LabelledImage:
+    """One image and its labels on the same pixel grid (the training resolution)."""
+
+    name: str
+    image: WindowReader  # uint8 (H, W, 3), padded white
+    labels: WindowReader  # integer label values (H, W), padded 0
+    level: int = 0
+    downsample: float = 1.0
+    mpp: Optional[float] = None
+    image_source: Optional[str] = None  # the image file, when there is one
+    label_source: str = "the labels"  # the mask file, or a description, for messages
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # pixels per label value
+    points: dict = field(default_factory=dict)  # label value -> (n, 2) int32 (y, x), a uniform sample
+    tile_counts: Optional[np.ndarray] = None  # annotated pixels per tile (ny, nx)
+    val_tiles: Optional[np.ndarray] = None  # bool (ny, nx)
+
+    @property
+    def shape(self) -> tuple:
+        return self.image.shape[:2]
+
+
+def open_labelled(image, labels, resolution, *, index: int = 0, label_name: Optional[str] = None,
+                  sparse: bool = False) -> LabelledImage:
+    """Wrap one image (path, :class:`Slide` or array) and its labels (path or array), checking shapes.
+
+    Labels of the whole image's size follow the image to a coarser training level: masks
+    by nearest neighbour, strokes (``sparse``) so that no painted pixel is lost.
+    """
+    if isinstance(image, (str, Path)):
+        image = open_slide(image)
+    elif isinstance(image, (list, tuple)):  # a multiscale pyramid, as napari holds one
+        image = Slide(Path(f"image #{index + 1}"), [_as_rgb(lv, f"image #{index + 1}") for lv in image], None)
+    if isinstance(labels, (list, tuple)) and not isinstance(image, Slide):
+        raise UserError(f"The labels of image #{index + 1} are a pyramid but the image is not; give one label array.")
+    if isinstance(image, Slide):
+        level = image.level_for(resolution)
+        arr, name, source = image.levels[level], image.name, str(image.path)
+        downsample, mpp = image.downsample(level), image.mpp_at(level)
+    else:
+        arr, name, source, level, downsample, mpp = _as_rgb(image, f"image #{index + 1}"), f"image #{index + 1}", None, 0, 1.0, None
+    if isinstance(labels, (list, tuple)):  # a label pyramid: the level of the same size as the image's
+        labels = next((lv for lv in labels if tuple(lv.shape[:2]) == tuple(arr.shape[:2])), labels[0])
+    if isinstance(labels, (str, Path)):
+        label_name = label_name or str(labels)
+        lab = read_mask(labels)
+    else:
+        label_name = label_name or f"the labels of {source or name}"
+        lab = require_integers(as_label_array(labels, label_name), label_name)
+    if isinstance(image, Slide) and level and tuple(lab.shape) == tuple(image.shape[:2]):
+        # a mask of the whole image, read at a coarser working scale
+        lab = shrink_strokes(lab, arr.shape[:2]) if sparse else resize_labels(lab, arr.shape[:2])
+    if tuple(lab.shape) != tuple(arr.shape[:2]):
+        where = f" at pyramid level {level}" if level else ""
+        raise UserError(f"{label_name} is {lab.shape[0]}x{lab.shape[1]} pixels but {source or name} is "
+                        f"{arr.shape[0]}x{arr.shape[1]}{where}; a mask must have the size of its image at the training resolution.")
+    return LabelledImage(name=name, image=WindowReader(arr, 255), labels=WindowReader(lab, 0), level=level,
+                         downsample=downsample, mpp=mpp, image_source=source, label_source=label_name)
+
+
+def shrink_strokes(labels, shape: tuple) -> np.ndarray:
+    """Sparse labels on a coarser grid: each new pixel takes the most painted class of the
+    pixels it covers (0 = unlabelled only where none is painted), so a stroke thinner than
+    the reduction survives; a non-integer ratio falls back to nearest neighbour."""
+    lab = np.asarray(labels)
+    (H, W), (h, w) = lab.shape[:2], (int(shape[0]), int(shape[1]))
+    fy, fx = round(H / h), round(W / w)
+    if fy < 1 or fx < 1 or abs(H / h - fy) > 0.05 * fy or abs(W / w - fx) > 0.05 * fx:
+        return np.asarray(resize_labels(lab, shape))
+    padded = np.zeros((h * fy, w * fx), lab.dtype)
+    padded[: min(H, h * fy), : min(W, w * fx)] = lab[: h * fy, : w * fx]
+    blocks = padded.reshape(h, fy, w, fx)
+    out = np.zeros((h, w), lab.dtype)
+    best = np.zeros((h, w), np.int32)
+    for value in np.unique(lab):
+        if value == 0:
+            continue
+        count = (blocks == value).sum((1, 3))
+        win = count > best
+        out[win], best[win] = value, count[win]
+    return out
+
+
+def _as_rgb(arr, name: str):
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise UserError(f"{name} has shape {tuple(arr.shape)}; expected an RGB image (H, W, 3).")
+    if np.dtype(arr.dtype) != np.uint8:
+        raise UserError(f"{name} holds {arr.dtype} pixels; expected 8-bit RGB (uint8).")
+    if arr.shape[2] == 4:
+        arr = arr[..., :3]
+    elif arr.shape[2] == 1:
+        arr = np.repeat(np.asarray(arr), 3, axis=2)
+    return arr
+
+
+def scan(item: LabelledImage, *, sparse: bool, tile: int, max_points: int = 200_000, seed: int = 0,
+         block: int = 2048) -> None:
+    """One pass over the labels: value counts, annotated pixels per tile, and position samples."""
+    rng = np.random.default_rng(seed)
+    H, W = item.shape
+    arr = item.labels.array
+    block = tile * max(1, block // tile)  # whole tiles per block
+    counts = np.zeros(1, np.int64)
+    tiles = np.zeros((-(-H // tile), -(-W // tile)), np.int64)
+    keep: dict = {}  # value -> (coords (n, 2), random keys (n,))
+    for y0 in range(0, H, block):
+        for x0 in range(0, W, block):
+            blk = np.asarray(arr[y0 : y0 + block, x0 : x0 + block])
+            if blk.dtype.kind == "i" and blk.size and blk.min() < 0:
+                raise UserError(f"{item.label_source} holds negative values; class numbers start at 0.")
+            annotated = blk > 0 if sparse else np.ones(blk.shape, bool)
+            if not annotated.any():
+                continue
+            bc = np.bincount(blk.ravel().astype(np.int64))
+            counts = np.pad(counts, (0, max(0, len(bc) - len(counts))))
+            counts[: len(bc)] += bc
+            bh, bw = blk.shape
+            padded = np.zeros((-(-bh // tile) * tile, -(-bw // tile) * tile), np.int64)
+            padded[:bh, :bw] = annotated
+            t = padded.reshape(padded.shape[0] // tile, tile, padded.shape[1] // tile, tile).sum((1, 3))
+            tiles[y0 // tile : y0 // tile + t.shape[0], x0 // tile : x0 // tile + t.shape[1]] += t
+            for v in np.nonzero(bc)[0]:
+                if sparse and v == 0:
+                    continue
+                ys, xs = np.nonzero(blk == v)
+                coords = np.stack([ys + y0, xs + x0], 1).astype(np.int32)
+                keys = rng.random(len(coords))
+                if v in keep:
+                    coords = np.concatenate([keep[v][0], coords])
+                    keys = np.concatenate([keep[v][1], keys])
+                if len(keys) > max_points:  # the max_points smallest random keys: a uniform sample
+                    top = np.argpartition(keys, max_points)[:max_points]
+                    coords, keys = coords[top], keys[top]
+                keep[int(v)] = (coords, keys)
+    item.counts = counts
+    item.points = {v: c for v, (c, _) in keep.items()}
+    item.tile_counts = tiles
+    item.val_tiles = np.zeros(tiles.shape, bool)
+
+
+def split_tiles(items: list, val_fraction: float, seed: int = 0) -> bool:
+    """Mark a fraction of the annotated tiles, over all images, for validation.
+
+    Returns False when there are too few annotated tiles to split (validation then
+    scores the training tiles).
+    """
+    annotated = [(i, ty, tx) for i, it in enumerate(items) for ty, tx in zip(*np.nonzero(it.tile_counts))]
+    for it in items:
+        it.val_tiles[:] = False
+    if val_fraction <= 0 or len(annotated) < 2:
+        return False
+    rng = np.random.default_rng(seed)
+    n_val = min(len(annotated) - 1, max(1, int(round(val_fraction * len(annotated)))))
+    for k in rng.choice(len(annotated), n_val, replace=False):
+        i, ty, tx = annotated[k]
+        items[i].val_tiles[ty, tx] = True
+    return True
+
+
+def to_targets(values: np.ndarray, sparse: bool) -> np.ndarray:
+    """Label values -> int64 class targets with ``IGNORE`` for unlabelled pixels (sparse)."""
+    t = values.astype(np.int64)
+    return np.where(t > 0, t - 1, IGNORE) if sparse else t
+
+
+# --- sampling ----------------------------------------------------------------------------
+
+class PatchSampler:
+    """Draws (image, target) training patches around annotated positions of training tiles."""
+
+    def __init__(self, items: list, patch: int, tile: int, sparse: bool, balance: float = 0.0,
+                 prior: Optional[list] = None):
+        self.items, self.patch, self.tile, self.sparse, self.balance = items, patch, tile, sparse, balance
+        self.prior = prior  # per image: the haematoxylin threshold of stain_prior, or None
+        # Per (image, value): training positions and the number of real pixels they stand for.
+        self.pools = []
+        for i, it in enumerate(items):
+            for v, pts in it.points.items():
+                train = pts[~it.val_tiles[pts[:, 0] // tile, pts[:, 1] // tile]] if len(pts) else pts
+                if len(train):
+                    weight = it.counts[v] * len(train) / len(pts)
+                    self.pools.append((i, int(v), train, float(weight)))
+        if not self.pools:
+            raise UserError("No annotated pixel is left for training after setting validation tiles aside; "
+                            "annotate more, or lower the validation fraction.")
+        self.weights = np.array([w for *_, w in self.pools])
+        values = sorted({v for _, v, _, _ in self.pools})
+        self.by_value = {v: [k for k, p in enumerate(self.pools) if p[1] == v] for v in values}
+
+    def _pick(self, rng: np.random.Generator) -> tuple:
+        if rng.random() < self.balance:  # class-balanced: every painted class equally often
+            ks = self.by_value[list(self.by_value)[rng.integers(len(self.by_value))]]
+            w = self.weights[ks]
+            k = ks[rng.choice(len(ks), p=w / w.sum())]
+        else:  # every annotated pixel equally likely
+            k = rng.choice(len(self.pools), p=self.weights / self.weights.sum())
+        i, _, pts, _ = self.pools[k]
+        return i, pts[rng.integers(len(pts))]
+
+    def sample(self, rng: np.random.Generator) -> tuple:
+        """One patch: uint8 (P, P, 3) image and int64 (P, P) targets."""
+        P, edge = self.patch, max(1, self.patch // 8)
+        i, (py, px) = self._pick(rng)
+        it = self.items[i]
+        H, W = it.shape
+        y0 = int(py) - int(rng.integers(edge, P - edge + 1))
+        x0 = int(px) - int(rng.integers(edge, P - edge + 1))
+        if H >= P:
+            y0 = min(max(y0, 0), H - P)
+        if W >= P:
+            x0 = min(max(x0, 0), W - P)
+        image = it.image.read(y0, x0, P, P)
+        target = to_targets(it.labels.read(y0, x0, P, P), self.sparse)
+        if self.prior is not None:
+            target = stain_prior.apply(image, target, self.prior[i])
+        target[self._outside_or_val(it, y0, x0, P)] = IGNORE
+        return image, target
+
+    def _outside_or_val(self, it: LabelledImage, y0: int, x0: int, P: int) -> np.ndarray:
+        ys, xs = np.arange(y0, y0 + P), np.arange(x0, x0 + P)
+        H, W = it.shape
+        iny, inx = (ys >= 0) & (ys < H), (xs >= 0) & (xs < W)
+        ty = np.clip(ys // self.tile, 0, it.val_tiles.shape[0] - 1)
+        tx = np.clip(xs // self.tile, 0, it.val_tiles.shape[1] - 1)
+        return it.val_tiles[np.ix_(ty, tx)] | ~(iny[:, None] & inx[None, :])
+
+
+@dataclass
+class ValidationSet:
+    """Windows (tile + context) with targets; Dice is scored on each window's central tile."""
+
+    images: np.ndarray  # uint8 (n, S, S, 3)
+    targets: np.ndarray  # int64 (n, S, S), IGNORE outside the central tile
+    on_train: bool = False
+
+
+def validation_set(items: list, tile: int, margin: int, sparse: bool, on_train: bool,
+                   max_tiles: int = 64, seed: int = 0) -> ValidationSet:
+    """The held-out tiles (or, when nothing could be held out, the annotated tiles), at most ``max_tiles``."""
+    chosen = [(i, ty, tx) for i, it in enumerate(items)
+              for ty, tx in zip(*np.nonzero(it.tile_counts > 0 if on_train else it.val_tiles))]
+    if len(chosen) > max_tiles:
+        rng = np.random.default_rng(seed)
+        chosen = [chosen[k] for k in sorted(rng.choice(len(chosen), max_tiles, replace=False))]
+    S = tile + 2 * margin
+    images = np.empty((len(chosen), S, S, 3), np.uint8)
+    targets = np.full((len(chosen), S, S), IGNORE, np.int64)
+    for n, (i, ty, tx) in enumerate(chosen):
+        it = items[i]
+        y, x = ty * tile - margin, tx * tile - margin
+        images[n] = it.image.read(y, x, S, S)
+        t = to_targets(it.labels.read(ty * tile, tx * tile, tile, tile), sparse)
+        H, W = it.shape
+        t[max(0, H - ty * tile):, :] = IGNORE  # the last row/column of tiles may pass the edge
+        t[:, max(0, W - tx * tile):] = IGNORE
+        targets[n, margin : margin + tile, margin : margin + tile] = t
+    return ValidationSet(images, targets, on_train)
+
+
+def default_class_names(n: int) -> list:
+    return ["background"] + [f"class {k}" for k in range(1, n)]
+
+
+def image_paths(sources: Sequence) -> list:
+    """Image files from files and folders, for the CLI."""
+    paths = find_images(sources)
+    if not paths:
+        raise UserError(f"No images found in {', '.join(map(str, sources))} (looked for {', '.join(IMAGE_SUFFIXES)}).")
+    return paths

@@ -1,0 +1,424 @@
+"""Fine-tuning a (pretrained) diffusion U-Net into a segmentation network.
+
+As in GenSelfDiff-HIS the whole pretrained U-Net is kept and trained end to end; only
+the 1x1 output head is new (one logit per class) and the timestep is fixed at 0
+(:func:`genselfdiff.nn.unet.to_segmentation`). Loss by default: soft Dice + cross-entropy, plus a
+colour-affinity term and, for strokes of nuclei, a haematoxylin prior on the unlabelled pixels
+(:mod:`genselfdiff.train.stain_prior`; the paper's structural similarity + focal is ``loss="paper"``;
+:mod:`genselfdiff.train.losses`); Adam, betas (0.5, 0.999), the learning rate by start
+(:data:`LEARNING_RATES`), batch 8; patches drawn around annotated pixels
+(:mod:`genselfdiff.train.annotations`) and augmented consistently, stain included
+(:mod:`genselfdiff.train.augment`). Pixels are scaled to [-1, 1] exactly as in pretraining
+(:func:`genselfdiff.nn.model.to_input`), so the pretrained filters see what they learnt on.
+``recipe="official"`` follows the official code instead (:mod:`genselfdiff.train.recipe`).
+This module checks the inputs and sets the run up; :mod:`genselfdiff.train.finetune_run` trains.
+
+An epoch is a fixed number of steps (by default about one pass over the annotated
+tiles); after each one the held-out tiles are scored. For masks the best network is kept (by
+the mean Dice of the object classes) and training stops early after ``patience`` epochs
+without improvement; for strokes, whose few held-out pixels cannot rank networks, the latest
+network is kept and the run uses its whole budget; no run stops early before ``min_steps``.
+With no budget given, masks train for ``DEFAULT_EPOCHS`` and at least ``min_steps``; strokes
+for ``SPARSE_STEPS``, since longer runs on strokes scored no higher (docs/finetuning.md).
+As in pretraining, ``out`` holds the kept network (rewritten atomically when validation
+improves, and at the end with the full history) and ``<out>.last.pt`` the state of the last step (weights, Adam, step, RNG, early-stopping
+counters) that ``resume=True`` continues from.
+
+Given a ``preview`` region, the current network's prediction over it is reported every
+``preview_every`` steps (``Progress(stage="preview")``), so a person painting strokes sees
+where the model errs while it learns. It runs in eval mode on a forked RNG and changes
+nothing about the training itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..io.checkpoint import load_checkpoint
+from ..io.pixelsize import Resolution, tell, unknown_note, working_resolution
+from ..io.slides import Slide, as_slide
+from ..nn.config import AUTO, NetConfig, net_from_dict, net_to_dict, preset_fields, with_preset
+from ..nn.model import default_colors, pick_device
+from ..nn.unet import SegmentationNet, UNet, to_segmentation
+from ..progress import Progress, resolve
+from . import stain_prior
+from .annotations import PatchSampler, default_class_names, open_labelled, scan, split_tiles, validation_set
+from .augment import Augment
+from .finetune_run import FinetuneResult, FinetuneRun
+from .losses import LOSSES, make_loss
+from .recipe import NORMALIZATIONS, check_recipe, official_finetune_fields, official_segmentation_net
+from .run import Budget
+
+NORMALIZATION = NORMALIZATIONS["default"]  # uint8 / 127.5 - 1, as in pretraining (the official recipe: [0, 1])
+LR_SCHEDULES = ("constant", "cosine")
+DEFAULT_EPOCHS = 50  # when no budget is given (at least min_steps); early stopping may end sooner
+# Strokes with no budget given: a fixed number of steps. On MoNuSeg 2500 steps scored no higher
+# than 1000 (Dice 0.766 against 0.769 over 3 seeds, constant rate) in 2.5x the time (docs/finetuning.md).
+SPARSE_STEPS = 1000
+# Learning rates of the default recipe, chosen on MoNuSeg with the tiny network (docs/finetuning.md):
+# a pretrained (or segmentation) start loses what it learnt at 1e-3, a random one learns fastest
+# there. The small network from scratch diverged at 1e-3 (loss 0.3 to 5.6 near step 900) and
+# trains at 3e-4. The paper network keeps the published 1e-4.
+LEARNING_RATES = {"paper": (1e-4, 1e-4), "small": (3e-4, 3e-4)}  # preset: (from a trained start, from scratch)
+OTHER_LEARNING_RATES = (3e-4, 1e-3)
+SPARSE_AFFINITY = 10.0  # weight of the colour-affinity loss for strokes (losses.affinity_loss)
+SPARSE_PRIOR = 0.5  # weight of the haematoxylin prior for strokes that agree with it (stain_prior)
+# Strokes keep their latest network, so the rate decays to 0 and the run ends settled rather than
+# wherever a constant rate left it: over 3 seeds the seed spread fell from 0.008 to 0.001 (docs/finetuning.md).
+SPARSE_LR_SCHEDULE = "cosine"
+PREVIEW_MAX_SIDE = 1024  # pixels at the training resolution: a quick prediction, a small message
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that defines a fine-tuning run; stored in its checkpoint."""
+
+    preset: str = AUTO  # resolved when the run starts (config.with_preset)
+    net: Optional[NetConfig] = None  # None (or a dict of changed fields): the preset's
+    patch: Optional[int] = None  # None: the preset's
+    batch: Optional[int] = None
+    lr: Optional[float] = None  # default: LEARNING_RATES (by preset and start), chosen by measurement
+    betas: tuple = (0.5, 0.999)
+    loss: str = "dice_ce"  # "dice_ce" (soft Dice + CE), "paper" (SS + focal), "official", "ce" or "dice"
+    ss_weight: float = 1.0
+    focal_weight: float = 1.0
+    ss_beta: float = 0.1
+    ss_c: float = 0.01
+    focal_gamma: float = 2.0
+    affinity: Optional[float] = None  # weight of the colour-affinity loss; default SPARSE_AFFINITY for strokes, else 0
+    prior: Optional[float] = None  # weight of the haematoxylin prior; default SPARSE_PRIOR for strokes that agree with it, else 0
+    # Budget: whichever comes first; none given means DEFAULT_EPOCHS and at least min_steps
+    # (strokes: SPARSE_STEPS).
+    epochs: Optional[int] = None
+    steps: Optional[int] = None
+    minutes: Optional[float] = None
+    steps_per_epoch: Optional[int] = None  # default: about one pass over the annotated tiles
+    val_fraction: float = 0.1
+    val_max_tiles: int = 64
+    patience: int = 10  # epochs without a better validation Dice before stopping; 0 = never
+    # No early stop before this step: on a few images validation is noisy, and a run stopped
+    # at its best step 462 scored 0.767 where 2500 steps scored 0.808 (docs/finetuning.md).
+    min_steps: int = 2500
+    sparse: bool = False
+    classes: Optional[int] = None  # number of classes incl. background; default from names or labels
+    class_names: Optional[list] = None  # index 0 = background
+    colors: Optional[list] = None
+    balance: Optional[float] = None  # share of class-balanced patches; default 1 sparse, 0 dense
+    augment: Augment = field(default_factory=Augment)
+    grad_clip: float = 0.0  # not in the paper; 0 = off
+    # "constant" (the paper's) or "cosine" (to 0 over the budget); None: SPARSE_LR_SCHEDULE for strokes, else constant
+    lr_schedule: Optional[str] = None
+    resolution: Optional[Resolution] = None  # None: the engine's default (pixelsize.working_resolution)
+    seed: int = 0
+    workers: int = 0  # threads preparing batches ahead of the network
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (model.amp_enabled)
+    log_every: int = 10
+    recipe: str = "default"  # "official": the official code's choices (genselfdiff.train.recipe)
+    preview_every: int = 200  # steps between predictions over the preview region (if one is given); 0 = none
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "FinetuneConfig":
+        cfg = cls(**preset_fields(name, overrides.pop("net", None)))
+        if overrides.get("recipe") == "official":  # the recipe's values, then what the caller chose
+            cfg = replace(cfg, **official_finetune_fields())
+        return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["net"] = net_to_dict(self.net)
+        d["betas"] = list(self.betas)
+        d["augment"] = self.augment.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        d = dict(d)
+        d["net"] = net_from_dict(d.get("net", {}))
+        d["resolution"] = Resolution(**d["resolution"]) if d.get("resolution") is not None else None
+        d["augment"] = Augment.from_dict(d.get("augment", {}))
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Preview:
+    """A region to predict on while training: ``image`` uint8 (H, W, 3) at the training
+    resolution (at most ``PREVIEW_MAX_SIDE`` a side); ``origin`` says where it lies and is
+    handed back untouched with each prediction."""
+
+    image: np.ndarray
+    origin: tuple = (0, 0)
+
+
+@dataclass
+class _Start:
+    """Where the network's weights come from."""
+
+    net_cfg: NetConfig
+    weights: Optional[dict] = None
+    kind: Optional[str] = None  # "pretrained", "segmentation" or None (random init)
+    classes: Optional[list] = None
+    colors: Optional[list] = None
+    provenance: Optional[dict] = None
+
+
+def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *, pretrained=None,
+             device="auto", progress=None, should_stop=None, resume: bool = False, pixel_size=None,
+             override_pixel_size: bool = False, preview: Optional[Preview] = None) -> FinetuneResult:
+    """Train a segmentation network from ``images`` and their ``labels``; see the module doc.
+
+    ``images``: paths, :class:`~genselfdiff.io.slides.Slide` objects or uint8 (H, W, 3)
+    arrays (numpy or dask); ``labels``: mask paths or integer (H, W) arrays of the same
+    size as their image at ``config.resolution``. ``pretrained``: a pretrained (or
+    segmentation, to continue) checkpoint; None trains from random initialisation.
+    ``resume``: continue the run whose state is at ``<out>.last.pt``. ``pixel_size``: the level-0
+    µm/px of the images (see :func:`genselfdiff.io.slides.open_slide`); without ``config.resolution``
+    they are read at ``DEFAULT_MPP`` when their size is known (masks of the full image follow).
+    ``preview``: a :class:`Preview` region; every ``config.preview_every`` steps (and at the
+    end, unless stopped) ``progress`` receives ``Progress("preview", step, payload={"labels":
+    uint8 class ids, "origin", "step", "classes", "colors"})``.
+    """
+    progress, should_stop = resolve(progress, should_stop)
+    cfg = replace(config)
+    out = Path(out)
+    images, labels = list(images), list(labels)
+    if not images:
+        raise UserError("No images to fine-tune on.")
+    if len(images) != len(labels):
+        raise UserError(f"Got {len(images)} images but {len(labels)} label images; give one mask per image.")
+    if cfg.loss not in LOSSES:
+        raise UserError(f"Unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}.")
+    check_recipe(cfg.recipe)
+    if cfg.lr_schedule is None:
+        cfg.lr_schedule = SPARSE_LR_SCHEDULE if cfg.sparse else "constant"  # the official recipe sets its own
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"Unknown learning-rate schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
+    dev = pick_device(device) if not isinstance(device, torch.device) else device
+    if preview is not None:
+        _check_preview(preview)
+
+    start = _load_start(pretrained, cfg) if pretrained is not None else None
+    cfg = with_preset(cfg, dev, start.provenance["preset"] if start else None)  # the base model's preset wins
+    start = start or _Start(cfg.net)
+    if cfg.lr is None:
+        trained, scratch = LEARNING_RATES.get(cfg.preset, OTHER_LEARNING_RATES)
+        cfg.lr = trained if start.kind else scratch
+    if cfg.affinity is None:
+        cfg.affinity = SPARSE_AFFINITY if cfg.sparse else 0.0
+    if start.kind:  # the network is the checkpoint's, whatever the preset says
+        cfg.net = start.net_cfg
+    mult = cfg.net.downsampling
+    if cfg.patch % mult or cfg.patch < 2 * mult:
+        raise UserError(f"Patch size {cfg.patch} must be a multiple of {mult} (and at least {2 * mult}) for this network.")
+
+    progress(Progress("finetune: reading annotations", 0, len(images)))
+    items = []
+    resolution = working_resolution(cfg.resolution)
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        if pixel_size is not None or isinstance(im, (str, Path, Slide)):
+            im = as_slide(im, pixel_size, override_pixel_size, name=f"image #{i + 1}")
+            for note in im.notes:
+                tell(note)
+        items.append(open_labelled(im, lab, resolution, index=i, sparse=cfg.sparse))
+        scan(items[-1], sparse=cfg.sparse, tile=cfg.patch, seed=cfg.seed + i)
+        progress(Progress("finetune: reading annotations", i + 1, len(images)))
+    unknown = [it.image_source or it.name for it in items if it.mpp is None]
+    if unknown:
+        tell(unknown_note(unknown))
+    names = _check_classes(items, cfg, start)
+    n_classes = len(names)
+    cfg.class_names, cfg.classes = names, n_classes
+    colors = [list(c) for c in (cfg.colors or (start.colors if start.classes == names else None) or default_colors(n_classes))]
+    if len(colors) < n_classes:
+        raise UserError(f"{len(colors)} colours given for {n_classes} classes.")
+
+    split = split_tiles(items, cfg.val_fraction, seed=cfg.seed)
+    balance = cfg.balance if cfg.balance is not None else (1.0 if cfg.sparse else 0.0)
+    thresholds = _stain_prior(items, cfg)
+    sampler = PatchSampler(items, cfg.patch, cfg.patch, cfg.sparse, balance, prior=thresholds)
+    margin = max(mult, cfg.patch // 4 // mult * mult)
+    val = validation_set(items, cfg.patch, margin, cfg.sparse, on_train=not split, max_tiles=cfg.val_max_tiles, seed=cfg.seed)
+    spe = cfg.steps_per_epoch or _default_steps_per_epoch(items, cfg)
+
+    with torch.random.fork_rng(devices=[]):  # the same initial weights for a seed; the caller's RNG untouched
+        torch.manual_seed(cfg.seed)
+        net = _build_net(start, n_classes, cfg).to(dev)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    loss_fn = make_loss(cfg.loss, ss_weight=cfg.ss_weight, focal_weight=cfg.focal_weight, beta=cfg.ss_beta,
+                        c=cfg.ss_c, gamma=cfg.focal_gamma,
+                        affinity=cfg.affinity, prior=cfg.prior)
+
+    run = FinetuneRun(cfg=cfg, net=net, optimizer=optimizer, loss_fn=loss_fn, budget=_budget(cfg, spe), out=out,
+                      names=names, colors=colors, meta=_checkpoint_meta(cfg, net, names, colors, start, items, val),
+                      val=val, preview=preview)
+    if resume:
+        run.resume()
+    else:
+        run.validate(dev)  # the untrained start, as a baseline and a first "best"
+    return run.train(sampler, dev, progress, should_stop)
+
+
+# --- setting up ----------------------------------------------------------------------------
+
+def _check_preview(preview: Preview) -> None:
+    image = np.asarray(preview.image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise UserError(f"The preview region must be a uint8 (H, W, 3) image, not {image.dtype} {image.shape}.")
+    if max(image.shape[:2]) > PREVIEW_MAX_SIDE:
+        raise UserError(f"The preview region is {image.shape[0]}×{image.shape[1]} pixels; "
+                        f"choose one of at most {PREVIEW_MAX_SIDE}×{PREVIEW_MAX_SIDE}.")
+
+
+def _load_start(pretrained, cfg: FinetuneConfig) -> _Start:
+    path = Path(pretrained)
+    ckpt = load_checkpoint(path)
+    kind = ckpt.get("kind")
+    if kind not in ("pretrained", "segmentation") or "net" not in ckpt or "state_dict" not in ckpt:
+        raise UserError(f"{path} is neither a pretrained nor a segmentation genselfdiff model.")
+    try:
+        net_cfg = NetConfig.from_dict(ckpt["net"])
+    except (TypeError, ValueError):
+        raise UserError(f"{path} describes a network this version cannot build.") from None
+    if net_cfg.in_channels != 3:
+        raise UserError(f"{path} was trained on {net_cfg.in_channels}-channel images; fine-tuning needs an RGB model.")
+    classes = list(ckpt.get("classes") or []) if kind == "segmentation" else None
+    # A pretrained model's EMA weights, when it has them, are its better weights (as for sampling).
+    weights = (ckpt.get("ema_state_dict") if kind == "pretrained" else None) or ckpt["state_dict"]
+    try:  # build once to fail early, naming the file, if the weights do not fit
+        _build_net(_Start(net_cfg, weights, kind, classes), len(classes) if classes else 2, cfg)
+    except (RuntimeError, KeyError, ValueError, TypeError):
+        raise UserError(f"{path} holds weights of another architecture than the genselfdiff U-Net it describes; "
+                        "use a model pretrained with this version of genselfdiff.") from None
+    provenance = {"path": str(path.resolve()), "kind": kind, "step": ckpt.get("step"),
+                  "preset": (ckpt.get("config") or {}).get("preset"), "data": ckpt.get("data"),
+                  "package_version": ckpt.get("package_version"),
+                  "pretrained_from": ckpt.get("pretrained_from") if kind == "segmentation" else None}
+    return _Start(net_cfg, weights, kind, classes, ckpt.get("colors"), provenance)
+
+
+def _build_net(start: _Start, n_classes: int, cfg: FinetuneConfig) -> SegmentationNet:
+    if cfg.recipe == "official" and start.kind != "segmentation":  # fresh final block and head
+        return official_segmentation_net(start.net_cfg if start.kind else cfg.net, n_classes, start.weights)
+    if start.kind == "segmentation":
+        net = to_segmentation(UNet(replace(start.net_cfg, out_channels=3)), len(start.classes))
+        net.load_state_dict(start.weights)
+        if len(start.classes) != n_classes:
+            net = to_segmentation(net.unet, n_classes)
+        return net
+    unet = UNet(start.net_cfg if start.kind else cfg.net)
+    if start.weights is not None:
+        unet.load_state_dict(start.weights)
+    return to_segmentation(unet, n_classes)
+
+
+def _check_classes(items: list, cfg: FinetuneConfig, start: _Start) -> list:
+    """Class names (index 0 = background), after checking every label file against them."""
+    sparse = cfg.sparse
+    offset = 1 if sparse else 0  # label value = class index + offset
+    for it in items:
+        annotated = it.counts[1:].sum() if sparse else it.counts.sum()
+        if sparse and annotated == 0:
+            raise UserError(f"{it.label_source} has no annotated pixel (all 0 = unlabelled); paint at least a few "
+                            "strokes, or leave this image out.")
+    present = sorted({int(v) for it in items for v in np.nonzero(it.counts)[0] if v >= offset})
+    if not sparse and present == [0]:
+        where = items[0].label_source if len(items) == 1 else "every mask"
+        raise UserError(f"{where} contains only background (0): there is nothing to learn; "
+                        "label the objects with 1, 2, ...")
+    if cfg.class_names:
+        names = [str(n) for n in cfg.class_names]
+        if cfg.classes is not None and cfg.classes != len(names):
+            raise UserError(f"{cfg.classes} classes requested but {len(names)} class names given.")
+    elif cfg.classes is not None:
+        names = default_class_names(cfg.classes)
+    else:
+        inferred = max(2, present[-1] + 1 - offset)
+        # A segmentation model is continued only if the labels use exactly its classes
+        # (give the number of classes to continue with a subset of them annotated).
+        names = list(start.classes) if start.classes and inferred == len(start.classes) else default_class_names(inferred)
+    k = len(names)
+    if start.kind == "segmentation" and len(start.classes) != k:
+        raise UserError(f"{start.provenance['path']} segments {len(start.classes)} classes ({', '.join(start.classes)}) "
+                        f"but the annotations have {k}; fine-tune from its pretrained model instead, or use matching classes.")
+    if k < 2:
+        raise UserError("A segmentation model needs at least two classes (background and one object class).")
+    for it in items:
+        top = int(np.nonzero(it.counts)[0].max())
+        if top - offset >= k:
+            convention = (f"sparse labels: 1 = {names[0]} ... {k} = {names[-1]}, 0 = unlabelled" if sparse
+                          else f"dense labels: 0 = {names[0]} ... {k - 1} = {names[-1]}")
+            hint = " (a 0/255 mask? divide it by 255)" if top == 255 else ""
+            raise UserError(f"{it.label_source} contains label {top}, beyond the {k} classes ({convention}){hint}; "
+                            "set the number of classes or fix the mask.")
+    if len(present) < 2:
+        label = names[present[0] - offset] if present else "?"
+        raise UserError(f"The annotations contain only the class {label!r}; annotate at least one more class "
+                        f"(e.g. background{' = 1' if sparse else ' = 0'}).")
+    return names
+
+
+def _stain_prior(items: list, cfg: FinetuneConfig) -> Optional[list]:
+    """Per-image haematoxylin thresholds when the prior applies; ``cfg.prior`` becomes the
+    weight used (0 when the strokes disagree with the stain), which the checkpoint records."""
+    wanted = SPARSE_PRIOR if cfg.prior is None else cfg.prior
+    thresholds = None
+    if wanted > 0 and cfg.sparse and cfg.classes == 2:
+        thresholds = stain_prior.fit(items, cfg.patch, seed=cfg.seed)
+    cfg.prior = wanted if thresholds else 0.0
+    return thresholds
+
+
+def _default_steps_per_epoch(items: list, cfg: FinetuneConfig) -> int:
+    tiles = sum(int((it.tile_counts > 0).sum() - it.val_tiles.sum()) for it in items)
+    return int(min(250, max(10, math.ceil(tiles / cfg.batch))))
+
+
+def _budget(cfg: FinetuneConfig, steps_per_epoch: int) -> Budget:
+    """The run's epochs, steps and minutes; none given means ``DEFAULT_EPOCHS`` and at least
+    ``min_steps``, or ``SPARSE_STEPS`` for strokes."""
+    epochs = cfg.epochs
+    if epochs is None and cfg.steps is None and cfg.minutes is None:
+        if cfg.sparse:
+            return Budget(steps=SPARSE_STEPS, steps_per_epoch=steps_per_epoch)
+        epochs = max(DEFAULT_EPOCHS, math.ceil(cfg.min_steps / steps_per_epoch))
+    return Budget(steps=cfg.steps, minutes=cfg.minutes, epochs=epochs, steps_per_epoch=steps_per_epoch)
+
+
+def _checkpoint_meta(cfg: FinetuneConfig, net: SegmentationNet, names: list, colors: list, start: _Start,
+                     items: list, val) -> dict:
+    """What every checkpoint of the run says about the model, where it started and its data."""
+    data = {"images": [it.image_source or it.name for it in items], "labels": [it.label_source for it in items],
+            "annotated_pixels": _pixels_per_class(items, cfg.sparse, len(names)),
+            "sparse": cfg.sparse, "val_tiles": int(len(val.images)), "val_on_train": val.on_train}
+    return {"kind": "segmentation", "net": net.unet.cfg.to_dict(), "classes": list(names),
+            "colors": [list(map(int, c)) for c in colors[: len(names)]], "config": cfg.to_dict(),
+            "resolution": _resolution(items, cfg).to_dict(), "normalization": NORMALIZATIONS[cfg.recipe],
+            "pretrained_from": start.provenance, "data": data}
+
+
+def _pixels_per_class(items: list, sparse: bool, k: int) -> list:
+    total = np.zeros(k + 1, np.int64)
+    for it in items:
+        c = it.counts[: k + 1]
+        total[: len(c)] += c
+    return (total[1 : k + 1] if sparse else total[:k]).tolist()
+
+
+def _resolution(items: list, cfg: FinetuneConfig) -> Resolution:
+    """The scale the model learnt at: the requested µm/px, else the images' own when they agree."""
+    requested = cfg.resolution or Resolution()  # the default reads DEFAULT_MPP where known: the items say
+    if requested.mpp is not None:
+        return Resolution(requested.level, requested.mpp)
+    mpps = [it.mpp for it in items]
+    if all(m is not None for m in mpps) and max(mpps) <= 1.1 * min(mpps):
+        return Resolution(requested.level, float(np.mean(mpps)))
+    return Resolution(requested.level, None)

@@ -1,0 +1,286 @@
+"""One fine-tuning run: its steps, the validation after each epoch, the preview, both checkpoints, resume.
+
+:func:`genselfdiff.train.finetune.finetune` (the module doc says what a run does) checks the inputs
+and builds the network, the data, the loss and the budget; :class:`FinetuneRun` trains them on
+:mod:`genselfdiff.train.run`'s loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..io.checkpoint import load_checkpoint, save_checkpoint
+from ..nn.config import NetConfig
+from ..nn.model import autocast, to_input
+from ..progress import Progress
+from .annotations import PatchSampler, ValidationSet
+from .augment import augment
+from .losses import IGNORE
+from .recipe import NORMALIZATIONS
+from .run import (
+    Budget,
+    LossWindow,
+    TrainLoop,
+    last_path,
+    load_resume_state,
+    optimise,
+    prefetch,
+    restore_resume_state,
+    save_resume_state,
+)
+
+
+@dataclass
+class FinetuneResult:
+    path: Path
+    best_dice: float
+    per_class_dice: list
+    history: list
+    stopped: bool
+    steps: int
+    classes: list = field(default_factory=list)
+    early_stopped: bool = False
+    best_step: int = 0
+    seconds: float = 0.0
+
+
+class FinetuneRun:
+    """The state of a fine-tuning run. ``meta``: what every checkpoint of it says about the model
+    and its data; ``loss_fn(logits, target, image)`` (the official recipe also validates with it);
+    ``preview``: a :class:`genselfdiff.train.finetune.Preview` or None."""
+
+    def __init__(self, *, cfg, net, optimizer, loss_fn, budget: Budget, out: Path, names: list, colors: list,
+                 meta: dict, val: ValidationSet, preview=None):
+        self.cfg, self.net, self.optimizer, self.loss_fn, self.budget = cfg, net, optimizer, loss_fn, budget
+        self.out, self.names, self.colors, self.meta, self.val = out, names, colors, meta, val
+        self.preview_region = preview
+        self.spe = budget.steps_per_epoch
+        self.step = self.epoch = self.since_best = 0
+        self.history: list = []
+        self.best = {"dice": -1.0, "score": -math.inf, "per_class": [], "step": 0, "state": None}
+        self.last_val_step = -1
+        self.last_preview_step = -1
+        self.seconds = 0.0
+
+    # validation
+    @torch.no_grad()
+    def validate(self, dev) -> tuple:
+        """Score the held-out tiles: Dice per class and the mean cross-entropy ("val_loss").
+
+        Dense labels choose the best network by Dice. For painted strokes both numbers are
+        reported (their Dice reaches 1 within a few steps; the loss at least tells a confident
+        network from a hesitant one) but the latest network is kept.
+        """
+        val: ValidationSet = self.val
+        k = len(self.names)
+        conf = np.zeros((k, k), np.int64)
+        official = self.cfg.recipe == "official"
+        ce, counted, loss_sum = 0.0, 0, 0.0
+        self.net.eval()
+        for b in range(0, len(val.images), self.cfg.batch):
+            x = to_input(val.images[b : b + self.cfg.batch], dev, NORMALIZATIONS[self.cfg.recipe])
+            with autocast(dev, self.cfg.amp):
+                logits = self.net(x).float()
+            t = val.targets[b : b + self.cfg.batch]
+            if official:
+                loss_sum += float(self.loss_fn(logits, torch.from_numpy(t).to(dev))) * len(t)
+            sel = t != IGNORE
+            target = torch.from_numpy(np.where(sel, t, 0)).to(dev).long()
+            nll = -logits.log_softmax(1).gather(1, target[:, None])[:, 0]
+            ce += float(nll[torch.from_numpy(sel).to(dev)].sum())
+            counted += int(sel.sum())
+            pred = logits.argmax(1).cpu().numpy()
+            conf += np.bincount(t[sel] * k + pred[sel], minlength=k * k).reshape(k, k)
+        self.net.train()
+        tp = np.diag(conf).astype(float)
+        denom = conf.sum(0) + conf.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class = np.where(denom > 0, 2 * tp / denom, np.nan)
+        mean = _mean_dice(per_class)
+        val_loss = ce / max(counted, 1)
+        self.last_val_step = self.step
+        entry = {"step": self.step, "epoch": self.epoch, "val_dice": mean, "val_loss": val_loss,
+                 "per_class_dice": [float(v) for v in per_class]}
+        if official:  # the official code's own loss, averaged over images
+            entry["val_loss"] = loss_sum / max(1, len(val.images))
+        self.history.append(entry)
+        # Dense labels: the best Dice. The official recipe: the lowest loss (the official code
+        # keeps the lowest validation loss, a tie to the earlier network). Strokes: the latest
+        # network. Held-out strokes are too few to choose by: their loss jumps between 0.1 and
+        # 0.5 from one epoch to the next, and the network it chose scored 0.06 lower on unseen
+        # images than the last one (docs/finetuning.md); so they never stop a run early either.
+        if self.cfg.sparse and not official:
+            score, improved = float(self.step), True
+        else:
+            score = -entry["val_loss"] if official else mean
+            improved = score > self.best["score"] + (0 if official else 1e-4)
+        # A tie keeps the later network (trained longer on the same score): a small validation
+        # set often saturates, and the first network to reach it is the least trained. Only a
+        # real improvement resets the patience.
+        tied = not official and not improved and self.step > 0 and score >= self.best["score"] - 1e-4
+        if improved or tied:
+            self.best = {"dice": mean, "score": score, "per_class": entry["per_class_dice"], "step": self.step,
+                         "state": {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}}
+        self.since_best = 0 if improved else self.since_best + 1
+        return mean, improved or tied
+
+    # preview
+    def preview(self, dev, progress) -> None:
+        """Report the current network's class ids over the preview region, leaving training as it was."""
+        from ..infer.segment import segment  # the tiler, as a slide would be segmented
+        from ..nn.model import Model
+
+        region = self.preview_region
+        model = Model(net=self.net, kind="segmentation", net_config=self.net.unet.cfg, device=dev,
+                      classes=list(self.names), colors=self.colors, patch=self.cfg.patch,
+                      normalization=NORMALIZATIONS[self.cfg.recipe], amp=self.cfg.amp)
+        self.net.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):  # inference draws nothing; this makes sure
+                labels = segment(model, np.asarray(region.image), skip_background=False).labels
+        finally:
+            self.net.train()
+        self.last_preview_step = self.step
+        progress(Progress("preview", self.step, payload={
+            "labels": labels.astype(np.uint8), "origin": tuple(int(v) for v in region.origin), "step": self.step,
+            "classes": list(self.names), "colors": [list(map(int, c)) for c in self.colors[: len(self.names)]]}))
+
+    # resume
+    def resume(self) -> None:
+        last = last_path(self.out)
+        ckpt = load_resume_state(self.out, lambda c: c.get("kind") == "segmentation" and "train_state" in c
+                                 and "optimizer" in c, "fine-tuning")
+        if list(ckpt.get("classes") or []) != self.names or NetConfig.from_dict(ckpt["net"]) != self.net.unet.cfg:
+            raise UserError(f"{last} was trained with other classes or another network; "
+                            "resume with the same settings, or choose a new output file.")
+        self.net.load_state_dict(ckpt["state_dict"])
+        st = ckpt["train_state"]
+        self.step, self.epoch, self.since_best = int(ckpt["step"]), int(st["epoch"]), int(st["since_best"])
+        best = load_checkpoint(self.out)["state_dict"] if self.out.exists() else ckpt["state_dict"]
+        self.best = {"dice": float(st["best_dice"]), "score": float(st.get("best_score", st["best_dice"])),
+                     "per_class": list(st["per_class_dice"]),
+                     "step": int(st["best_step"]), "state": best}
+        self.history = list(ckpt.get("history") or [])
+        self.seconds = float(st.get("seconds", 0.0))
+        restore_resume_state(ckpt, self.optimizer)
+
+    # training
+    def _batches(self, sampler: PatchSampler):
+        cfg = self.cfg
+
+        def make(step):
+            rng = np.random.default_rng([cfg.seed, step])  # the same batches however many threads
+            pairs = [augment(*sampler.sample(rng), rng, cfg.augment) for _ in range(cfg.batch)]
+            return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+        return prefetch(make, self.step, cfg.workers)
+
+    def train(self, sampler: PatchSampler, dev, progress, should_stop) -> FinetuneResult:
+        cfg = self.cfg
+        loop = TrainLoop(self.budget, should_stop, since=time.perf_counter() - self.seconds)
+        recent: deque = deque(maxlen=max(1, cfg.log_every))  # the running loss the progress bar shows
+        window = LossWindow()
+        early = False
+        batches = self._batches(sampler)
+        self.net.train()
+        try:
+            while loop.goes_on(self.step, self.epoch):
+                recent.append(self._train_step(next(batches), dev, self._lr(loop)))
+                window.add(recent[-1])
+                self.step += 1
+                if not math.isfinite(recent[-1]):
+                    raise FloatingPointError(f"fine-tuning loss became {recent[-1]} at step {self.step}")
+                if self.step % cfg.log_every == 0:
+                    self.history.append({"step": self.step, "loss": float(np.mean(window.losses))})
+                    window = LossWindow()
+                progress(Progress("finetune", self.step, loop.total(self.step),
+                                  {"loss": float(np.mean(recent)), "val_dice": self.history_val()}))
+                if self.step % self.spe == 0:
+                    early = self._end_epoch(dev, progress, loop, float(np.mean(recent)))
+                    if early:
+                        break
+                if self.preview_region is not None and cfg.preview_every and self.step % cfg.preview_every == 0:
+                    self.preview(dev, progress)
+        finally:
+            batches.close()
+        if self.last_val_step != self.step:
+            self.validate(dev)
+        if (self.preview_region is not None and cfg.preview_every and not loop.stopped
+                and self.last_preview_step != self.step):
+            self.preview(dev, progress)  # what the network finally does (Stop should not wait for it)
+        self.seconds = loop.elapsed
+        self.save(best=True, final=True)
+        return FinetuneResult(path=self.out, best_dice=float(self.best["dice"]), per_class_dice=self.best["per_class"],
+                              history=self.history, stopped=loop.stopped, steps=self.step, classes=self.names,
+                              early_stopped=early, best_step=self.best["step"], seconds=self.seconds)
+
+    def _lr(self, loop: TrainLoop) -> Optional[float]:
+        """The cosine schedule's learning rate for the next step; None for a constant one (the optimizer's)."""
+        if self.cfg.lr_schedule != "cosine":
+            return None
+        return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * loop.fraction(self.step)))
+
+    def _train_step(self, batch: tuple, dev, lr: Optional[float]) -> float:
+        images, targets = batch
+        x, y = to_input(images, dev, NORMALIZATIONS[self.cfg.recipe]), torch.from_numpy(targets).to(dev)
+        with autocast(dev, self.cfg.amp):
+            logits = self.net(x)
+        loss = self.loss_fn(logits, y, x)
+        optimise(self.optimizer, loss, self.cfg.grad_clip, lr)
+        return loss.item()
+
+    def _end_epoch(self, dev, progress, loop: TrainLoop, train_loss: float) -> bool:
+        """Validate, save, report; whether the patience has run out."""
+        self.epoch += 1
+        dice, improved = self.validate(dev)
+        entry = self.history[-1]
+        entry["train_loss"] = train_loss
+        self.seconds = loop.elapsed
+        self.save(best=improved)
+        progress(Progress("finetune", self.step, loop.total(self.step),
+                          {"loss": train_loss, "val_dice": dice, "val_loss": entry["val_loss"]},
+                          payload={"epoch": self.epoch, "val_dice": dice, "improved": improved,
+                                   "val_loss": entry["val_loss"], "per_class_dice": entry["per_class_dice"],
+                                   "classes": self.names}))
+        return bool(self.cfg.patience) and self.since_best >= self.cfg.patience and self.step >= self.cfg.min_steps
+
+    def history_val(self) -> float:
+        for h in reversed(self.history):
+            if "val_dice" in h:
+                return h["val_dice"]
+        return float("nan")
+
+    def save(self, best: bool, final: bool = False) -> Path:
+        """Write the resume state to ``<out>.last.pt`` and, if ``best``, the best network to ``out``."""
+        common = {**self.meta, "history": self.history, "best_step": self.best["step"],
+                  "best_dice": float(self.best["dice"]), "per_class_dice": list(self.best["per_class"])}
+        last = {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}
+        save_resume_state(self.out, {
+            **common, "state_dict": last, "step": self.step,
+            "train_state": {"epoch": self.epoch, "since_best": self.since_best, "best_dice": float(self.best["dice"]),
+                            "best_score": float(self.best["score"]),
+                            "best_step": self.best["step"], "per_class_dice": list(self.best["per_class"]),
+                            "seconds": self.seconds, "finished": final}}, self.optimizer)
+        if best or not self.out.exists():
+            best_state = self.best["state"] if self.best["state"] is not None else last
+            save_checkpoint(self.out, {**common, "state_dict": best_state, "step": self.best["step"],
+                                       "trained_steps": self.step})
+        return self.out
+
+
+def _mean_dice(per_class: np.ndarray) -> float:
+    """Mean Dice of the object classes (background excluded, as usual); falls back to all classes."""
+    for values in (per_class[1:], per_class):
+        values = values[~np.isnan(values)]
+        if len(values):
+            return float(values.mean())
+    return 0.0
