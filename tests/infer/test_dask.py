@@ -77,3 +77,46 @@ def test_cluster_with_an_in_memory_model_resumes(cluster, slide_and_model):
     assert rest.chunks_resumed + rest.chunks_computed == 9
     reference = segment(model, slide, **KW).labels
     assert (np.asarray(load_labels(out)[0]) == reference).all()
+
+
+def test_an_in_memory_official_recipe_model_gets_its_own_input_scaling_on_the_workers(cluster, slide_and_model):
+    """A model trained on [0, 1] inputs (the official recipe) sent as weights, not as a file."""
+    _, client = cluster
+    slide, ckpt, d = slide_and_model
+    model = load_model(ckpt, "cpu")
+    model.path, model.normalization = None, "[0, 1]"
+    out = d / "official.ome.zarr"
+    remote = segment(model, slide, out, scheduler=client, probabilities=True, **KW)
+    assert not remote.stopped and remote.chunks_computed == 9
+    local = segment(model, slide, d / "official-local.ome.zarr", probabilities=True, **KW)
+    import zarr
+
+    pa = zarr.open_array(d / "official-local.ome.zarr" / "probabilities" / "0", mode="r")[:]
+    pb = zarr.open_array(out / "probabilities" / "0", mode="r")[:]
+    np.testing.assert_allclose(pb, pa, atol=1e-5)
+    # The test can fail: the same weights on [-1, 1] inputs give other probabilities.
+    model.normalization = "[-1, 1]"
+    other = segment(model, slide, d / "official-wrong.ome.zarr", probabilities=True, **KW)
+    pc = zarr.open_array(other.path / "probabilities" / "0", mode="r")[:]
+    assert np.abs(pc - pa).max() > 1e-3
+
+
+def test_auto_device_spreads_workers_over_the_gpus(monkeypatch):
+    """device="auto" on a machine with several GPUs: each worker its own, not all on cuda:0."""
+    from genselfdiff.infer.dask import worker_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    # In-process workers, so that they see the patched torch; names 0, 1, 2 as LocalCluster gives.
+    with distributed.LocalCluster(n_workers=3, processes=False, dashboard_address=":0") as c, \
+            distributed.Client(c) as client:
+        workers = sorted(client.scheduler_info()["workers"].items(), key=lambda w: int(w[1]["name"]))
+        chosen = [client.submit(worker_device, "auto", workers=[address], pure=False).result()
+                  for address, _ in workers]
+        assert chosen == ["cuda:0", "cuda:1", "cuda:0"]
+        assert client.submit(worker_device, "cpu", pure=False).result() == "cpu"  # a named device is kept
+        assert client.submit(worker_device, "cuda:1", pure=False).result() == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one visible GPU per worker (dask-cuda)
+    assert worker_device("auto", worker=type("W", (), {"name": 3})()) == "auto"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert worker_device("auto", worker=type("W", (), {"name": "host-7"})()) == "cuda:3"

@@ -2,8 +2,8 @@
 
 Each task opens the slide and loads the model itself (a worker keeps the last few of
 each, bounded, so a long-lived worker serving many runs does not grow), runs the chunk
-through :func:`pipeline.run_units` and writes it; zarr 3 has no locks, and one writer
-per chunk is what makes that safe. The client keeps a bounded window of tasks in flight,
+through :func:`pipeline.run_units` and writes it with an :class:`~.merge.OmeZarrMerger`;
+zarr 3 has no locks, and one writer per chunk is what makes that safe. The client keeps a bounded window of tasks in flight,
 so stopping cancels little.
 """
 
@@ -17,6 +17,8 @@ from pathlib import Path
 from ..errors import UserError
 from ..io.omezarr import LabelImage
 from ..progress import Progress, drain, resolve
+from .config import SegmentConfig
+from .merge import OmeZarrMerger
 from .pipeline import STAGE, run_units
 from .plan import Plan, make_plan
 
@@ -47,10 +49,38 @@ _PLANS = _Recent(PLANS_KEPT)
 
 
 def model_payload(model) -> dict:
-    """What a worker needs to rebuild an in-memory model (when it has no checkpoint file)."""
+    """What a worker needs to rebuild an in-memory model (when it has no checkpoint file): the
+    weights and everything that decides how it is run, its input scaling included."""
     return {"net": model.net_config.to_dict(), "state_dict": {k: v.cpu() for k, v in model.net.state_dict().items()},
             "classes": list(model.classes), "colors": list(model.colors), "resolution": model.resolution.to_dict(),
-            "patch": model.patch}
+            "patch": model.patch, "normalization": model.normalization}
+
+
+def worker_device(device: str, worker=None) -> str:
+    """The device a dask worker runs the network on.
+
+    ``device`` as given, except ``"auto"`` on a worker that sees several CUDA GPUs: there each
+    worker takes its own, ``cuda:(i % count)`` with ``i`` the worker's number (LocalCluster and
+    ``dask worker --nworkers`` name workers 0, 1, ...; other names are hashed), instead of all
+    landing on ``cuda:0``. A worker started with one visible GPU (dask-cuda) keeps "auto".
+    """
+    import zlib
+
+    import torch
+
+    if (device or "auto").lower() != "auto" or not torch.cuda.is_available():
+        return device
+    count = torch.cuda.device_count()
+    if count <= 1:
+        return device
+    if worker is None:
+        from distributed import get_worker
+
+        worker = get_worker()
+    name = str(getattr(worker, "name", "") or "")
+    tail = name.rsplit("-", 1)[-1]
+    index = int(tail) if tail.isdigit() else zlib.crc32(str(getattr(worker, "address", name)).encode())
+    return f"cuda:{index % count}"
 
 
 def _source_key(source):
@@ -72,7 +102,7 @@ def _load(source, device: str):
     dev = pick_device(device)
     return Model(net=net.to(dev).eval(), kind="segmentation", net_config=net.unet.cfg, device=dev,
                  classes=source["classes"], colors=source["colors"], resolution=Resolution(**source["resolution"]),
-                 patch=source["patch"])
+                 patch=source["patch"], normalization=source.get("normalization", "[-1, 1]"))
 
 
 def worker_model(source, device: str, amp: bool = True):
@@ -100,11 +130,13 @@ def worker_plan(spec: dict, model, model_key) -> Plan:
 
 def segment_chunk(spec: dict, index: tuple, model_source) -> dict:
     """A dask task: compute and write one output chunk. Runs on a worker; returns counts."""
-    model = worker_model(model_source, spec["device"], spec["amp"])
-    plan = worker_plan(spec, model, (_source_key(model_source), spec["device"]))
+    device = worker_device(spec["device"])
+    model = worker_model(model_source, device, spec["amp"])
+    plan = worker_plan(spec, model, (_source_key(model_source), device))
     units = [u for u in plan.units() if u[0] == tuple(index)]
-    tiles = run_units(model, plan, units, LabelImage.open(spec["out"]), batch=spec["batch"],
-                      probabilities=spec["probabilities"], tta=spec["tta"])
+    merger = OmeZarrMerger(LabelImage.open(spec["out"]), spec["probabilities"])
+    tiles = run_units(model, plan, units, [merger], batch=spec["batch"], probabilities=spec["probabilities"],
+                      tta=spec["tta"])
     state = drain(tiles)
     return {k: state.get(k, 0) for k in COUNTS}
 
@@ -120,11 +152,12 @@ def _client(scheduler):
         raise UserError(f"Cannot reach the dask scheduler at {scheduler} ({e}); start it or check the address.") from None
 
 
-def run_on_cluster(model, slide, plan: Plan, image: LabelImage, todo: list, scheduler, *, batch, probabilities,
-                   tta, skip_background, progress=None, should_stop=None, device: str = "auto") -> dict:
+def run_on_cluster(model, slide, plan: Plan, image: LabelImage, todo: list, scheduler, config: SegmentConfig, *,
+                   progress=None, should_stop=None) -> dict:
     """Run the missing chunks ``todo`` as tasks on a dask cluster; returns the run's counts.
 
-    Progress is reported per chunk (no tiles come back to the client)."""
+    The workers run the network on ``config.device`` (see :func:`worker_device`). Progress is
+    reported per chunk (no tiles come back to the client)."""
     from distributed import as_completed
 
     progress, should_stop = resolve(progress, should_stop)
@@ -140,9 +173,11 @@ def run_on_cluster(model, slide, plan: Plan, image: LabelImage, todo: list, sche
             source = str(Path(model.path).resolve())
         else:
             [source] = client.scatter([model_payload(model)], broadcast=True)
+        amp = model.amp if config.amp is None else bool(config.amp)
         spec = {"image": str(slide.path.resolve()), "out": str(image.path.resolve()), "tile": plan.tile,
-                "overlap": plan.overlap, "chunk": plan.chunk, "skip_background": skip_background, "batch": batch,
-                "probabilities": probabilities, "tta": tta, "amp": model.amp, "device": device, "mpp": slide.mpp}
+                "overlap": plan.overlap, "chunk": plan.chunk, "skip_background": config.skip_background,
+                "batch": config.batch, "probabilities": config.probabilities, "tta": config.tta, "amp": amp,
+                "device": config.device, "mpp": slide.mpp}
         window = max(2, 2 * len(client.scheduler_info().get("workers", {})))
         pending = iter(todo)
         ac = as_completed()

@@ -4,12 +4,16 @@
                      stacks batches (in pinned memory on CUDA)
     this thread      runs the network (bf16 autocast where it pays: model.amp_enabled),
                      optionally over the four flips of each tile (``tta``), keeps each tile's core
-    writer thread    upsamples a finished unit to level 0 and writes its chunks (:mod:`omezarr`)
+    mergers          each finished tile goes to the mergers (:mod:`merge`): an array, a display
+                     pyramid, or an OME-Zarr output whose writer thread upsamples a finished unit
+                     to level 0 and writes its chunks
 
 A *unit* is one level-0 output chunk and the tiles that cover it (:mod:`plan`). Memory
-stays flat: at most a few units are alive at once, whatever the slide size.
-:func:`run_units` is the one entry: a generator of finished tiles that writes each unit
-when its last tile is done.
+stays flat: at most a few units are alive at once, whatever the slide size. Batches never
+span units: which tiles share a forward pass depends only on the output chunk, so a resumed
+run computes every chunk exactly as an uninterrupted one (bf16 and some CPU kernels round
+differently with the batch's size). :func:`run_units` is the one entry: a generator of
+finished tiles.
 """
 
 from __future__ import annotations
@@ -22,9 +26,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ..io.omezarr import LabelImage
 from ..progress import Progress, resolve
-from . import tiling
 from .plan import LOCAL, Plan, reading
 
 STAGE = "segment"
@@ -99,7 +101,7 @@ class Reader(threading.Thread):
             self.put(_END)
 
     def _run(self):
-        plan, pending = self.plan, []
+        plan, pending = self.plan, []  # (unit, tile, pixels) of the batch being filled
         for index, rect0, rect in self.units:
             tiles = plan.tiles(rect, self.region)
             if not tiles:
@@ -122,8 +124,10 @@ class Reader(threading.Thread):
                     if not self.put(self._pack(pending)):
                         return
                     pending = []
-        if pending:
-            self.put(self._pack(pending))
+            if pending:  # a batch ends with its unit (see the module docstring)
+                if not self.put(self._pack(pending)):
+                    return
+                pending = []
 
     def _read(self, y0, x0, y1, x1) -> np.ndarray:
         with reading(self.plan.slide, f"level {self.plan.level} near pixel ({y0}, {x0})"):
@@ -159,14 +163,14 @@ class Reader(threading.Thread):
 class Predictor:
     """Runs batches on the model's device; on CUDA one batch stays in flight while the last is unpacked."""
 
-    def __init__(self, model, probabilities: bool, tta: bool = False):
+    def __init__(self, model, probabilities: bool, tta: bool = False, amp: Optional[bool] = None):
         import torch
 
         self.torch = torch
         self.net = model.require_segmentation()
         self.device = model.device
         self.normalization = getattr(model, "normalization", "[-1, 1]")
-        self.amp = model.amp
+        self.amp = model.amp if amp is None else bool(amp)
         self.probabilities = probabilities
         self.tta = tta
         self.cuda = self.device.type == "cuda"
@@ -198,14 +202,14 @@ class Predictor:
         return labels.numpy(), (probs.numpy() if probs is not None else None)
 
 
-def stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, tta: bool = False, region=None,
-           progress=None, should_stop=None, state=None) -> Iterator[TileResult]:
+def stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, tta: bool = False,
+           amp: Optional[bool] = None, region=None, progress=None, should_stop=None, state=None) -> Iterator[TileResult]:
     """Every tile of ``units`` as a :class:`TileResult`, in an order where each unit's last tile says so."""
     progress, should_stop = resolve(progress, should_stop)
     state = state if state is not None else {}
     total = sum(len(plan.tiles(rect, region)) for _, _, rect in units)
     state.update(done=0, skipped=0, pixels=0, stopped=False, total=total)
-    predictor = Predictor(model, probabilities, tta)
+    predictor = Predictor(model, probabilities, tta, amp)
     reader = Reader(plan, units, region, batch, pin=predictor.cuda)
     n_classes = predictor.net.classes
     t0 = time.perf_counter()
@@ -267,94 +271,25 @@ def stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, t
 
 
 
-def level0(plan: Plan, unit: Unit, labels: np.ndarray, probs: Optional[np.ndarray]):
-    """A unit's processing-level buffers -> its level-0 chunk (nearest neighbour)."""
-    (H, W), (h, w) = plan.shape0, plan.shape
-    y0, x0, y1, x1 = unit.rect0
-    if (H, W) == (h, w):
-        return labels, probs
-    rows = tiling.nearest_index(np.arange(y0, y1), H, h) - unit.rect[0]
-    cols = tiling.nearest_index(np.arange(x0, x1), W, w) - unit.rect[1]
-    lab = labels[rows][:, cols]
-    return lab, (probs[:, rows][:, :, cols] if probs is not None else None)
 
-
-class Writer(threading.Thread):
-    """Writes finished units to the label image in the background, in order."""
-
-    def __init__(self, image: LabelImage, plan: Plan, depth: int = 2):
-        super().__init__(daemon=True, name="genselfdiff-writer")
-        self.image, self.plan = image, plan
-        self.queue = queue.Queue(maxsize=depth)
-        self.error = None
-        self.written = 0
-
-    def run(self):
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                unit, labels, probs, empty = job
-                lab0, probs0 = level0(self.plan, unit, labels, probs)
-                self.image.write(unit.index, lab0, probs0, empty=empty and probs is None)
-                self.written += 1
-            except BaseException as e:
-                self.error = e
-
-    def submit(self, job):
-        if self.error is not None:
-            raise self.error
-        self.queue.put(job)
-
-    def finish(self):
-        self.queue.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
-def run_units(model, plan: Plan, units: list, image: Optional[LabelImage] = None, *, batch: int,
-              probabilities: bool, tta: bool = False, region=None, progress=None, should_stop=None) -> Iterator[TileResult]:
-    """Yield every finished tile of ``units``; with ``image``, write each unit's chunk when its last tile is done.
+def run_units(model, plan: Plan, units: list, mergers=(), *, batch: int, probabilities: bool, tta: bool = False,
+              amp: Optional[bool] = None, region=None, progress=None, should_stop=None) -> Iterator[TileResult]:
+    """Yield every finished tile of ``units``, pasting it into each of ``mergers`` first (:mod:`merge`).
 
     Returns (as a generator's value) the run's counts: ``done``, ``skipped``, ``pixels``,
-    ``total``, ``written`` (chunks), ``stopped``, ``seconds``.
+    ``total``, ``written`` (output chunks the mergers wrote), ``stopped``, ``seconds``.
     """
     state = {"written": 0}
-    writer = Writer(image, plan) if image is not None else None
-    by_index = {u[0]: u for u in units}
-    buffers = {}  # unit index -> [labels, probabilities, all skipped] at the processing level
-    if writer:
-        writer.start()
+    for m in mergers:
+        m.start(plan)
     try:
-        for r in stream(model, plan, units, batch=batch, probabilities=probabilities, tta=tta, region=region,
-                        progress=progress, should_stop=should_stop, state=state):
-            if writer:
-                _collect(r, by_index[r.chunk], buffers, writer, probabilities)
+        for r in stream(model, plan, units, batch=batch, probabilities=probabilities, tta=tta, amp=amp,
+                        region=region, progress=progress, should_stop=should_stop, state=state):
+            for m in mergers:
+                m.paste(r)
             yield r
     finally:
-        if writer:
-            writer.finish()
-            state["written"] = writer.written
+        for m in mergers:
+            m.close()
+        state["written"] = sum(getattr(m, "written", 0) for m in mergers)
     return state
-
-
-def _collect(r: TileResult, unit: tuple, buffers: dict, writer: Writer, probabilities: bool) -> None:
-    """Put a tile into its unit's buffers; hand the unit to the writer when it is complete."""
-    h, w = r.labels.shape
-    uy0, ux0, uy1, ux1 = unit[2]
-    if r.chunk not in buffers:
-        probs = np.zeros((r.probabilities.shape[0], uy1 - uy0, ux1 - ux0), np.float32) if probabilities else None
-        buffers[r.chunk] = [np.zeros((uy1 - uy0, ux1 - ux0), np.uint8), probs, True]
-    buf = buffers[r.chunk]
-    oy, ox = r.y - uy0, r.x - ux0
-    buf[0][oy : oy + h, ox : ox + w] = r.labels
-    if probabilities:
-        buf[1][:, oy : oy + h, ox : ox + w] = r.probabilities
-    buf[2] = buf[2] and r.skipped
-    if r.chunk_done:
-        labels, probs, empty = buffers.pop(r.chunk)
-        writer.submit((Unit(unit[0], unit[1], unit[2], []), labels, probs, empty))

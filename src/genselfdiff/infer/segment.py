@@ -3,11 +3,12 @@
 The slide is read at the level the model was trained at and cut into work units (one
 per level-0 output chunk) and tiles with a halo (:mod:`plan`, :mod:`tiling`); the tiles
 run through a read-ahead / predict / write pipeline (:mod:`pipeline`) or, with
-``scheduler``, as chunk tasks on a dask.distributed cluster (:mod:`distributed_segment`).
+``scheduler``, as chunk tasks on a dask.distributed cluster (:mod:`dask`).
 
 A segmentation has one shape: :func:`segment_tiles` is a generator that yields each
 finished tile (for live views and progress) and returns the :class:`SegmentResult`;
-:func:`segment` drains it. :func:`segment_batch` segments many images (errors per image)
+:func:`segment` drains it. How to segment is a :class:`~genselfdiff.infer.config.SegmentConfig`;
+where the tiles go is a :class:`~genselfdiff.infer.merge.Merger`. :func:`segment_batch` segments many images (errors per image)
 and :func:`load_labels` reads an output back.
 """
 
@@ -19,14 +20,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generator, Optional
 
-import numpy as np
-
 from ..errors import UserError
-from ..io.labels import load_labels  # noqa: F401  (re-exported: the public way to read an output back)
+from ..io.labels import default_class_names, load_labels  # noqa: F401  (load_labels: the public way to read an output back)
 from ..io.omezarr import LabelImage, pyramid_levels
 from ..io.outputs import png_path, zarr_path
 from ..io.slides import as_slide  # noqa: F401  (re-exported: images of every kind become Slides)
 from ..progress import drain, resolve
+from .config import SegmentConfig, segment_config
+from .merge import ArrayMerger, Merger, OmeZarrMerger
 from .pipeline import STAGE, TileResult, run_units
 from .plan import LOCAL, Plan, default_overlap, default_tile, input_slide, make_plan  # noqa: F401  (re-exported)
 
@@ -60,84 +61,89 @@ class SegmentResult:
     objects: object = None  # objects.ObjectResult when asked for instances
 
 
-def segment_tiles(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, skip_background: bool = True,
-                  region=None, region0=None, probabilities: bool = False, tta: bool = False, png: bool = False,
-                  chunk=None, progress=None, should_stop=None, scheduler=None, worker_device: str = "auto",
-                  pixel_size=None, override_pixel_size: bool = False, instances: bool = False,
-                  instances_of=None) -> Generator[TileResult, None, SegmentResult]:
+def segment_tiles(model, image, out=None, config: Optional[SegmentConfig] = None, *, region=None, region0=None,
+                  merger: Optional[Merger] = None, scheduler=None, pixel_size=None, override_pixel_size: bool = False,
+                  progress=None, should_stop=None, **overrides) -> Generator[TileResult, None, SegmentResult]:
     """Segment one image at the model's resolution, yielding each tile as it finishes; returns a :class:`SegmentResult`.
 
-    With ``out`` (a ``.ome.zarr`` path) the result is written there as an NGFF 0.5 label
-    image of the source's level-0 shape; rerunning the same call after an interruption
-    computes (and yields) only the missing chunks. ``png`` also writes ``out`` with ``.png``
-    (level-0 class ids) when the image has at most ``PNG_MAX_PIXELS``. Without ``out`` the
-    tiles are the result (the returned ``labels`` is None); ``region`` (y0, x0, y1, x1) in
-    processing-level pixels, or ``region0`` in level-0 pixels, then limits the work to the
-    tiles whose cores meet it (e.g. the part of the slide on screen). ``scheduler`` (an
-    address or a ``distributed.Client``) runs the chunks on a dask cluster, which yields no
-    tiles (progress comes per chunk); it needs ``out`` and an image path. ``tta`` averages
-    each tile's class probabilities over its four flips (:data:`~genselfdiff.nn.model.FLIPS`;
-    4x the compute); ``probabilities`` also keeps them (in each tile, and with ``out`` in
-    the output). Tiles come unit by unit, row by row. Stops cleanly, keeping finished
-    chunks, when ``should_stop()`` is True. ``pixel_size``: the level-0 µm/px of the image
-    (see :func:`genselfdiff.io.slides.open_slide`); an image whose size differs from the
-    model's is resampled to it, and the labels still have the image's own level-0 shape.
-    With ``out``, ``instances`` (or ``instances_of``, class names) also splits the classes into
-    objects once the labels are written (:mod:`genselfdiff.objects.output`): ``result.objects``.
+    ``config`` (:class:`~genselfdiff.infer.config.SegmentConfig`; default: the engine's defaults)
+    says how; keyword arguments named after its fields (``tile=``, ``tta=``, ...) override them.
+    With ``out`` (a ``.ome.zarr`` path) the tiles are merged into an NGFF 0.5 label image of the
+    source's level-0 shape (:class:`~genselfdiff.infer.merge.OmeZarrMerger`); rerunning the same
+    call after an interruption computes (and yields) only the missing chunks. ``config.png``
+    also writes ``out`` with ``.png`` (level-0 class ids) when the image has at most
+    ``PNG_MAX_PIXELS``. Without ``out`` the tiles are the result (the returned ``labels`` is
+    None); ``region`` (y0, x0, y1, x1) in processing-level pixels, or ``region0`` in level-0
+    pixels, then limits the work to the tiles whose cores meet it (e.g. the part of the slide on
+    screen). ``merger`` (a :class:`~genselfdiff.infer.merge.Merger`, e.g. a display pyramid) also
+    receives every finished tile. ``scheduler`` (an address or a ``distributed.Client``) runs the
+    chunks on a dask cluster, which yields no tiles (progress comes per chunk); it needs ``out``
+    and an image path. ``config.tta`` averages each tile's class probabilities over its four
+    flips (:data:`~genselfdiff.nn.model.FLIPS`; 4x the compute); ``config.probabilities`` also
+    keeps them (in each tile, and with ``out`` in the output). Tiles come unit by unit, row by
+    row. Stops cleanly, keeping finished chunks, when ``should_stop()`` is True. ``pixel_size``:
+    the level-0 µm/px of the image (see :func:`genselfdiff.io.slides.open_slide`); an image whose
+    size differs from the model's is resampled to it, and the labels still have the image's own
+    level-0 shape. With ``out``, ``config.instances`` (or ``instances_of``, class names) also
+    splits the classes into objects once the labels are written (:mod:`genselfdiff.objects.output`):
+    ``result.objects``.
     """
     from ..objects.output import add_objects, object_request
 
-    _refuse_combinations(out, png, scheduler, region, region0)
-    if (instances or instances_of) and out is None:
+    cfg = segment_config(config, **overrides)
+    _refuse_combinations(out, cfg.png, scheduler, region, region0, merger)
+    if cfg.wants_objects and out is None:
         raise UserError("Objects are split from the whole written image, so instances=True needs an output "
                         "path (out=...); segment() also splits them in memory.")
-    request = object_request(model, instances_of) if instances or instances_of else None
+    request = object_request(model, cfg.instances_of) if cfg.wants_objects else None
     t0 = time.perf_counter()
     slide = input_slide(model, image, pixel_size, override_pixel_size)
-    plan = make_plan(model, slide, tile=tile, overlap=overlap, skip_background=skip_background, chunk=chunk)
+    plan = make_plan(model, slide, tile=cfg.tile, overlap=cfg.overlap, skip_background=cfg.skip_background,
+                     chunk=cfg.chunk)
     base = dict(level=plan.level, downsample=plan.downsample, mpp=slide.mpp_at(plan.level))
+    options = dict(batch=cfg.batch, probabilities=cfg.probabilities, tta=cfg.tta, amp=cfg.amp, progress=progress,
+                   should_stop=should_stop)
+    extra = [merger] if merger is not None else []
     if out is None:
         if region0 is not None:
             region = plan.processing_region(region0)
         region = tuple(int(v) for v in region) if region is not None else None
-        state = yield from run_units(model, plan, plan.units(region), batch=batch, probabilities=probabilities,
-                                     tta=tta, region=region, progress=progress, should_stop=should_stop)
+        state = yield from run_units(model, plan, plan.units(region), extra, region=region, **options)
         return _result(None, None, state, t0, shape=plan.shape, **base)
 
     out = Path(out)
     n_classes = model.require_segmentation().classes
     units = plan.units()
-    levels = pyramid_levels(plan.shape0, plan.chunk)
-    run = _run_description(model, plan, skip_background, probabilities, tta)
-    label_image = LabelImage.create(out, shape=plan.shape0, chunk=plan.chunk, levels=levels, run=run,
-                                    probabilities=n_classes if probabilities else 0)
+    run = _run_description(model, plan, cfg)
+    label_image = LabelImage.create(out, shape=plan.shape0, chunk=plan.chunk, levels=pyramid_levels(plan.shape0, plan.chunk),
+                                    run=run, probabilities=n_classes if cfg.probabilities else 0)
     done = label_image.done()
     todo = [u for u in units if u[0] not in done]
-    options = dict(batch=batch, probabilities=probabilities, tta=tta, progress=progress, should_stop=should_stop)
     if scheduler is not None:
         from .dask import run_on_cluster
 
-        state = run_on_cluster(model, slide, plan, label_image, todo, scheduler, skip_background=skip_background,
-                               device=worker_device, **options)
+        state = run_on_cluster(model, slide, plan, label_image, todo, scheduler, cfg, progress=progress,
+                               should_stop=should_stop)
     else:
-        state = yield from run_units(model, plan, todo, label_image, **options)
+        mergers = [OmeZarrMerger(label_image, cfg.probabilities)] + extra
+        state = yield from run_units(model, plan, todo, mergers, **options)
     notes = []
     stopped = state.get("stopped", False) or len(label_image.done()) < len(units)
     png_file = None
     if not stopped:
-        label_image.finish(slide.name, model.classes or [str(i) for i in range(n_classes)],
+        label_image.finish(slide.name, model.classes or default_class_names(n_classes),
                            model.colors, slide.mpp, info={"source": str(slide.path), "model": str(model.path)})
-        if png:
+        if cfg.png:
             png_file, note = _write_png(out, plan.shape0)
             notes += [note] if note else []
     labels = load_labels(out)[0] if not stopped else None
     result = _result(labels, out, state, t0, chunks_computed=state.get("written", 0), chunks_resumed=len(done),
                      png=png_file, notes=notes, stopped=stopped, **base)
-    return add_objects(result, request, slide, png=png, png_max_pixels=PNG_MAX_PIXELS, progress=progress,
+    return add_objects(result, request, slide, png=cfg.png, png_max_pixels=PNG_MAX_PIXELS, progress=progress,
                        should_stop=should_stop)
 
 
-def _refuse_combinations(out, png, scheduler, region, region0) -> None:
+def _refuse_combinations(out, png, scheduler, region, region0, merger) -> None:
     """Options that need an output folder, or that make no sense with one, are refused, never ignored."""
     if out is None:
         if png:
@@ -149,40 +155,36 @@ def _refuse_combinations(out, png, scheduler, region, region0) -> None:
                         "or leave out the output path.")
     if region is not None and region0 is not None:
         raise UserError("Give a region in processing-level pixels (region) or in level-0 pixels (region0), not both.")
+    if scheduler is not None and merger is not None:
+        raise UserError("Tiles computed on a dask cluster stay there; a merger needs a local run (no scheduler).")
 
 
-def segment(model, image, out=None, *, tile=None, overlap=None, batch: int = 8, skip_background: bool = True,
-            probabilities: bool = False, tta: bool = False, png: bool = False, chunk=None, progress=None,
-            should_stop=None, scheduler=None, worker_device: str = "auto", pixel_size=None,
-            override_pixel_size: bool = False, instances: bool = False, instances_of=None) -> SegmentResult:
+def segment(model, image, out=None, config: Optional[SegmentConfig] = None, *, scheduler=None, pixel_size=None,
+            override_pixel_size: bool = False, progress=None, should_stop=None, **overrides) -> SegmentResult:
     """Segment one image at the model's resolution: :func:`segment_tiles`, run to its end.
 
-    Without ``out`` the labels come back as a numpy array at the processing level (the
-    whole image in memory, for small images and tests); class probabilities are kept only
-    in an output, so ``probabilities`` then needs ``out``. ``instances`` (or ``instances_of``,
-    class names) also splits the classes into objects (:mod:`genselfdiff.objects.output`):
-    ``result.objects``.
+    ``config`` and keyword overrides as for :func:`segment_tiles`. Without ``out`` the tiles go
+    to an :class:`~genselfdiff.infer.merge.ArrayMerger` and the labels come back as a numpy
+    array at the processing level (the whole image in memory, for small images and tests);
+    class probabilities are kept only in an output, so ``probabilities`` then needs ``out``.
+    ``instances`` (or ``instances_of``, class names) also splits the classes into objects
+    (:mod:`genselfdiff.objects.output`): ``result.objects``.
     """
     from ..objects.output import add_objects, object_request
 
-    request = object_request(model, instances_of) if instances or instances_of else None  # before any work
-    if out is None and probabilities:
+    cfg = segment_config(config, **overrides)
+    request = object_request(model, cfg.instances_of) if cfg.wants_objects else None  # before any work
+    if out is None and cfg.probabilities:
         raise UserError("Class probabilities are stored in the OME-Zarr output, so probabilities=True needs an "
                         "output path (out=...).")
-    tiles = segment_tiles(model, image, out, tile=tile, overlap=overlap, batch=batch, skip_background=skip_background,
-                          probabilities=probabilities, tta=tta, png=png, chunk=chunk, progress=progress,
-                          should_stop=should_stop, scheduler=scheduler, worker_device=worker_device,
-                          pixel_size=pixel_size, override_pixel_size=override_pixel_size,
-                          instances=out is not None and (instances or bool(instances_of)),
-                          instances_of=instances_of if out is not None else None)
+    kw = dict(scheduler=scheduler, pixel_size=pixel_size, override_pixel_size=override_pixel_size, progress=progress,
+              should_stop=should_stop)
     if out is not None:
-        return drain(tiles)
-    finished = []  # the cores partition the image: together no bigger than the array they fill
-    result = drain(tiles, finished.append)
-    result.labels = np.zeros(result.shape, np.uint8)
-    for t in finished:
-        h, w = t.labels.shape
-        result.labels[t.y : t.y + h, t.x : t.x + w] = t.labels
+        return drain(segment_tiles(model, image, out, cfg, **kw))
+    merged = ArrayMerger()  # the cores partition the image: together no bigger than the array they fill
+    result = drain(segment_tiles(model, image, None, replace(cfg, instances=False, instances_of=None), merger=merged,
+                                 **kw))
+    result.labels = merged.finish()
     return add_objects(result, request, None, png_max_pixels=PNG_MAX_PIXELS)
 
 
@@ -221,26 +223,32 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def _run_description(model, plan: Plan, skip_background: bool, probabilities: bool, tta: bool) -> dict:
+def _run_description(model, plan: Plan, cfg: SegmentConfig) -> dict:
+    """Everything that decides an output's pixels: a rerun that differs in any of them starts afresh."""
     return {"model": model_fingerprint(model), "classes": list(model.classes), "tile": plan.tile,
-            "overlap": plan.overlap, "skip_background": bool(skip_background), "probabilities": bool(probabilities),
-            "tta": bool(tta),
+            "overlap": plan.overlap, "skip_background": bool(cfg.skip_background),
+            "probabilities": bool(cfg.probabilities), "tta": bool(cfg.tta),
             "level": plan.level, "source_shape": list(plan.shape0), "processing_shape": list(plan.shape)}
 
 
 # --- many images -------------------------------------------------------------------------------
 
-def segment_batch(model, images, out_dir, *, device: str = "auto", progress=None, should_stop=None, **kw) -> list:
+def segment_batch(model, images, out_dir, config: Optional[SegmentConfig] = None, *, progress=None,
+                  should_stop=None, **kw) -> list:
     """Segment each image into ``out_dir/NAME.ome.zarr``; a bad image is reported and the rest go on.
 
-    ``model`` is a :class:`~genselfdiff.nn.model.Model` or a checkpoint path. Returns
+    ``model`` is a :class:`~genselfdiff.nn.model.Model` or a checkpoint path (loaded on
+    ``config.device``). ``config`` and keyword overrides as for :func:`segment_tiles`, which also
+    takes ``scheduler``, ``pixel_size`` and ``override_pixel_size`` here. Returns
     ``[(image, SegmentResult or error message)]``; stops before the next image when asked.
     """
     from ..io.slides import image_stem
     from ..nn.model import Model, load_model
 
+    run_kw = {k: kw.pop(k) for k in ("scheduler", "pixel_size", "override_pixel_size") if k in kw}
+    cfg = segment_config(config, **kw)
     if not isinstance(model, Model):
-        model = load_model(model, device)
+        model = load_model(model, cfg.device)
     model.require_segmentation()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +263,7 @@ def segment_batch(model, images, out_dir, *, device: str = "auto", progress=None
             progress(replace(p, stage=f"{STAGE} {name}"))
 
         try:
-            r = segment(model, image, zarr_path(out_dir, name), progress=named, should_stop=stop, **kw)
+            r = segment(model, image, zarr_path(out_dir, name), cfg, progress=named, should_stop=stop, **run_kw)
         except UserError as e:
             results.append((image, str(e)))
             continue

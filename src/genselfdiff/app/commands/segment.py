@@ -9,7 +9,10 @@ ORDER = 30
 
 
 def register(sub) -> None:
+    from ...infer.config import SegmentConfig
     from ..cli import add_device_argument, add_pixel_size_arguments
+
+    engine = SegmentConfig()  # the defaults the help names are the engine's
 
     p = sub.add_parser(
         "segment", help="segment images or whole slides with a fine-tuned model into OME-Zarr labels",
@@ -23,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder for NAME.ome.zarr (and NAME.png)")
     p.add_argument("--tile", type=int, help="network input side in pixels (default: 256 for tiny, 512 otherwise)")
     p.add_argument("--overlap", type=int, help="pixels shared by neighbouring tiles, twice the halo (default tile/8)")
-    p.add_argument("--batch", type=int, default=8, help="tiles per forward pass (default: %(default)s)")
+    p.add_argument("--batch", type=int, help=f"tiles per forward pass (default: {engine.batch})")
     p.add_argument("--png", action="store_true", help="also write OUT/NAME.png (level-0 class ids) for images up to 100 Mpx")
     p.add_argument("--probabilities", action="store_true", help="also store float32 class probabilities")
     p.add_argument("--instances", action="store_true",
@@ -35,8 +38,9 @@ def register(sub) -> None:
     p.add_argument("--all-tiles", action="store_true", help="run the network on glass too (no tissue detection)")
     p.add_argument("--tta", action="store_true", help="test-time flips: average each tile's class probabilities "
                                                       "over its 4 flips (none, left-right, up-down, both); 4x slower")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA and on CPUs with native bf16; --no-amp keeps fp32 (default on)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast on CUDA and on CPUs with native bf16; --no-amp keeps fp32 (default: on, "
+                        "except for a model trained in fp32 only)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run the tiles on this dask.distributed scheduler "
                                                           "(e.g. tcp://host:8786); workers must see the same files")
     add_pixel_size_arguments(p)
@@ -44,39 +48,45 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
+def build_config(args):
+    """The :class:`~genselfdiff.infer.config.SegmentConfig` of what the user chose (the rest is the engine's)."""
+    from ...infer.config import SegmentConfig, chosen
+    from ...objects.output import parse_class_list
+
+    instances_of = parse_class_list(args.instances_of)
+    return SegmentConfig(**chosen(tile=args.tile, overlap=args.overlap, batch=args.batch, amp=args.amp),
+                         skip_background=not args.all_tiles, tta=args.tta, probabilities=args.probabilities,
+                         png=args.png, instances=args.instances or bool(instances_of),
+                         instances_of=instances_of or None, device=args.device)
+
+
 def run(args) -> int:
+    from ...errors import UserError
     from ...infer.segment import segment_batch
     from ...io.slides import find_images
     from ...nn.model import load_model
     from ..cli import EXIT_OK, EXIT_PARTIAL, ProgressBar, StopOnInterrupt
 
+    config = build_config(args)
     images = find_images(args.images)
     if not images:
-        from ...errors import UserError
-
         raise UserError(f"No images found in {' '.join(args.images)}.")
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, config.device)
     model.require_segmentation()
-    model.amp = args.amp
-    from ...objects.output import object_request, parse_class_list
+    if config.wants_objects:
+        from ...objects.output import object_request
 
-    instances_of = parse_class_list(args.instances_of)
-    if args.instances or instances_of:
-        object_request(model, instances_of)  # a bad class name stops here, before any work
+        object_request(model, config.instances_of)  # a bad class name stops here, before any work
     print(f"Segmenting {len(images)} image(s) with {args.model} ({len(model.classes)} classes: "
           f"{', '.join(map(str, model.classes))}) on {model.device}"
           f"{' via ' + args.scheduler if args.scheduler else ''}.", file=sys.stderr)
     with StopOnInterrupt() as stop, ProgressBar(unit="tile") as bar:
-        results = segment_batch(model, images, args.out, tile=args.tile, overlap=args.overlap, batch=args.batch,
-                                skip_background=not args.all_tiles, probabilities=args.probabilities, tta=args.tta, png=args.png,
-                                scheduler=args.scheduler, progress=bar, should_stop=stop, pixel_size=args.pixel_size,
-                                override_pixel_size=args.override_pixel_size, instances=args.instances,
-                                instances_of=instances_of)
+        results = segment_batch(model, images, args.out, config, scheduler=args.scheduler, progress=bar,
+                                should_stop=stop, pixel_size=args.pixel_size,
+                                override_pixel_size=args.override_pixel_size)
     failed = _summary(results, len(images))
     if results and failed == len(results) == len(images):
         # Nothing could be segmented: a usage problem (wrong model, unsupported files), exit 2.
-        from ...errors import UserError
-
         first = results[0][1]
         raise UserError(first if len(images) == 1 else f"None of the {len(images)} images could be segmented; "
                         f"the first: {first}")
