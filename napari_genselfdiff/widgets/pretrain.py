@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QVBoxLayout
 
 from genselfdiff.errors import UserError
 
@@ -13,6 +13,9 @@ from ..settings import settings
 from ._common import PRESETS, BudgetEdit, DeviceBox, JobWidget, PathEdit, PixelSizeEdit, TrainingPlot, tell, tell_error
 
 SAMPLING_STEPS = 50  # a strided reverse process: a quick look, not the full 1000 steps
+CPU_NOTE = ("On a CPU, pretraining at the budgets tried (10 minutes to about an hour) did not improve "
+            "fine-tuning. It is meant for GPU-scale runs; without a GPU, skip it and fine-tune from scratch "
+            "(leave the Fine-tune widget's Base model empty). See docs/pretraining.md.")
 
 
 class PretrainWidget(JobWidget):
@@ -30,10 +33,14 @@ class PretrainWidget(JobWidget):
         self.preset.setToolTip("auto: paper on a CUDA GPU, the CPU's best by measurement otherwise; tiny: quick try "
                                "on a CPU; small: a laptop GPU; paper: the published model")
         self.budget = BudgetEdit(2000)
+        self.budget.setToolTip("How long to pretrain, in steps or minutes. " + CPU_NOTE)
         self.device = DeviceBox()
         self.pixel_size = PixelSizeEdit("as the files state (PNG/JPEG: unknown)")
         self.resume = QCheckBox("continue from the saved model")
         self.start_button, self.stop_button = QPushButton("Start"), QPushButton("Stop")
+        self.start_button.setToolTip(CPU_NOTE)
+        self.note = QLabel(CPU_NOTE)
+        self.note.setWordWrap(True)
         self.start_button.clicked.connect(self.start)
         self.stop_button.clicked.connect(self.stop)
         self.stop_button.setEnabled(False)
@@ -60,6 +67,7 @@ class PretrainWidget(JobWidget):
         samples.addWidget(self.n_samples)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
+        layout.addWidget(self.note)
         layout.addLayout(buttons)
         layout.addWidget(self.bar)
         layout.addWidget(self.status)

@@ -13,11 +13,16 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "finetune", help="fine-tune a (pretrained) diffusion U-Net for segmentation from masks or scribbles",
-        description="Fine-tune the whole diffusion U-Net with a new output head (t = 0) on labelled images, "
-                    "with the paper's structural-similarity + focal loss. Masks are matched to images by file "
+        description="Fine-tune the whole diffusion U-Net with a new output head (t = 0) on labelled images. "
+                    "Loss by default: soft Dice + cross-entropy (--loss paper: the paper's structural-similarity "
+                    "+ focal loss); strokes (--sparse) add a colour-affinity term and, for nuclei, a haematoxylin "
+                    "prior on the unpainted pixels. Budget, none given: masks 50 epochs and at least 2500 steps, "
+                    "keeping the best validation Dice; strokes (--sparse): 1000 steps, keeping the last network. "
+                    "Masks are matched to images by file "
                     "stem (a.svs <- a.png, a_mask.tif, a_labels.png, ...). Dense masks: 0 = background, "
                     "1..K = classes. --sparse scribbles: 0 = unlabelled (ignored), 1 = background, 2.. = classes. "
-                    "Without --model the preset's network starts from random weights (the supervised baseline). "
+                    "Without --model the preset's network starts from random weights; on a CPU, start there: "
+                    "pretraining at CPU budgets did not improve fine-tuning (docs/pretraining.md). "
                     "Ctrl-C stops after the current step and keeps a valid checkpoint.")
     p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
     ann = p.add_mutually_exclusive_group(required=True)
@@ -41,8 +46,9 @@ def register(sub) -> None:
     budget.add_argument("--minutes", type=float, metavar="M")
     p.add_argument("--patch", type=int, help="patch side in pixels (default: the preset's)")
     p.add_argument("--batch", type=int, help="patches per step (default: the preset's)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default: 3e-4 from a trained model, 1e-3 from "
-                                             "scratch; 1e-4 for the paper network and the official recipe)")
+    p.add_argument("--lr", type=float,
+                   help="Adam learning rate (default, by network and start: tiny 3e-4 from a trained model, 1e-3 "
+                        "from scratch; small 3e-4; paper and the official recipe 1e-4)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"],
                    help="constant (the paper's; default for masks) or cosine: decay to 0 over the budget "
                         "(default for strokes, which keep their last network)")

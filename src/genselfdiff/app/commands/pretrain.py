@@ -17,7 +17,12 @@ def register(sub) -> None:
         description="Teach the GenSelfDiff-HIS U-Net what tissue looks like by learning to remove noise from "
                     "random tissue patches (DDPM, P2-weighted loss). Writes the best checkpoint by validation "
                     "loss to --out and the resume state next to it (model.pt -> model.last.pt). "
-                    "Ctrl-C stops cleanly after the current step, leaving both files usable.",
+                    "Ctrl-C stops cleanly after the current step, leaving both files usable. "
+                    "On a CPU, pretraining at the budgets tried (10 minutes to about an hour, up to 16,000 steps "
+                    "of the tiny network) did not improve fine-tuning: without a GPU, skip it and fine-tune from "
+                    "random weights "
+                    "(genselfdiff finetune without --model). Pretraining is meant for GPU-scale runs; "
+                    "see docs/pretraining.md.",
         epilog="Exit status: 0 done (also when files without tissue were skipped), 1 done but some files could "
                "not be read, 2 nothing could be done (bad arguments or no usable image). Several GPUs or "
                "machines: torchrun --nproc_per_node=N -m genselfdiff pretrain ... (see docs/pretraining.md).")
