@@ -31,8 +31,9 @@ def pretrain_job(spec, progress, should_stop):
 
 
 def finetune_job(spec, progress, should_stop):
+    from genselfdiff import FinetuneConfig
     from genselfdiff.io.pixelsize import Resolution
-    from genselfdiff.train.finetune import FinetuneConfig, Preview, finetune
+    from genselfdiff.train.finetune import Preview, finetune
 
     config = FinetuneConfig.from_preset(spec["preset"], sparse=spec["sparse"], class_names=spec["classes"],
                                         resolution=Resolution(**spec["resolution"]) if spec.get("resolution") else None,

@@ -1,10 +1,11 @@
-"""Geometry between napari layers and pyramid levels, and the label arrays the widgets fill.
+"""Geometry between napari layers and pyramid levels, and the Labels layers the widgets make.
 
 A Labels layer made for level ``l`` of an image has ``scale = image.scale * d`` (``d`` the
 level's downsample) and is shifted by ``(d - 1) / 2`` level-0 pixels, so its pixels sit
 exactly over the level-0 pixels they stand for. The same rule, inverted, tells which level
 and window of an image a Labels layer covers, so painted labels and the pixels under them
-are read together.
+are read together. Labels that fill in while a model runs are the engine's display pyramid
+(:class:`genselfdiff.infer.merge.PyramidMerger`), not built here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import numpy as np
 
 META = "genselfdiff"  # key of our entry in layer.metadata
 SPARSE_BACKGROUND = (0, 160, 255)  # colour of painted "background" strokes (label 1)
-IN_MEMORY_LIMIT = 2**28  # label pixels per level kept in a numpy array; larger goes to zarr
 
 
 # --- images and their levels -------------------------------------------------------------
@@ -134,50 +134,6 @@ def labels_kwargs(names: list, colors: list, **extra) -> dict:
         "colormap": label_colormap(dict(enumerate(colors))),
         "metadata": labels_metadata(names, colors, **extra),
     }
-
-
-# --- labels that fill in while a model runs ----------------------------------------------
-
-class LabelPyramid:
-    """Class labels for one image level plus nearest-neighbour halvings, written tile by tile.
-
-    Every write goes to all levels at once, so a multiscale Labels layer over these arrays
-    shows each finished tile at every zoom. Levels larger than ``IN_MEMORY_LIMIT`` pixels are
-    in-memory zarr arrays (compressed chunks: a whole-slide label image of mostly background
-    stays small).
-    """
-
-    def __init__(self, shape, min_side: int = 1024):
-        h, w = int(shape[0]), int(shape[1])
-        self.levels = [self._allocate((h, w))]
-        s = 1
-        while max(math.ceil(h / s), math.ceil(w / s)) > min_side:
-            s *= 2
-            self.levels.append(self._allocate((math.ceil(h / s), math.ceil(w / s))))
-
-    @staticmethod
-    def _allocate(shape):
-        if shape[0] * shape[1] <= IN_MEMORY_LIMIT:
-            return np.zeros(shape, np.uint8)
-        import zarr
-
-        return zarr.create_array(zarr.storage.MemoryStore(), shape=shape, chunks=(2048, 2048),
-                                 dtype="uint8", fill_value=0)
-
-    @property
-    def data(self):
-        """What a Labels layer takes: one array, or the list of levels."""
-        return self.levels[0] if len(self.levels) == 1 else self.levels
-
-    def write(self, y: int, x: int, tile: np.ndarray) -> None:
-        for k, level in enumerate(self.levels):
-            s = 2**k
-            oy, ox = (-y) % s, (-x) % s
-            sub = tile[oy::s, ox::s]
-            if sub.size:
-                Y, X = (y + oy) // s, (x + ox) // s
-                sub = sub[: level.shape[0] - Y, : level.shape[1] - X]
-                level[Y : Y + sub.shape[0], X : X + sub.shape[1]] = sub
 
 
 # --- annotation layers --------------------------------------------------------------------

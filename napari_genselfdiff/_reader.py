@@ -31,6 +31,7 @@ def get_reader(path):
 
 def read(path) -> list:
     from genselfdiff.io.omezarr import ome_attributes
+    from genselfdiff.io.outputs import instances_path
 
     if isinstance(path, (list, tuple)):
         path = path[0]
@@ -38,8 +39,8 @@ def read(path) -> list:
     attrs = ome_attributes(path) if path.is_dir() else None
     if attrs is not None and ("image-label" in attrs or "genselfdiff" in attrs):
         layers = [read_label_image(path)]
-        if "multiscales" in (ome_attributes(path / "instances") or {}):  # segment --instances
-            layers.append(read_objects(path / "instances", layers[0][1]["name"]))
+        if "multiscales" in (ome_attributes(instances_path(path)) or {}):  # segment --instances
+            layers.append(read_objects(instances_path(path), layers[0][1]["name"]))
         return layers
     layers = [read_image(path)]
     if attrs is not None and (path / "labels").is_dir():  # NGFF: labels stored beside the image
@@ -71,6 +72,7 @@ def read_label_image(path) -> tuple:
     """An NGFF label image (a genselfdiff output or any NGFF label image) as a (multiscale)
     Labels layer with its class names and colours."""
     from genselfdiff.io.labels import default_class_names, default_colors, open_label_image
+    from genselfdiff.io.outputs import output_stem
 
     source = open_label_image(path)  # says in plain words when an output is unfinished
     levels = source.levels
@@ -79,7 +81,7 @@ def read_label_image(path) -> tuple:
     # Where labels written from a napari layer lie on their slide (level-0 pixels), for GeoJSON export.
     placement = source.genselfdiff.get("placement") or {}
     path = Path(path)
-    stem = path.name[: -len(".ome.zarr")] if path.name.lower().endswith(".ome.zarr") else path.stem
+    stem = output_stem(path) if path.name.lower().endswith(".zarr") else path.stem
     meta = {
         "name": stem,
         "multiscale": len(levels) > 1,
@@ -166,7 +168,8 @@ def read_geojson(path) -> list:
 
 def _sibling_slide(path: Path):
     from genselfdiff.errors import UserError
-    from genselfdiff.io.slides import IMAGE_SUFFIXES, image_stem, open_slide
+    from genselfdiff.io.files import IMAGE_SUFFIXES, image_stem
+    from genselfdiff.io.slides import open_slide
 
     for candidate in sorted(path.parent.iterdir()):
         if candidate != path and candidate.name.lower().endswith(IMAGE_SUFFIXES) and image_stem(candidate) == path.stem:

@@ -8,7 +8,6 @@ metadata; the engine's own writers do the rest.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -31,11 +30,10 @@ def write_labels_zarr(path: str, data, meta: dict) -> list:
     placed where the layer lies on its slide."""
     from genselfdiff.io.labels import default_colors
     from genselfdiff.io.omezarr import write_label_array
+    from genselfdiff.io.outputs import as_zarr_path
 
     labels, info = _labels_and_info(data, meta)
-    path = Path(path)
-    if not path.name.lower().endswith(".zarr"):
-        path = path.with_name(path.name + ".ome.zarr")
+    path = as_zarr_path(path)
     names = info["label_names"]
     # A new "run" each time: saving again replaces an earlier save instead of resuming it.
     run = {"napari_layer": meta.get("name") or path.name, "saved": time.time()}

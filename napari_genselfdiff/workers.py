@@ -6,8 +6,8 @@ engine's ``should_stop`` reads, so it saves a valid checkpoint and returns. Upda
 back through a queue that a Qt timer drains. ``GENSELFDIFF_NAPARI_WORKER=thread`` runs
 the same jobs in a thread instead (for environments where spawning fails).
 
-Segmentation runs in napari's thread worker (:func:`segment_worker`): it yields each
-finished tile, which the widget writes into a Labels layer on the main thread.
+Segmentation runs in napari's thread worker (:func:`segment_worker`): the engine pastes each
+finished tile into a display pyramid, and the widget shows that pyramid as a Labels layer.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import logging
 import os
 import queue as queue_module
 import threading
-from pathlib import Path
 
-import numpy as np
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ._jobs import run_job
@@ -174,16 +172,19 @@ class ProgressView:
             self.label.setText(text)
 
 
-def segment_worker(model_path: str, device: str, items: list, options: dict, out_dir=None):
+def segment_worker(model_path: str, items: list, config, out_dir=None):
     """A napari thread worker segmenting ``items`` one after the other, and its stop event.
 
-    ``items`` are dicts: ``key`` (a name), ``image`` (a Slide) and optionally ``region0``
-    (y0, x0, y1, x1 in level-0 pixels). The worker yields ``("model", Model)``, then per item
-    ``("tile", key, TileResult)`` as tiles finish and ``("end", key, SegmentResult)``,
-    or ``("failed", key, message)`` for an image the model cannot segment (the batch goes on).
-    With ``out_dir`` each result is also written to ``out_dir/KEY.ome.zarr`` by the engine.
-    With ``options["instances"]`` the worker also yields ``("objects", key, ids, level)`` before
-    ``"end"``: the object ids (level 0 with ``out_dir``, else the processing level ``level``).
+    ``config`` is the run's :class:`~genselfdiff.infer.config.SegmentConfig` (the model is loaded
+    on ``config.device``). ``items`` are dicts: ``key`` (a name), ``image`` (a Slide) and
+    optionally ``region0`` (y0, x0, y1, x1 in level-0 pixels). Each image's tiles go to a display
+    pyramid (:class:`~genselfdiff.infer.merge.PyramidMerger`) in the engine. The worker yields
+    ``("model", Model)``, then per item ``("tile", key, TileResult, merger)`` as tiles finish
+    (the merger holds them all) and ``("end", key, SegmentResult)``, or ``("failed", key,
+    message)`` for an image the model cannot segment (the batch goes on). With ``out_dir`` each
+    result is also written to ``out_dir/KEY.ome.zarr`` by the engine. With ``config.instances``
+    the worker also yields ``("objects", key, ids, level)`` before ``"end"``: the object ids
+    (level 0 with ``out_dir``, else the processing level ``level``).
     """
     from napari.qt.threading import thread_worker
 
@@ -191,40 +192,34 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
 
     @thread_worker(ignore_errors=True)  # the widget reports errors itself (errored signal)
     def work():
+        from dataclasses import replace
+
         from genselfdiff.errors import UserError
+        from genselfdiff.infer.merge import PyramidMerger
         from genselfdiff.infer.segment import segment_tiles
+        from genselfdiff.io.outputs import zarr_path
         from genselfdiff.nn.model import load_model
         from genselfdiff.objects.output import object_request, objects_in_memory
 
-        model = load_model(model_path, device)
+        model = load_model(model_path, config.device)
         model.require_segmentation()
-        tile_options = {k: v for k, v in options.items() if k != "instances"}
-        request = object_request(model) if options.get("instances") else None
+        request = object_request(model, config.instances_of) if config.wants_objects else None
+        in_memory = replace(config, instances=False, instances_of=None)  # objects come from the merger
         yield ("model", model)
         for item in items:
             if stop.is_set():
                 return
             key, image = item["key"], item["image"]
-            out = Path(out_dir) / f"{key}.ome.zarr" if out_dir is not None else None
+            out = zarr_path(out_dir, key) if out_dir is not None else None
+            merger = PyramidMerger()
             try:
-                tiles = segment_tiles(model, image, out, region0=item.get("region0"), should_stop=stop.is_set,
-                                      instances=out is not None and request is not None, **tile_options)
-                if request is not None and out is None:  # objects in memory need the tiles' labels
-                    full = None
-
-                    def keep(tile):
-                        nonlocal full
-                        if full is None:
-                            full = np.zeros(image.levels[tile.level].shape[:2], np.uint8)
-                        full[tile.y : tile.y + tile.labels.shape[0], tile.x : tile.x + tile.labels.shape[1]] = tile.labels
-
-                    result = yield from _tagged(key, tiles, keep)
-                    if full is not None and not result.stopped:
-                        yield ("objects", key, objects_in_memory(full, request, mpp=result.mpp).ids, result.level)
-                else:
-                    result = yield from _tagged(key, tiles)
-                    if result.objects is not None and result.objects.path is not None:
-                        yield ("objects", key, result.objects.ids, 0)
+                tiles = segment_tiles(model, image, out, config if out is not None else in_memory, merger=merger,
+                                      region0=item.get("region0"), should_stop=stop.is_set)
+                result = yield from _tagged(key, tiles, merger)
+                if result.objects is not None and result.objects.path is not None:
+                    yield ("objects", key, result.objects.ids, 0)
+                elif request is not None and out is None and merger.levels and not result.stopped:
+                    yield ("objects", key, objects_in_memory(merger.labels, request, mpp=result.mpp).ids, result.level)
                 yield ("end", key, result)
             except UserError as e:
                 yield ("failed", key, str(e))
@@ -232,14 +227,11 @@ def segment_worker(model_path: str, device: str, items: list, options: dict, out
     return work(), stop
 
 
-def _tagged(key, tiles, keep=None):
-    """The engine's finished tiles as ``("tile", key, tile)`` messages (each also given to
-    ``keep``); returns the engine's result."""
+def _tagged(key, tiles, merger):
+    """The engine's finished tiles as ``("tile", key, tile, merger)`` messages; returns the engine's result."""
     while True:
         try:
             tile = next(tiles)
         except StopIteration as end:
             return end.value
-        if keep is not None:
-            keep(tile)
-        yield ("tile", key, tile)
+        yield ("tile", key, tile, merger)

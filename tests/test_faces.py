@@ -65,3 +65,88 @@ def test_data_workers_are_the_engines_choice(monkeypatch):
     pretrain_job({"sources": ["x"], "out": "y.pt", "preset": "tiny", "device": "cuda"}, None, None)
     assert configs[0].workers is None
     assert default_workers("cpu") == 0 and 1 <= default_workers("cuda") <= 8
+
+
+# --- the real widgets against the CLI parser ---------------------------------------------------
+
+@pytest.fixture
+def _private_settings(tmp_path, monkeypatch):
+    """Never read or write the user's real settings file."""
+    monkeypatch.setenv("GENSELFDIFF_NAPARI_CONFIG_DIR", str(tmp_path / "config"))
+
+
+def _cli_segment_config(*options):
+    from genselfdiff.app.cli import build_parser
+    from genselfdiff.app.commands.segment import build_config
+
+    return build_config(build_parser().parse_args(["segment", "model.pt", "image.png", "--out", "out", *options]))
+
+
+@pytest.mark.gui
+@pytest.mark.parametrize("choices, options", [
+    ({}, []),  # nothing chosen: both leave every default to the engine
+    ({"tile": 128, "overlap": 16, "batch": 4, "tta": True, "instances": True, "device": "cpu"},
+     ["--tile", "128", "--overlap", "16", "--batch", "4", "--tta", "--instances", "--device", "cpu"]),
+    ({"tile": 256, "overlap": 0}, ["--tile", "256", "--overlap", "0"]),  # 0 is an overlap, not "auto"
+])
+def test_segment_widget_and_cli_build_the_same_config(make_napari_viewer, _private_settings, choices, options):
+    from genselfdiff.infer.config import SegmentConfig
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="image")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-genselfdiff", "Segment")
+    widget.model.setText("model.pt")
+    for name, value in choices.items():
+        box = getattr(widget, name)
+        if hasattr(box, "setChecked"):
+            box.setChecked(value)
+        elif hasattr(box, "setValue"):
+            box.setValue(value)
+        else:
+            box.setCurrentText(value)
+    spec = widget.spec()
+    assert isinstance(spec["config"], SegmentConfig) and spec["model"] == "model.pt"
+    assert spec["config"] == _cli_segment_config(*options)
+    if not choices:
+        assert spec["config"] == SegmentConfig()  # and those are the engine's defaults
+
+
+@pytest.mark.gui
+def test_finetune_widget_and_cli_build_the_same_config(make_napari_viewer, _private_settings, tmp_path, captured):
+    """The real Fine-tune widget (strokes painted over the sample at 0.5 µm/px) and ``genselfdiff
+    finetune`` with the same choices hand the engine equal FinetuneConfigs."""
+    from genselfdiff import FinetuneConfig
+    from genselfdiff.io.labels import default_class_names
+    from napari_genselfdiff._sample_data import make_sample
+
+    viewer = make_napari_viewer()
+    (rgb, meta, _), (truth, _, _) = make_sample((128, 128))
+    image = viewer.add_image(rgb, **meta)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-genselfdiff", "Fine-tune")
+    widget.image.setCurrentText(image.name)
+    widget.region.setCurrentText("whole image")
+    widget.new_annotation_layer()
+    strokes = np.where(truth > 0, 2, 1).astype(np.uint8)
+    strokes[::2] = 0
+    viewer.layers[-1].data = strokes
+    widget.classes.setText("background, tissue")
+    widget.budget.amount.setValue(30)
+    base, out = str(tmp_path / "base.pt"), str(tmp_path / "model.pt")
+    widget.base.setText(base)
+    widget.out.setText(out)
+    widget.device.setCurrentText("cpu")
+    finetune_job(widget.spec(), progress=None, should_stop=None)
+
+    imsave(tmp_path / "a.png", rgb, check_contrast=False)
+    imsave(tmp_path / "a_mask.png", strokes, check_contrast=False)
+    assert main(["finetune", "--images", str(tmp_path / "a.png"), "--masks", str(tmp_path / "a_mask.png"),
+                 "--model", base, "--out", out, "--sparse", "--class-names", "background,tissue", "--steps", "30",
+                 "--mpp", "0.5", "--pixel-size", "0.5", "--device", "cpu"]) == 0
+    napari, cli = captured
+    assert napari["config"] == cli["config"]
+    assert (napari["pretrained"], napari["device"], napari["pixel_size"]) == (cli["pretrained"], "cpu", 0.5)
+    assert napari["config"]["sparse"] and napari["config"]["class_names"] == ["background", "tissue"]
+    assert napari["config"] != asdict(FinetuneConfig.from_preset("auto"))  # the choices did arrive
+    # Fewer than two names typed: the names the engine gives classes nothing names.
+    widget.classes.setText("nucleus")
+    assert widget.class_names() == default_class_names(2) == ["background", "class 1"]

@@ -130,8 +130,11 @@ class FinetuneWidget(JobWidget):
         self._guess_mode()
 
     def class_names(self) -> list:
+        """The names typed, background first; fewer than two: the engine's names for two classes."""
+        from genselfdiff.io.labels import default_class_names
+
         names = [c.strip() for c in self.classes.text().split(",") if c.strip()]
-        return names if len(names) >= 2 else ["background", "object"]
+        return names if len(names) >= 2 else default_class_names(2)
 
     def _fill_levels(self, *_):
         self.level.clear()

@@ -1,8 +1,9 @@
 """Segment widget: run a model over the selected image or every open image.
 
-Tiles come from the engine's tiled inference in a thread worker; each finished tile is
-written into a Labels layer named after its image, at the scale of the level the model
-works at, so the result fills in over the slide while it runs.
+The widget turns the user's choices into the engine's SegmentConfig (:meth:`SegmentWidget.spec`)
+and runs the engine's tiled inference in a thread worker; the engine pastes each finished tile
+into a display pyramid, shown as a Labels layer named after its image at the scale of the level
+the model works at, so the result fills in over the slide while it runs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
+from genselfdiff.infer.config import SegmentConfig
 from genselfdiff.progress import Progress
 
 from .. import _layers
@@ -22,6 +24,7 @@ from ..workers import ProgressView, segment_worker
 from ._common import DeviceBox, PathEdit, PixelSizeEdit, progress_row, tell, tell_error
 
 SELECTED, ALL = "the selected image", "every open image"
+AUTO_TILE, AUTO_OVERLAP = 0, -16  # the spin boxes' "auto" (the overlap's steps of 16 then start at 0)
 REFRESH_SECONDS = 0.3
 
 
@@ -48,20 +51,20 @@ class SegmentWidget(QWidget):
         self.instances.setChecked(bool(settings.get("segment_instances", False)))
         self.out = PathEdit("dir", placeholder="optional: folder for OME-Zarr results")
         self.out.setText(settings.get("segment_out", ""))
-        # "auto" (the spin boxes' lowest values) lets the engine choose from the model.
+        # "auto" (each spin box's lowest value) leaves the choice to the engine (None in the config).
         self.tile = QSpinBox()
-        self.tile.setRange(0, 8192)
+        self.tile.setRange(AUTO_TILE, 8192)
         self.tile.setSingleStep(64)
         self.tile.setSpecialValueText("auto")
-        self.tile.setValue(int(settings.get("tile", 0)))
+        self.tile.setValue(int(settings.get("tile", AUTO_TILE)))
         self.overlap = QSpinBox()
-        self.overlap.setRange(-16, 1024)
+        self.overlap.setRange(AUTO_OVERLAP, 1024)  # below 0, which is a valid overlap
         self.overlap.setSingleStep(16)
         self.overlap.setSpecialValueText("auto")
-        self.overlap.setValue(int(settings.get("overlap", -16)))
+        self.overlap.setValue(max(int(settings.get("overlap", AUTO_OVERLAP)), AUTO_OVERLAP))
         self.batch = QSpinBox()
         self.batch.setRange(1, 256)
-        self.batch.setValue(4)
+        self.batch.setValue(SegmentConfig.batch)  # the engine's default
         self.device = DeviceBox()
         advanced = QFormLayout()
         advanced.addRow("Tile (px)", self.tile)
@@ -99,7 +102,7 @@ class SegmentWidget(QWidget):
 
         self.progress = ProgressView(self.bar, self.status)
         self.worker, self._stop = None, None
-        self.results = {}  # image name -> {"layer", "pyramid", ...} of the current run
+        self.results = {}  # image name -> {"image_layer", "layer", ...} of the current run
         settings.changed.connect(self._on_setting)
 
     def _on_setting(self, key, value):
@@ -144,29 +147,40 @@ class SegmentWidget(QWidget):
             items.append(item)
         return items
 
-    def start(self):
+    def config(self) -> SegmentConfig:
+        """The user's choices as the engine's config (auto fields stay None: the engine decides)."""
+        tile, overlap = self.tile.value(), self.overlap.value()
+        return SegmentConfig(tile=None if tile == AUTO_TILE else tile, overlap=None if overlap == AUTO_OVERLAP else overlap,
+                             batch=self.batch.value(), tta=self.tta.isChecked(), instances=self.instances.isChecked(),
+                             device=self.device.currentText())
+
+    def spec(self) -> dict:
+        """What the engine needs: the model, the images (:meth:`items`), the config and the output
+        folder. ValueError says what is missing; UserError comes from the engine."""
         model = self.model.text()
         if not model:
-            return tell_error("Choose a model: fine-tune one with the Fine-tune widget, or open a saved .pt file.")
+            raise ValueError("Choose a model: fine-tune one with the Fine-tune widget, or open a saved .pt file.")
+        items = self.items()
+        if not items:
+            raise ValueError("Open an RGB image to segment (or pan it into view for 'visible region only').")
+        out_dir = self.out.text() or None
+        if out_dir and self.visible_only.isChecked():
+            raise ValueError("'Visible region only' is a quick look and saves nothing; clear 'Save to' or untick it.")
+        return {"model": model, "items": items, "config": self.config(), "out": out_dir}
+
+    def start(self):
         from genselfdiff.errors import UserError
 
         try:
-            items = self.items()
-        except UserError as e:
+            spec = self.spec()
+        except (ValueError, UserError) as e:
             return tell_error(str(e))
-        if not items:
-            return tell_error("Open an RGB image to segment (or pan it into view for 'visible region only').")
-        out_dir = self.out.text() or None
-        if out_dir and self.visible_only.isChecked():
-            return tell_error("'Visible region only' is a quick look and saves nothing; clear 'Save to' or untick it.")
-        for key, value in (("model", model), ("segment_out", self.out.text()), ("tile", self.tile.value()),
+        for key, value in (("model", spec["model"]), ("segment_out", self.out.text()), ("tile", self.tile.value()),
                            ("overlap", self.overlap.value()), ("segment_tta", self.tta.isChecked()),
                            ("segment_instances", self.instances.isChecked())):
             settings.set(key, value)
-        self.results = {item["key"]: {"image_layer": item.pop("layer")} for item in items}
-        options = {"tile": self.tile.value() or None, "overlap": self.overlap.value() if self.overlap.value() >= 0 else None,
-                   "batch": self.batch.value(), "tta": self.tta.isChecked(), "instances": self.instances.isChecked()}
-        self.worker, self._stop = segment_worker(model, self.device.currentText(), items, options, out_dir)
+        self.results = {item["key"]: {"image_layer": item.pop("layer")} for item in spec["items"]}
+        self.worker, self._stop = segment_worker(spec["model"], spec["items"], spec["config"], spec["out"])
         self.worker.yielded.connect(self._on_yield)
         self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(self._on_finished)
@@ -189,7 +203,7 @@ class SegmentWidget(QWidget):
         if kind == "model":
             self.classes, self.colors = key.classes, key.colors
         elif kind == "tile":
-            self._add_tile(key, message[2])
+            self._add_tile(key, message[2], message[3])
         elif kind == "objects":
             self._add_objects(key, message[2], message[3])
         elif kind == "end":
@@ -204,30 +218,29 @@ class SegmentWidget(QWidget):
             self.results[key]["error"] = message[2]
             tell_error(message[2])
 
-    def _add_tile(self, key: str, tile):
+    def _add_tile(self, key: str, tile, merged):
+        """The engine has pasted ``tile`` into ``merged`` (its display pyramid): show it."""
         entry = self.results[key]
         if "layer" not in entry:
-            entry["layer"], entry["pyramid"] = self._result_layer(entry["image_layer"], tile)
+            entry["layer"] = self._result_layer(entry["image_layer"], tile, merged)
             entry["refreshed"] = time.monotonic()
-        entry["pyramid"].write(tile.y, tile.x, tile.labels)
         if time.monotonic() - entry["refreshed"] > REFRESH_SECONDS or tile.done == tile.total:
             entry["layer"].refresh()
             entry["refreshed"] = time.monotonic()
         self.progress.update(Progress(f"Segmenting {key}", tile.done, tile.total), f"{key}: tile {tile.done} / {tile.total}")
 
-    def _result_layer(self, image_layer, tile):
-        """A Labels layer for the processing level, replacing the last run's for this image."""
-        level_shape = _layers.image_levels(image_layer)[tile.level].shape[:2]
-        pyramid = _layers.LabelPyramid(level_shape)
+    def _result_layer(self, image_layer, tile, merged):
+        """A Labels layer over the engine's display pyramid of the processing level, replacing the
+        last run's for this image."""
         scale, translate = _layers.level_transform(image_layer, tile.level)
         name = f"{image_layer.name} labels"
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
         layer = self.viewer.add_labels(
-            pyramid.data, name=name, scale=scale, translate=translate, multiscale=len(pyramid.levels) > 1,
+            merged.data, name=name, scale=scale, translate=translate, multiscale=len(merged.levels) > 1,
             opacity=0.6, **_layers.labels_kwargs(self.classes, self.colors, segmented=image_layer.name,
                                    **_layers.placement(image_layer, tile.level)))
-        return layer, pyramid
+        return layer
 
     def _add_objects(self, key: str, ids, level: int):
         """The objects as a Labels layer beside the class labels (random colours: one per object)."""

@@ -27,6 +27,7 @@ _LAZY = {
     "sample_images": ".nn.sampling",
     "FinetuneConfig": ".train.finetune",
     "finetune": ".train.finetune",
+    "SegmentConfig": ".infer.config",
     "segment": ".infer.segment",
     "segment_tiles": ".infer.segment",
     "evaluate": ".eval.evaluate",

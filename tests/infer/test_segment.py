@@ -472,3 +472,38 @@ def test_a_tiff_missing_its_pixel_offsets_is_refused_without_tifffile_noise(tmp_
         open_slide(tmp_path / "cut.tif")
     assert open_slide(tmp_path / "whole.tif").shape == (512, 512, 3)
     assert capfd.readouterr().err == ""
+
+
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Batches never span output chunks, so which tiles share a forward pass (which changes bf16's
+    and some CPU kernels' rounding) does not depend on where a run started."""
+    from genselfdiff.infer import pipeline
+    from genselfdiff.nn import model as model_module
+
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
+    batches, pack = [], pipeline.Reader._pack  # (chunk, tile core) of every batch, as the reader packs them
+
+    def recorded(self, items):
+        batches.append(tuple((unit.index, t.core) for unit, t, _ in items))
+        return pack(self, items)
+
+    monkeypatch.setattr(pipeline.Reader, "_pack", recorded)
+    model = unet_model()
+    model.amp = True
+    rgb, _ = synthetic_tissue((256, 256), seed=14, glass=0.0)
+    kw = dict(tile=64, overlap=16, chunk=128, batch=4, skip_background=False, probabilities=True)
+    whole = segment(model, rgb, tmp_path / "whole.ome.zarr", **kw)
+    assert not whole.stopped and whole.chunks_computed == 4
+    uninterrupted, batches[:] = list(batches), []
+    out, seen = tmp_path / "resumed.ome.zarr", []
+    # A chunk holds 9 tiles (batches of 4, 4, 1): stop inside the second chunk.
+    first = segment(model, rgb, out, progress=seen.append, should_stop=lambda: len(seen) >= 13, **kw)
+    assert first.stopped and first.chunks_computed == 1
+    batches.clear()
+    rest = segment(model, rgb, out, **kw)
+    assert not rest.stopped and rest.chunks_resumed == 1 and rest.chunks_computed == 3
+    assert all(len({chunk for chunk, _ in b}) == 1 for b in uninterrupted)  # no batch spans two chunks
+    assert set(batches) <= set(uninterrupted)  # the resumed chunks ran in the very same batches
+    for name in ("0", "probabilities/0"):
+        a, b = zarr_array(tmp_path / "whole.ome.zarr" / name), zarr_array(out / name)
+        assert a.tobytes() == b.tobytes(), name

@@ -4,8 +4,9 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 from skimage.io import imread, imsave
-from test_segment import local_model, save_segmentation_checkpoint
+from torch import nn
 
 from genselfdiff.app.synthetic import synthetic_tissue
 from genselfdiff.errors import UserError
@@ -14,6 +15,45 @@ from genselfdiff.io import omezarr
 from genselfdiff.io.labels import open_label_image
 from genselfdiff.objects.output import ObjectRequest, object_request, write_instances
 from genselfdiff.objects.split import first_pixel_order, split_objects
+
+
+class LocalNet(nn.Module):
+    """A purely convolutional stand-in (as in tests/infer/test_segment.py): cheap, sharp class ids."""
+
+    classes = 3
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.Tanh(), nn.Conv2d(8, 3, 5, padding=2))
+
+    def forward(self, x):
+        return self.body(x) * 20
+
+
+def local_model():
+    from genselfdiff.io.labels import default_colors
+    from genselfdiff.io.pixelsize import Resolution
+    from genselfdiff.nn.config import get_preset
+    from genselfdiff.nn.model import Model
+
+    return Model(net=LocalNet().eval(), kind="segmentation", net_config=get_preset("tiny").net,
+                 device=torch.device("cpu"), classes=["background", "a", "b"], colors=default_colors(3),
+                 resolution=Resolution(level=0), patch=64, amp=False)
+
+
+def save_segmentation_checkpoint(path):
+    from genselfdiff.io.checkpoint import save_checkpoint
+    from genselfdiff.nn.config import get_preset
+    from genselfdiff.nn.unet import UNet, to_segmentation
+
+    tiny = get_preset("tiny").net
+    torch.manual_seed(0)
+    net = to_segmentation(UNet(tiny), 2)
+    return save_checkpoint(path, {"kind": "segmentation", "net": {**tiny.to_dict(), "out_channels": 2},
+                                  "state_dict": net.state_dict(), "classes": ["background", "nucleus"],
+                                  "colors": [[0, 0, 0], [255, 0, 0]], "config": {"patch": 64},
+                                  "resolution": {"level": 0, "mpp": None}})
 
 
 def same_partition(a, b) -> bool:

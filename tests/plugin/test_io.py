@@ -97,19 +97,6 @@ def test_geojson_beside_its_slide_takes_the_slide_size_and_scale(tmp_path, synth
     assert not back[300:, :].any()
 
 
-def test_label_pyramid_writes_every_level():
-    pyramid = _layers.LabelPyramid((300, 500), min_side=128)
-    assert [lv.shape for lv in pyramid.levels] == [(300, 500), (150, 250), (75, 125)]
-    tile = np.full((64, 64), 3, np.uint8)
-    pyramid.write(33, 101, tile)
-    for k, level in enumerate(pyramid.levels):
-        s = 2**k
-        ys, xs = np.nonzero(level)
-        assert ys.min() * s >= 33 and (ys.max() * s) < 33 + 64 and xs.min() * s >= 101 and xs.max() * s < 101 + 64
-    np.testing.assert_array_equal(pyramid.levels[1], pyramid.levels[0][::2, ::2])
-    np.testing.assert_array_equal(pyramid.levels[2], pyramid.levels[0][::4, ::4])
-
-
 def test_plugin_modules_load_without_torch():
     """napari imports the widgets when it docks them: that must not pull torch in."""
     code = ("import sys, napari_genselfdiff._reader, napari_genselfdiff._writer, napari_genselfdiff._sample_data, "
@@ -191,19 +178,6 @@ def test_settings_persist_in_the_folder_the_environment_names(tmp_path, monkeypa
     assert heard == [("model", "/models/a.pt")]
     settings_file().write_text("{broken")
     assert Settings().get("model") is None  # a damaged file is ignored, not fatal
-
-
-def test_label_pyramid_of_a_whole_slide_lives_in_compressed_zarr_chunks(monkeypatch):
-    monkeypatch.setattr(_layers, "IN_MEMORY_LIMIT", 10_000)
-    big, small = _layers.LabelPyramid((300, 500), min_side=128), None
-    monkeypatch.setattr(_layers, "IN_MEMORY_LIMIT", 10**9)
-    small = _layers.LabelPyramid((300, 500), min_side=128)
-    assert type(big.levels[0]).__module__.startswith("zarr") and isinstance(small.levels[0], np.ndarray)
-    tile = np.random.default_rng(0).integers(0, 3, (70, 90)).astype(np.uint8)
-    for pyramid in (big, small):
-        pyramid.write(17, 251, tile)
-    for a, b in zip(big.levels, small.levels):
-        np.testing.assert_array_equal(np.asarray(a[:]), b)
 
 
 def test_opening_a_geojson_and_the_sample_does_not_import_torch(tmp_path):

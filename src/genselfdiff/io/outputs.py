@@ -7,6 +7,8 @@ For an image ``NAME`` segmented into ``OUT/``:
 - ``OUT/NAME.png``: the class labels as a PNG (``--png``);
 - ``OUT/NAME_instances.png``: the object ids renumbered 1..n (``--png --instances``);
 - ``OUT/NAME_objects.csv``: objects per class and per mm² of tissue.
+
+The CLI, the napari worker, reader and writer all name these files through here.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ _ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 def zarr_path(out_dir, name: str) -> Path:
     """``OUT``, ``NAME`` -> ``OUT/NAME.ome.zarr``."""
     return Path(out_dir) / f"{name}.ome.zarr"
+
+
+def as_zarr_path(path) -> Path:
+    """A path given for a label image: kept when it names a ``.zarr``, else with ``.ome.zarr`` added."""
+    path = Path(path)
+    return path if path.name.lower().endswith(_ZARR_SUFFIXES) else path.with_name(path.name + ".ome.zarr")
 
 
 def output_stem(out) -> str:

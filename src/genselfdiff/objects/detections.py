@@ -30,7 +30,7 @@ def export_objects(output, out, *, image=None, tile: int = 2048, simplify: float
     ``image``: the slide or image the output was made from (default: the source the output
     names, when it still exists) for the haematoxylin measurement.
     """
-    from ..io.labels import default_colors, open_label_image
+    from ..io.labels import default_class_name, default_colors, open_label_image
     from ..io.outputs import instances_path
     from .measure import detection_features, measure_objects
 
@@ -64,7 +64,7 @@ def export_objects(output, out, *, image=None, tile: int = 2048, simplify: float
                 for k in np.unique(cls[mine > 0]):
                     of_class = np.where(cls == k, mine, 0)
                     cols = measure_objects(of_class, pixels, mpp=mpp, offset=win[:2])
-                    name = names[k] if k < len(names) else f"class {k}"
+                    name = names[k] if k < len(names) else default_class_name(int(k))
                     for feat in detection_features(of_class, cols, class_name=name, color=colors[k][:3],
                                                    offset=win[:2], simplify=simplify):
                         f.write(("," + sep if count else "") + json.dumps(feat, separators=(",", ":")))

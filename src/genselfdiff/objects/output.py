@@ -127,6 +127,7 @@ def write_instances(out, request: ObjectRequest, *, mpp: Optional[float], name: 
     """
     import zarr
 
+    from ..io.labels import default_class_names
     from ..io.omezarr import ome_metadata, read_attributes
 
     progress, should_stop = resolve(progress, should_stop)
@@ -174,7 +175,8 @@ def write_instances(out, request: ObjectRequest, *, mpp: Optional[float], name: 
                 arr[y0 // f: y0 // f + part.shape[0], x0 // f: x0 // f + part.shape[1]] = part
         progress(Progress(STAGE, i + 1, len(cores), {"objects": sum(counts.values())}))
     scale = {"scale": float(mpp), "unit": "micrometer"} if mpp else {"scale": None, "unit": None}
-    ome = ome_metadata(f"{name} objects", levels, scale["scale"], ["background"], [(0, 0, 0)], unit=scale["unit"])
+    ome = ome_metadata(f"{name} objects", levels, scale["scale"], default_class_names(1), [(0, 0, 0)],
+                       unit=scale["unit"])
     group.attrs.put({"ome": ome, "genselfdiff": {"run": run, "counts": counts, "cut_clumps": cut, "complete": True}})
     return _finished(target, {"counts": counts, "cut_clumps": cut})
 

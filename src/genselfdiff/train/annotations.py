@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..io.labels import as_label_array, open_label_image, require_integers
+from ..io.labels import as_label_array, default_class_names, open_label_image, require_integers  # noqa: F401
 from ..io.slides import IMAGE_SUFFIXES, Slide, find_images, image_stem, open_slide, resize_labels
 from . import stain_prior
 from .losses import IGNORE
@@ -403,10 +403,6 @@ def validation_set(items: list, tile: int, margin: int, sparse: bool, on_train: 
         t[:, max(0, W - tx * tile):] = IGNORE
         targets[n, margin : margin + tile, margin : margin + tile] = t
     return ValidationSet(images, targets, on_train)
-
-
-def default_class_names(n: int) -> list:
-    return ["background"] + [f"class {k}" for k in range(1, n)]
 
 
 def image_paths(sources: Sequence) -> list:
