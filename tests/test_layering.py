@@ -61,3 +61,29 @@ def test_every_subpackage_says_its_idea_and_what_it_may_import():
     for sub in LAYERS[1:]:
         doc = ast.get_docstring(ast.parse((PKG / sub / "__init__.py").read_text())) or ""
         assert "May import" in doc, sub
+
+
+MAX_LINES = 400  # a module past this has become several ideas
+MAX_MODULES = 12  # a folder past this has become several subpackages (__init__.py not counted)
+UI = Path(__file__).resolve().parents[1] / "napari_genselfdiff"
+
+
+def test_modules_stay_small_and_folders_few():
+    long, crowded = [], []
+    for root in (PKG, UI):
+        for folder in [root, *(p for p in root.rglob("*") if p.is_dir() and p.name != "__pycache__")]:
+            modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+            if len(modules) > MAX_MODULES:
+                crowded.append(f"{folder.relative_to(root.parent)}: {len(modules)} modules")
+            long += [f"{p.relative_to(root.parent)}: {n} lines" for p in modules
+                     if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    assert not long, "\n".join(long)
+    assert not crowded, "\n".join(crowded)
+
+
+def test_only_the_recipes_know_their_names():
+    """The official recipe is one object (train/recipe.py); other modules ask it, not its name."""
+    asking = [f"{p.relative_to(PKG)}:{i}" for p in sorted(PKG.rglob("*.py")) if p.name != "recipe.py"
+              for i, line in enumerate(p.read_text().splitlines(), 1)
+              if "recipe" in line and ('== "official"' in line or '!= "official"' in line)]
+    assert not asking, "\n".join(asking)

@@ -25,7 +25,7 @@ _LAZY = {
     "PretrainConfig": ".train.config",
     "pretrain": ".train.pretrain",
     "sample_images": ".nn.sampling",
-    "FinetuneConfig": ".train.finetune",
+    "FinetuneConfig": ".train.config",
     "finetune": ".train.finetune",
     "SegmentConfig": ".infer.config",
     "segment": ".infer.segment",

@@ -10,6 +10,7 @@ from skimage.io import imsave
 from genselfdiff.app.cli import main
 from genselfdiff.errors import UserError
 from genselfdiff.io.checkpoint import save_checkpoint
+from genselfdiff.io.files import match_by_stem
 from genselfdiff.io.pixelsize import Resolution
 from genselfdiff.nn.config import NetConfig, get_preset
 from genselfdiff.nn.model import load_model
@@ -17,14 +18,14 @@ from genselfdiff.nn.unet import UNet
 from genselfdiff.train.annotations import (
     PatchSampler,
     WindowReader,
-    match_by_stem,
     open_labelled,
     scan,
     split_tiles,
     to_targets,
 )
 from genselfdiff.train.augment import Augment, augment, hed_jitter
-from genselfdiff.train.finetune import FinetuneConfig, finetune
+from genselfdiff.train.config import FinetuneConfig
+from genselfdiff.train.finetune import finetune
 from genselfdiff.train.losses import IGNORE
 from genselfdiff.train.run import last_path
 

@@ -328,3 +328,36 @@ def test_auto_preset_is_resolved_and_recorded_in_the_checkpoint(slides, tmp_path
     pretrain([slides], out, cfg, device="cpu")
     saved = load_checkpoint(out)
     assert saved["config"]["preset"] == "small" and saved["net"]["width"] == get_preset("small").net.width
+
+
+def test_resume_keeps_the_settings_of_the_run_and_says_which_choices_it_leaves_out(slides, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """An fp32 official-recipe run resumed without repeating --recipe official stays in fp32 (bf16
+    is not the run's to switch on); a choice against the run's settings is left out, in one line."""
+    import warnings
+
+    from genselfdiff.nn import model as model_module
+
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)  # so bf16 would run if asked
+    official = dict(recipe="official", val_every=2, **TINY)
+    straight = tmp_path / "straight.pt"
+    pretrain([slides], straight, PretrainConfig.from_preset("tiny", steps=4, **official), device="cpu")
+    out = tmp_path / "resumed.pt"
+    pretrain([slides], out, PretrainConfig.from_preset("tiny", steps=2, **official), device="cpu")
+    # What `genselfdiff pretrain SLIDES --out resumed.pt --resume --steps 4` asks for: no recipe, no --amp.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pretrain([slides], out, PretrainConfig.from_preset("auto", steps=4), device="cpu", resume=True)
+    assert not [w for w in caught if "Resuming" in str(w.message)]  # nothing was chosen against the run
+    a, b = load_checkpoint(last_path(straight)), load_checkpoint(last_path(out))
+    assert b["config"]["amp"] is False and b["config"]["recipe"] == "official" and b["step"] == 4
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+    capsys.readouterr()
+    assert main(["pretrain", str(slides), "--out", str(out), "--resume", "--steps", "5", "--preset", "tiny",
+                 "--recipe", "official", "--amp", "--lr", "0.001", "--device", "cpu", "--quiet"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "Resuming" in line]
+    assert said == [f"genselfdiff: warning: Resuming {last_path(out)} with the settings it was started with: "
+                    "lr 0.0001 (not 0.001); amp off (not on). Start a new run to train with other settings."]
+    resumed = load_checkpoint(last_path(out))
+    assert resumed["step"] == 5 and resumed["config"]["amp"] is False and resumed["config"]["lr"] == 1e-4

@@ -12,8 +12,8 @@ from genselfdiff.nn.config import NetConfig, get_preset
 from genselfdiff.nn.model import load_model, to_input
 from genselfdiff.nn.unet import UNet
 from genselfdiff.train.augment import augment
-from genselfdiff.train.config import PretrainConfig
-from genselfdiff.train.finetune import FinetuneConfig, finetune
+from genselfdiff.train.config import FinetuneConfig, PretrainConfig
+from genselfdiff.train.finetune import finetune
 from genselfdiff.train.recipe import official_augment, official_init, official_segmentation_net
 
 TINY = get_preset("tiny").net
@@ -124,3 +124,21 @@ def test_official_pretraining_has_no_ema_and_a_final_block_without_time(tmp_path
     assert "ema_state_dict" not in ckpt and NetConfig.from_dict(ckpt["net"]).final_time is False
     assert not any(k.startswith("final.time.") for k in ckpt["state_dict"])
     assert ckpt["config"]["recipe"] == "official" and math.isfinite(result.history[-1]["loss"])
+
+
+def test_a_recipe_is_one_object_that_both_configs_follow():
+    from dataclasses import asdict
+
+    from genselfdiff.train.recipe import DEFAULT, OFFICIAL, get_recipe
+
+    # The configs' defaults are the default recipe's values; from_preset takes a recipe's values.
+    for config, values in ((FinetuneConfig(), DEFAULT.finetune_fields()), (PretrainConfig(), DEFAULT.pretrain_fields())):
+        assert {k: getattr(config, k) for k in values} == values
+    ft, pre = FinetuneConfig.from_preset("tiny", recipe="official"), PretrainConfig.from_preset("tiny", recipe="official")
+    assert all(getattr(ft, k) == v for k, v in OFFICIAL.finetune_fields().items())
+    assert all(getattr(pre, k) == v for k, v in OFFICIAL.pretrain_fields().items())
+    assert asdict(ft.augment) == asdict(official_augment()) and ft.augment is not OFFICIAL.augment  # a copy each
+    assert (OFFICIAL.normalization, DEFAULT.normalization) == ("[0, 1]", "[-1, 1]")
+    assert OFFICIAL.net_config(TINY).final_time is False and DEFAULT.net_config(TINY) is TINY
+    with pytest.raises(UserError, match="Unknown recipe 'nope'; choose one of default, official"):
+        get_recipe("nope")

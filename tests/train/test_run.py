@@ -90,3 +90,81 @@ def test_the_resume_state_holds_the_optimizer_and_the_rng(tmp_path):
         load_resume_state(out, lambda c: False, "pretraining")
     with pytest.raises(UserError, match="Nothing to resume"):
         load_resume_state(tmp_path / "other.pt", lambda c: True, "pretraining")
+
+
+def test_a_run_on_the_shared_loop_keeps_its_best_network_and_may_end_early(tmp_path):
+    """The hooks of TrainingRun: batches from the run's step, one step each, what follows it,
+    the choice of the kept network and both files."""
+    from genselfdiff.io.checkpoint import load_checkpoint
+    from genselfdiff.train.run import TrainingRun
+
+    class Toy(TrainingRun):
+        def __init__(self):
+            w = torch.nn.Parameter(torch.zeros(1))
+            super().__init__(tmp_path / "toy.pt", torch.nn.ParameterList([w]), torch.optim.SGD([w], lr=1.0))
+            self.closed = False
+
+        def batches(self):
+            try:
+                step = self.step
+                while True:
+                    yield step
+                    step += 1
+            finally:
+                self.closed = True
+
+        def train_step(self, batch, loop):
+            assert batch == self.step  # the stream follows the run's step
+            optimise(self.optimizer, -self.net[0].sum())  # w grows by 1 per step
+            return float(batch)
+
+        def after_step(self, loss, loop, progress):
+            score = {1: 0.5, 2: 0.9, 3: 0.9, 4: 0.2}[self.step]
+            improved, kept = self.consider(score, margin=1e-4, ties=True, keep_weights=True, note=self.step)
+            self.save(best=kept)
+            return self.since_best >= 2  # patience 2
+
+        def resume_payload(self):
+            return {"kind": "toy", "step": self.step}
+
+        def kept_payload(self):
+            return {"kind": "toy", "step": self.best["step"], "w": self.best["state"]["0"]}
+
+    run = Toy()
+    assert run.fit(TrainLoop(Budget(steps=10), lambda: False), progress=None)  # ended early, at step 4
+    assert run.step == 4 and run.closed and list(run.window.losses) == [0.0, 1.0, 2.0, 3.0]
+    assert run.best["step"] == 3 and run.best["note"] == 3  # the tie at step 3 keeps the later network
+    assert float(run.best["state"]["0"]) == 3.0 and float(run.net[0].detach()) == 4.0
+    assert float(load_checkpoint(tmp_path / "toy.pt")["w"]) == 3.0
+    assert load_resume_state(tmp_path / "toy.pt", lambda c: c["kind"] == "toy", "toy")["step"] == 4
+
+
+def test_the_training_steps_run_without_the_slide_reader():
+    """A benchmark times the engine's own steps on images in memory, on a machine without dask."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["dask"] = None  # importing dask now fails
+import numpy as np, torch
+from genselfdiff.nn.unet import to_segmentation
+from genselfdiff.train.config import FinetuneConfig, PretrainConfig
+from genselfdiff.train.finetune_run import SegmentationStep
+from genselfdiff.train.pretrain import DiffusionStep
+from genselfdiff.train.recipe import get_recipe
+
+step = DiffusionStep(PretrainConfig.from_preset("tiny", patch=32, batch=2), "cpu")
+x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+losses = [float(step(x, s)) for s in range(3)]
+assert step.ema is not None and all(np.isfinite(losses)), losses
+for name in ("default", "official"):
+    cfg = FinetuneConfig.from_preset("tiny", recipe=name, lr=1e-3)
+    net = get_recipe(name).segmentation_net(step.cfg.net, 2, step.net.state_dict())
+    seg = SegmentationStep.from_config(cfg, net, "cpu")
+    y = (x[..., 0] > 128).astype(np.int64)
+    assert np.isfinite(seg((x, y))) and seg.normalization == get_recipe(name).normalization
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -1,7 +1,7 @@
 """Scoring predicted label images against ground truth, image by image and on average.
 
 Predictions (PNG/TIFF or OME-Zarr, level 0) and truths (PNG/TIFF) are paired by file stem
-(:func:`genselfdiff.io.slides.image_stem`: ``a/b.ome.zarr`` and ``c/b.png`` are both ``b``).
+(:func:`genselfdiff.io.files.image_stem`: ``a/b.ome.zarr`` and ``c/b.png`` are both ``b``).
 Masks saved as 0/255 count as 0/1. A truth with more than ``INSTANCE_MIN_IDS`` distinct ids
 is taken for an instance map (MoNuSeg style): Dice, IoU and HD95 then compare foreground,
 and the object scores (AJI, PQ with DQ and SQ, GlaS object F1 and object Dice, count error)
@@ -124,7 +124,7 @@ def _finite(d: dict) -> dict:
 
 def _index(source: Path, role: str) -> dict:
     """stem -> candidate files (OME-Zarr first), for a file or a folder."""
-    from ..io.slides import find_images, image_stem
+    from ..io.files import find_images, image_stem
 
     if not source.exists():
         raise UserError(f"The {role} path {source} does not exist.")
@@ -263,8 +263,8 @@ def _score_stem(stem, pred_files, truth_file, scale_um, instances, class_names) 
 
 def _predicted_objects(pred_file: Path, shape: tuple, scale_um) -> Optional[np.ndarray]:
     """The object ids that come with a prediction (``segment --instances``), at the truth's grid."""
+    from ..io.files import image_stem
     from ..io.outputs import INSTANCES_GROUP
-    from ..io.slides import image_stem
 
     candidates = [pred_file / INSTANCES_GROUP, pred_file.with_name(image_stem(pred_file) + "_instances.png")]
     for f in candidates:

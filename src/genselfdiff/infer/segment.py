@@ -242,7 +242,7 @@ def segment_batch(model, images, out_dir, config: Optional[SegmentConfig] = None
     takes ``scheduler``, ``pixel_size`` and ``override_pixel_size`` here. Returns
     ``[(image, SegmentResult or error message)]``; stops before the next image when asked.
     """
-    from ..io.slides import image_stem
+    from ..io.files import image_stem
     from ..nn.model import Model, load_model
 
     run_kw = {k: kw.pop(k) for k in ("scheduler", "pixel_size", "override_pixel_size") if k in kw}

@@ -4,7 +4,8 @@ A pixel belongs to a polygon when its centre ``(c + 0.5, r + 0.5)`` lies inside 
 convention; coordinates in level-0 pixels). :func:`read_geojson_labels` turns one GeoJSON
 file into a label image; :func:`training_labels` turns the files of a fine-tuning run into
 label images at the training level with one class numbering shared by all of them
-(:func:`training_classes`), so the Python API and the command line train on the same labels.
+(:func:`training_classes`), reading each file once, so the Python API and the command line
+train on the same labels.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def read_geojson_labels(path, shape, *, downsample=1.0, class_names=None) -> tup
     if not downsample or downsample <= 0:
         raise UserError(f"The downsample must be positive; got {downsample}.")
     objects, warns = read_geojson(path)
+    return _paint(objects, list(warns), shape, downsample, class_names)
+
+
+def _paint(objects: list, warns: list, shape: tuple, downsample: float, class_names) -> tuple:
+    """:func:`read_geojson_labels` of objects already read (``warns``: the reader's)."""
     names = list(class_names) if class_names is not None else ["background"]
     lookup = {n: i for i, n in enumerate(names)}
     folded = {n.lower(): i for i, n in reversed(list(enumerate(names)))}
@@ -117,14 +123,19 @@ def training_classes(paths, *, sparse: bool) -> tuple:
     warning. Returns ``(class names, RGB colours, warnings)``: QuPath's colours where the
     files give them.
     """
+    return _classes([read_geojson(path)[0] for path in paths], paths[0], sparse)
+
+
+def _classes(objects_per_file: list, first, sparse: bool) -> tuple:
+    """:func:`training_classes` of the objects of each file, read already; ``first`` names the first file."""
     found, color_of = [], {}
-    for path in paths:
-        for obj in read_geojson(path)[0]:
+    for objects in objects_per_file:
+        for obj in objects:
             if obj.name is not None and obj.name not in found:
                 found.append(obj.name)
                 color_of[obj.name] = obj.color
     if not found:
-        raise UserError(f"{paths[0]} holds no classified object to train on; set classes in QuPath.")
+        raise UserError(f"{first} holds no classified object to train on; set classes in QuPath.")
     bg = next((n for n in found if n.lower() == "background"), None)
     others = [n for n in found if n != bg]
     warns = []
@@ -154,15 +165,16 @@ def training_labels(pairs, resolution, class_names=None, *, sparse: bool, pixel_
     from .slides import open_slide
 
     colors, warns = None, []
+    parsed = [read_geojson(path) for _, path in pairs]  # each file read once, for classes and pixels
     if class_names is None:
-        class_names, colors, warns = training_classes([path for _, path in pairs], sparse=sparse)
+        class_names, colors, warns = _classes([objects for objects, _ in parsed], pairs[0][1], sparse)
     wanted = ["unlabelled"] + list(class_names) if sparse else list(class_names)
     labels = []
-    for image, path in pairs:
+    for (image, path), (objects, read_warns) in zip(pairs, parsed):
         slide = open_slide(image, pixel_size, override_pixel_size)  # the grid finetune() will read
         level = slide.level_for(working_resolution(resolution))
-        lab, _, file_warns = read_geojson_labels(path, slide.levels[level].shape[:2], downsample=slide.downsample(level),
-                                                 class_names=wanted)
+        lab, _, file_warns = _paint(objects, list(read_warns), tuple(int(s) for s in slide.levels[level].shape[:2]),
+                                    slide.downsample(level), wanted)
         warns += [f"{path}: {w}" for w in file_warns]
         labels.append(lab)
     return labels, list(class_names), colors, warns

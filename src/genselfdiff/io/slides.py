@@ -5,6 +5,7 @@ each ``(Y, X, 3)`` uint8, level 0 first, plus the level-0 pixel size in µm when
 states it or the user gives it (:mod:`genselfdiff.io.pixelsize` decides which wins). Pyramidal TIFF/SVS/OME-TIFF/NDPI are read through tifffile's zarr store, so
 only the chunks a computation touches are decoded; OME-Zarr is read with zarr; PNG and
 JPEG are small by nature and read whole. The napari reader and the engine share this.
+Which paths are images, and finding them in folders, is :mod:`genselfdiff.io.files`.
 """
 
 from __future__ import annotations
@@ -14,18 +15,14 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import dask.array as da
 import numpy as np
 
 from ..errors import UserError
+from .files import PLAIN_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, image_stem
 from .pixelsize import Resolution
-
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8")
-PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-ZARR_SUFFIXES = (".zarr",)
-IMAGE_SUFFIXES = TIFF_SUFFIXES + PLAIN_SUFFIXES + ZARR_SUFFIXES
 
 
 @dataclass
@@ -91,45 +88,6 @@ class Slide:
             if max(lv.shape[:2]) <= max_side:
                 return i
         return len(self.levels) - 1
-
-
-def image_stem(path) -> str:
-    """File name without its image suffixes: ``a/b.ome.tif`` -> ``b``."""
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr") + IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
-
-
-def is_image_path(path) -> bool:
-    p = Path(path)
-    return p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.startswith(".")
-
-
-def find_images(sources: Iterable) -> list:
-    """Expand files and folders (recursively) into image paths, sorted, without duplicates.
-
-    Folders are only listed, never opened, so a folder of thousands of slides costs a
-    directory walk. A ``.zarr`` folder counts as one image.
-    """
-    found = []
-    for src in sources:
-        p = Path(src)
-        if not p.exists():
-            raise UserError(f"{p} does not exist.")
-        if p.is_dir() and not p.name.lower().endswith(ZARR_SUFFIXES):
-            for child in sorted(p.rglob("*")):
-                if is_image_path(child) and not any(part.lower().endswith(".zarr") for part in child.relative_to(p).parts[:-1]):
-                    found.append(child)
-        else:
-            found.append(p)
-    seen, unique = set(), []
-    for f in found:
-        if f.resolve() not in seen:
-            seen.add(f.resolve())
-            unique.append(f)
-    return unique
 
 
 def open_slide(path, pixel_size=None, override_pixel_size: bool = False) -> Slide:

@@ -110,7 +110,7 @@ class Model:
         return class_probabilities(net, to_input(rgb, self.device, self.normalization), amp=self.amp, tta=tta).cpu().numpy()
 
 
-# --- numerics: one autocast rule for pretraining, fine-tuning and inference ------------------
+# --- numerics: one bf16 rule and one layout rule for pretraining, fine-tuning and inference ------
 
 def amp_enabled(device: torch.device, amp: bool = True) -> bool:
     """bf16 autocast where it is fast: CUDA, and CPUs with native bf16 (AVX512-BF16 or AMX).
@@ -138,6 +138,12 @@ def autocast(device: torch.device, enabled: bool = True):
     """The autocast context of :func:`amp_enabled`: bf16 where it pays, fp32 elsewhere."""
     on = amp_enabled(device, enabled)
     return torch.autocast(device.type if on else "cpu", dtype=torch.bfloat16, enabled=on)
+
+
+def memory_format(device: torch.device, channels_last: bool = True) -> torch.memory_format:
+    """The layout of images and weights: channels_last on CUDA, where it pays; contiguous (NCHW)
+    elsewhere, since on the CPU it measured slower (docs/pretraining.md, Measured)."""
+    return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
 
 
 # The flips of test-time augmentation, as tensor dims of (N, C, H, W): none, left-right,

@@ -24,19 +24,16 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
 from ..errors import UserError
-from ..io.labels import as_label_array, default_class_names, open_label_image, require_integers  # noqa: F401
-from ..io.slides import IMAGE_SUFFIXES, Slide, find_images, image_stem, open_slide, resize_labels
+from ..io.files import read_mask
+from ..io.labels import as_label_array, default_class_names, require_integers  # noqa: F401
+from ..io.slides import Slide, open_slide, resize_labels
 from . import stain_prior
 from .losses import IGNORE
-
-# Mask files are matched to images by stem, with or without one of these suffixes.
-MASK_SUFFIXES = ("", "_mask", "_masks", "-mask", "_label", "_labels", "-labels", "_annotation", "_annotations")
-
 
 # --- reading ----------------------------------------------------------------------------
 
@@ -91,55 +88,6 @@ class WindowReader:
             while len(self.cache) > self.max_cells:
                 self.cache.popitem(last=False)
         return block
-
-
-def read_mask(path) -> object:
-    """A mask file as a 2-D integer label array (lazy for TIFF and OME-Zarr, whole for PNG)."""
-    return require_integers(open_label_image(path).array, f"Mask {path}")
-
-
-def match_by_stem(images: Sequence, sources: Sequence, suffixes: Optional[tuple] = None):
-    """Pair image paths with annotation files by stem: ``a.svs`` <- ``a.png``, ``a_mask.tif``, ...
-
-    ``sources`` are files or folders (searched recursively) of mask images, or, with
-    ``suffixes`` (e.g. ``(".geojson",)``), of files with those endings. Returns
-    ``(pairs, images_without_annotation, unused_files)``; an image that is itself used
-    as some image's mask (``a_mask.png`` next to ``a.png``) is dropped from the images.
-    """
-    files = find_images(sources) if suffixes is None else _files_with(sources, suffixes)
-    by_stem = {}
-    for f in files:
-        by_stem.setdefault(_stem(f, suffixes).lower(), f)
-    pairs, unmatched, used = [], [], set()
-    for img in images:
-        stem = image_stem(img).lower()
-        hit = next((by_stem[stem + s] for s in MASK_SUFFIXES
-                    if stem + s in by_stem and Path(by_stem[stem + s]).resolve() != Path(img).resolve()), None)
-        if hit is None:
-            unmatched.append(Path(img))
-        else:
-            pairs.append((Path(img), Path(hit)))
-            used.add(Path(hit).resolve())
-    unmatched = [p for p in unmatched if p.resolve() not in used]
-    return pairs, unmatched, [Path(f) for f in files if Path(f).resolve() not in used]
-
-
-def _files_with(sources: Sequence, suffixes: tuple) -> list:
-    files = []
-    for src in sources:
-        p = Path(src)
-        if not p.exists():
-            raise UserError(f"{p} does not exist.")
-        files += sorted(f for f in p.rglob("*") if f.name.lower().endswith(suffixes)) if p.is_dir() else [p]
-    return files
-
-
-def _stem(path, suffixes: Optional[tuple]) -> str:
-    name = Path(path).name
-    for s in suffixes or ():
-        if name.lower().endswith(s):
-            return name[: -len(s)]
-    return image_stem(path)
 
 
 # --- the annotated images -------------------------------------------------------------
@@ -403,11 +351,3 @@ def validation_set(items: list, tile: int, margin: int, sparse: bool, on_train: 
         t[:, max(0, W - tx * tile):] = IGNORE
         targets[n, margin : margin + tile, margin : margin + tile] = t
     return ValidationSet(images, targets, on_train)
-
-
-def image_paths(sources: Sequence) -> list:
-    """Image files from files and folders, for the CLI."""
-    paths = find_images(sources)
-    if not paths:
-        raise UserError(f"No images found in {', '.join(map(str, sources))} (looked for {', '.join(IMAGE_SUFFIXES)}).")
-    return paths

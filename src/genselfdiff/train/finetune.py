@@ -11,7 +11,8 @@ colour-affinity term and, for strokes of nuclei, a haematoxylin prior on the unl
 (:mod:`genselfdiff.train.augment`). Pixels are scaled to [-1, 1] exactly as in pretraining
 (:func:`genselfdiff.nn.model.to_input`), so the pretrained filters see what they learnt on.
 ``recipe="official"`` follows the official code instead (:mod:`genselfdiff.train.recipe`).
-This module checks the inputs and sets the run up; :mod:`genselfdiff.train.finetune_run` trains.
+This module checks the inputs and sets the run up (its configuration is
+:class:`~genselfdiff.train.config.FinetuneConfig`); :mod:`genselfdiff.train.finetune_run` trains.
 
 An epoch is a fixed number of steps (by default about one pass over the annotated
 tiles); after each one the held-out tiles are scored. For masks the best network is kept (by
@@ -33,7 +34,7 @@ nothing about the training itself.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -44,19 +45,18 @@ from ..errors import UserError
 from ..io.checkpoint import load_checkpoint
 from ..io.pixelsize import Resolution, tell, unknown_note, working_resolution
 from ..io.slides import Slide, as_slide
-from ..nn.config import AUTO, NetConfig, net_from_dict, net_to_dict, preset_fields, with_preset
+from ..nn.config import NetConfig, with_preset
 from ..nn.model import default_colors, pick_device
 from ..nn.unet import SegmentationNet, UNet, to_segmentation
 from ..progress import Progress, resolve
 from . import stain_prior
 from .annotations import PatchSampler, default_class_names, open_labelled, scan, split_tiles, validation_set
-from .augment import Augment
-from .finetune_run import FinetuneResult, FinetuneRun
-from .losses import LOSSES, make_loss
-from .recipe import NORMALIZATIONS, check_recipe, official_finetune_fields, official_segmentation_net
+from .config import FinetuneConfig
+from .finetune_run import FinetuneResult, FinetuneRun, SegmentationStep
+from .losses import LOSSES
+from .recipe import Recipe, get_recipe
 from .run import Budget
 
-NORMALIZATION = NORMALIZATIONS["default"]  # uint8 / 127.5 - 1, as in pretraining (the official recipe: [0, 1])
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_EPOCHS = 50  # when no budget is given (at least min_steps); early stopping may end sooner
 # Strokes with no budget given: a fixed number of steps. On MoNuSeg 2500 steps scored no higher
@@ -74,79 +74,6 @@ SPARSE_PRIOR = 0.5  # weight of the haematoxylin prior for strokes that agree wi
 # wherever a constant rate left it: over 3 seeds the seed spread fell from 0.008 to 0.001 (docs/finetuning.md).
 SPARSE_LR_SCHEDULE = "cosine"
 PREVIEW_MAX_SIDE = 1024  # pixels at the training resolution: a quick prediction, a small message
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything that defines a fine-tuning run; stored in its checkpoint."""
-
-    preset: str = AUTO  # resolved when the run starts (config.with_preset)
-    net: Optional[NetConfig] = None  # None (or a dict of changed fields): the preset's
-    patch: Optional[int] = None  # None: the preset's
-    batch: Optional[int] = None
-    lr: Optional[float] = None  # default: LEARNING_RATES (by preset and start), chosen by measurement
-    betas: tuple = (0.5, 0.999)
-    loss: str = "dice_ce"  # "dice_ce" (soft Dice + CE), "paper" (SS + focal), "official", "ce" or "dice"
-    ss_weight: float = 1.0
-    focal_weight: float = 1.0
-    ss_beta: float = 0.1
-    ss_c: float = 0.01
-    focal_gamma: float = 2.0
-    affinity: Optional[float] = None  # weight of the colour-affinity loss; default SPARSE_AFFINITY for strokes, else 0
-    prior: Optional[float] = None  # weight of the haematoxylin prior; default SPARSE_PRIOR for strokes that agree with it, else 0
-    # Budget: whichever comes first; none given means DEFAULT_EPOCHS and at least min_steps
-    # (strokes: SPARSE_STEPS).
-    epochs: Optional[int] = None
-    steps: Optional[int] = None
-    minutes: Optional[float] = None
-    steps_per_epoch: Optional[int] = None  # default: about one pass over the annotated tiles
-    val_fraction: float = 0.1
-    val_max_tiles: int = 64
-    patience: int = 10  # epochs without a better validation Dice before stopping; 0 = never
-    # No early stop before this step: on a few images validation is noisy, and a run stopped
-    # at its best step 462 scored 0.767 where 2500 steps scored 0.808 (docs/finetuning.md).
-    min_steps: int = 2500
-    sparse: bool = False
-    classes: Optional[int] = None  # number of classes incl. background; default from names or labels
-    class_names: Optional[list] = None  # index 0 = background
-    colors: Optional[list] = None
-    balance: Optional[float] = None  # share of class-balanced patches; default 1 sparse, 0 dense
-    augment: Augment = field(default_factory=Augment)
-    grad_clip: float = 0.0  # not in the paper; 0 = off
-    # "constant" (the paper's) or "cosine" (to 0 over the budget); None: SPARSE_LR_SCHEDULE for strokes, else constant
-    lr_schedule: Optional[str] = None
-    resolution: Optional[Resolution] = None  # None: the engine's default (pixelsize.working_resolution)
-    seed: int = 0
-    workers: int = 0  # threads preparing batches ahead of the network
-    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (model.amp_enabled)
-    log_every: int = 10
-    recipe: str = "default"  # "official": the official code's choices (genselfdiff.train.recipe)
-    preview_every: int = 200  # steps between predictions over the preview region (if one is given); 0 = none
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "FinetuneConfig":
-        cfg = cls(**preset_fields(name, overrides.pop("net", None)))
-        if overrides.get("recipe") == "official":  # the recipe's values, then what the caller chose
-            cfg = replace(cfg, **official_finetune_fields())
-        return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["net"] = net_to_dict(self.net)
-        d["betas"] = list(self.betas)
-        d["augment"] = self.augment.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FinetuneConfig":
-        d = dict(d)
-        d["net"] = net_from_dict(d.get("net", {}))
-        d["resolution"] = Resolution(**d["resolution"]) if d.get("resolution") is not None else None
-        d["augment"] = Augment.from_dict(d.get("augment", {}))
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -197,7 +124,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
         raise UserError(f"Got {len(images)} images but {len(labels)} label images; give one mask per image.")
     if cfg.loss not in LOSSES:
         raise UserError(f"Unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}.")
-    check_recipe(cfg.recipe)
+    recipe = get_recipe(cfg.recipe)
     if cfg.lr_schedule is None:
         cfg.lr_schedule = SPARSE_LR_SCHEDULE if cfg.sparse else "constant"  # the official recipe sets its own
     if cfg.lr_schedule not in LR_SCHEDULES:
@@ -206,7 +133,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     if preview is not None:
         _check_preview(preview)
 
-    start = _load_start(pretrained, cfg) if pretrained is not None else None
+    start = _load_start(pretrained, recipe) if pretrained is not None else None
     cfg = with_preset(cfg, dev, start.provenance["preset"] if start else None)  # the base model's preset wins
     start = start or _Start(cfg.net)
     if cfg.lr is None:
@@ -251,20 +178,15 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
 
     with torch.random.fork_rng(devices=[]):  # the same initial weights for a seed; the caller's RNG untouched
         torch.manual_seed(cfg.seed)
-        net = _build_net(start, n_classes, cfg).to(dev)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    loss_fn = make_loss(cfg.loss, ss_weight=cfg.ss_weight, focal_weight=cfg.focal_weight, beta=cfg.ss_beta,
-                        c=cfg.ss_c, gamma=cfg.focal_gamma,
-                        affinity=cfg.affinity, prior=cfg.prior)
-
-    run = FinetuneRun(cfg=cfg, net=net, optimizer=optimizer, loss_fn=loss_fn, budget=_budget(cfg, spe), out=out,
-                      names=names, colors=colors, meta=_checkpoint_meta(cfg, net, names, colors, start, items, val),
-                      val=val, preview=preview)
+        net = _build_net(start, n_classes, cfg.net, recipe).to(dev)
+    run = FinetuneRun(cfg=cfg, step=SegmentationStep.from_config(cfg, net, dev), sampler=sampler,
+                      budget=_budget(cfg, spe), out=out, names=names, colors=colors,
+                      meta=_checkpoint_meta(cfg, net, names, colors, start, items, val), val=val, preview=preview)
     if resume:
         run.resume()
     else:
         run.validate(dev)  # the untrained start, as a baseline and a first "best"
-    return run.train(sampler, dev, progress, should_stop)
+    return run.train(progress, should_stop)
 
 
 # --- setting up ----------------------------------------------------------------------------
@@ -278,7 +200,7 @@ def _check_preview(preview: Preview) -> None:
                         f"choose one of at most {PREVIEW_MAX_SIDE}×{PREVIEW_MAX_SIDE}.")
 
 
-def _load_start(pretrained, cfg: FinetuneConfig) -> _Start:
+def _load_start(pretrained, recipe: Recipe) -> _Start:
     path = Path(pretrained)
     ckpt = load_checkpoint(path)
     kind = ckpt.get("kind")
@@ -294,7 +216,7 @@ def _load_start(pretrained, cfg: FinetuneConfig) -> _Start:
     # A pretrained model's EMA weights, when it has them, are its better weights (as for sampling).
     weights = (ckpt.get("ema_state_dict") if kind == "pretrained" else None) or ckpt["state_dict"]
     try:  # build once to fail early, naming the file, if the weights do not fit
-        _build_net(_Start(net_cfg, weights, kind, classes), len(classes) if classes else 2, cfg)
+        _build_net(_Start(net_cfg, weights, kind, classes), len(classes) if classes else 2, net_cfg, recipe)
     except (RuntimeError, KeyError, ValueError, TypeError):
         raise UserError(f"{path} holds weights of another architecture than the genselfdiff U-Net it describes; "
                         "use a model pretrained with this version of genselfdiff.") from None
@@ -305,19 +227,17 @@ def _load_start(pretrained, cfg: FinetuneConfig) -> _Start:
     return _Start(net_cfg, weights, kind, classes, ckpt.get("colors"), provenance)
 
 
-def _build_net(start: _Start, n_classes: int, cfg: FinetuneConfig) -> SegmentationNet:
-    if cfg.recipe == "official" and start.kind != "segmentation":  # fresh final block and head
-        return official_segmentation_net(start.net_cfg if start.kind else cfg.net, n_classes, start.weights)
+def _build_net(start: _Start, n_classes: int, net_cfg: NetConfig, recipe: Recipe) -> SegmentationNet:
+    """The network a run starts from: a segmentation model's own (its head renewed for other
+    classes), else the recipe's network (:meth:`Recipe.segmentation_net`) with the pretrained
+    weights (None: ``net_cfg`` from random initialisation)."""
     if start.kind == "segmentation":
         net = to_segmentation(UNet(replace(start.net_cfg, out_channels=3)), len(start.classes))
         net.load_state_dict(start.weights)
         if len(start.classes) != n_classes:
             net = to_segmentation(net.unet, n_classes)
         return net
-    unet = UNet(start.net_cfg if start.kind else cfg.net)
-    if start.weights is not None:
-        unet.load_state_dict(start.weights)
-    return to_segmentation(unet, n_classes)
+    return recipe.segmentation_net(start.net_cfg if start.kind else net_cfg, n_classes, start.weights)
 
 
 def _check_classes(items: list, cfg: FinetuneConfig, start: _Start) -> list:
@@ -401,7 +321,7 @@ def _checkpoint_meta(cfg: FinetuneConfig, net: SegmentationNet, names: list, col
             "sparse": cfg.sparse, "val_tiles": int(len(val.images)), "val_on_train": val.on_train}
     return {"kind": "segmentation", "net": net.unet.cfg.to_dict(), "classes": list(names),
             "colors": [list(map(int, c)) for c in colors[: len(names)]], "config": cfg.to_dict(),
-            "resolution": _resolution(items, cfg).to_dict(), "normalization": NORMALIZATIONS[cfg.recipe],
+            "resolution": _resolution(items, cfg).to_dict(), "normalization": get_recipe(cfg.recipe).normalization,
             "pretrained_from": start.provenance, "data": data}
 
 

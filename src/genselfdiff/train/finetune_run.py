@@ -1,8 +1,9 @@
-"""One fine-tuning run: its steps, the validation after each epoch, the preview, both checkpoints, resume.
+"""One fine-tuning run: its step, the validation after each epoch, the preview, both checkpoints, resume.
 
 :func:`genselfdiff.train.finetune.finetune` (the module doc says what a run does) checks the inputs
 and builds the network, the data, the loss and the budget; :class:`FinetuneRun` trains them on
-:mod:`genselfdiff.train.run`'s loop.
+:class:`~genselfdiff.train.run.TrainingRun`'s loop, one :class:`SegmentationStep` at a time.
+:class:`SegmentationStep` needs no slide reader, so a benchmark can time it on images in memory.
 """
 
 from __future__ import annotations
@@ -12,31 +13,34 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io.checkpoint import load_checkpoint, save_checkpoint
+from ..io.checkpoint import load_checkpoint
 from ..nn.config import NetConfig
 from ..nn.model import autocast, to_input
 from ..progress import Progress
-from .annotations import PatchSampler, ValidationSet
 from .augment import augment
-from .losses import IGNORE
-from .recipe import NORMALIZATIONS
+from .losses import IGNORE, make_loss
+from .recipe import get_recipe
 from .run import (
     Budget,
     LossWindow,
+    TrainingRun,
     TrainLoop,
     last_path,
     load_resume_state,
     optimise,
     prefetch,
     restore_resume_state,
-    save_resume_state,
 )
+
+if TYPE_CHECKING:
+    from .annotations import PatchSampler, ValidationSet
+    from .config import FinetuneConfig
 
 
 @dataclass
@@ -53,23 +57,58 @@ class FinetuneResult:
     seconds: float = 0.0
 
 
-class FinetuneRun:
-    """The state of a fine-tuning run. ``meta``: what every checkpoint of it says about the model
-    and its data; ``loss_fn(logits, target, image)`` (the official recipe also validates with it);
-    ``preview``: a :class:`genselfdiff.train.finetune.Preview` or None."""
+class SegmentationStep:
+    """One fine-tuning step, as a run takes it: ``loss = step((images, targets), lr)``.
 
-    def __init__(self, *, cfg, net, optimizer, loss_fn, budget: Budget, out: Path, names: list, colors: list,
-                 meta: dict, val: ValidationSet, preview=None):
-        self.cfg, self.net, self.optimizer, self.loss_fn, self.budget = cfg, net, optimizer, loss_fn, budget
-        self.out, self.names, self.colors, self.meta, self.val = out, names, colors, meta, val
+    ``images``: uint8 (B, P, P, 3), scaled as the recipe says (``normalization``); ``targets``:
+    int64 (B, P, P) class ids (``IGNORE`` where unlabelled). The network runs under the bf16
+    rule (:func:`genselfdiff.nn.model.autocast`); then the loss, clipping to ``grad_clip`` and
+    Adam at ``lr`` (None: the optimizer's own). Returns the loss as a number.
+    """
+
+    def __init__(self, net, optimizer, loss_fn, device, *, normalization: str = "[-1, 1]", amp: bool = True,
+                 grad_clip: float = 0.0):
+        self.net, self.optimizer, self.loss_fn, self.device = net, optimizer, loss_fn, torch.device(device)
+        self.normalization, self.amp, self.grad_clip = normalization, amp, grad_clip
+
+    @classmethod
+    def from_config(cls, cfg: "FinetuneConfig", net, device) -> "SegmentationStep":
+        """The step ``cfg`` describes for ``net`` (already on ``device``): Adam at ``cfg.lr`` (which
+        must be set) with its betas, its loss and weights, its recipe's input scaling, bf16 and clipping."""
+        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        loss_fn = make_loss(cfg.loss, ss_weight=cfg.ss_weight, focal_weight=cfg.focal_weight, beta=cfg.ss_beta,
+                            c=cfg.ss_c, gamma=cfg.focal_gamma, affinity=cfg.affinity, prior=cfg.prior)
+        return cls(net, optimizer, loss_fn, device, normalization=get_recipe(cfg.recipe).normalization,
+                   amp=cfg.amp, grad_clip=cfg.grad_clip)
+
+    def __call__(self, batch: tuple, lr: Optional[float] = None) -> float:
+        images, targets = batch
+        x, y = to_input(images, self.device, self.normalization), torch.from_numpy(targets).to(self.device)
+        with autocast(self.device, self.amp):
+            logits = self.net(x)
+        loss = self.loss_fn(logits, y, x)
+        optimise(self.optimizer, loss, self.grad_clip, lr)
+        return loss.item()
+
+
+class FinetuneRun(TrainingRun):
+    """The state of a fine-tuning run. ``meta``: what every checkpoint of it says about the model
+    and its data; ``step``: its :class:`SegmentationStep` (the official recipe also validates with
+    its loss); ``preview``: a :class:`genselfdiff.train.finetune.Preview` or None."""
+
+    def __init__(self, *, cfg, step: SegmentationStep, sampler: "PatchSampler", budget: Budget, out: Path,
+                 names: list, colors: list, meta: dict, val: "ValidationSet", preview=None):
+        super().__init__(out, step.net, step.optimizer)
+        self.cfg, self.stepper, self.sampler, self.budget = cfg, step, sampler, budget
+        self.loss_fn, self.device = step.loss_fn, step.device
+        self.names, self.colors, self.meta, self.val = names, colors, meta, val
         self.preview_region = preview
         self.spe = budget.steps_per_epoch
-        self.step = self.epoch = self.since_best = 0
-        self.history: list = []
         self.best = {"dice": -1.0, "score": -math.inf, "per_class": [], "step": 0, "state": None}
-        self.last_val_step = -1
-        self.last_preview_step = -1
+        self.last_val_step = self.last_preview_step = -1
         self.seconds = 0.0
+        self.final = False  # the resume state says whether the run finished
+        self.recent: deque = deque(maxlen=max(1, cfg.log_every))  # the running loss the progress bar shows
 
     # validation
     @torch.no_grad()
@@ -81,17 +120,18 @@ class FinetuneRun:
         network from a hesitant one) but the latest network is kept.
         """
         val: ValidationSet = self.val
+        recipe = get_recipe(self.cfg.recipe)
+        by_loss = recipe.keep_lowest_loss
         k = len(self.names)
         conf = np.zeros((k, k), np.int64)
-        official = self.cfg.recipe == "official"
         ce, counted, loss_sum = 0.0, 0, 0.0
         self.net.eval()
         for b in range(0, len(val.images), self.cfg.batch):
-            x = to_input(val.images[b : b + self.cfg.batch], dev, NORMALIZATIONS[self.cfg.recipe])
+            x = to_input(val.images[b : b + self.cfg.batch], dev, recipe.normalization)
             with autocast(dev, self.cfg.amp):
                 logits = self.net(x).float()
             t = val.targets[b : b + self.cfg.batch]
-            if official:
+            if by_loss:
                 loss_sum += float(self.loss_fn(logits, torch.from_numpy(t).to(dev))) * len(t)
             sel = t != IGNORE
             target = torch.from_numpy(np.where(sel, t, 0)).to(dev).long()
@@ -106,32 +146,27 @@ class FinetuneRun:
         with np.errstate(invalid="ignore", divide="ignore"):
             per_class = np.where(denom > 0, 2 * tp / denom, np.nan)
         mean = _mean_dice(per_class)
-        val_loss = ce / max(counted, 1)
         self.last_val_step = self.step
-        entry = {"step": self.step, "epoch": self.epoch, "val_dice": mean, "val_loss": val_loss,
+        entry = {"step": self.step, "epoch": self.epoch, "val_dice": mean, "val_loss": ce / max(counted, 1),
                  "per_class_dice": [float(v) for v in per_class]}
-        if official:  # the official code's own loss, averaged over images
+        if by_loss:  # the recipe's own loss, averaged over images
             entry["val_loss"] = loss_sum / max(1, len(val.images))
         self.history.append(entry)
-        # Dense labels: the best Dice. The official recipe: the lowest loss (the official code
-        # keeps the lowest validation loss, a tie to the earlier network). Strokes: the latest
-        # network. Held-out strokes are too few to choose by: their loss jumps between 0.1 and
-        # 0.5 from one epoch to the next, and the network it chose scored 0.06 lower on unseen
-        # images than the last one (docs/finetuning.md); so they never stop a run early either.
-        if self.cfg.sparse and not official:
-            score, improved = float(self.step), True
+        # Dense labels: the best Dice; a tie keeps the later network (trained longer on the same
+        # score: a small validation set often saturates, and the first network to reach it is the
+        # least trained). The official recipe: the lowest loss (the official code keeps the lowest
+        # validation loss, a tie to the earlier network). Strokes: the latest network. Held-out
+        # strokes are too few to choose by: their loss jumps between 0.1 and 0.5 from one epoch to
+        # the next, and the network it chose scored 0.06 lower on unseen images than the last one
+        # (docs/finetuning.md); so they never stop a run early either.
+        record = {"dice": mean, "per_class": entry["per_class_dice"], "keep_weights": True}
+        if self.cfg.sparse and not by_loss:
+            _, kept = self.consider(float(self.step), force=True, **record)
+        elif by_loss:
+            _, kept = self.consider(-entry["val_loss"], **record)
         else:
-            score = -entry["val_loss"] if official else mean
-            improved = score > self.best["score"] + (0 if official else 1e-4)
-        # A tie keeps the later network (trained longer on the same score): a small validation
-        # set often saturates, and the first network to reach it is the least trained. Only a
-        # real improvement resets the patience.
-        tied = not official and not improved and self.step > 0 and score >= self.best["score"] - 1e-4
-        if improved or tied:
-            self.best = {"dice": mean, "score": score, "per_class": entry["per_class_dice"], "step": self.step,
-                         "state": {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}}
-        self.since_best = 0 if improved else self.since_best + 1
-        return mean, improved or tied
+            _, kept = self.consider(mean, margin=1e-4, ties=True, **record)
+        return mean, kept
 
     # preview
     def preview(self, dev, progress) -> None:
@@ -142,7 +177,7 @@ class FinetuneRun:
         region = self.preview_region
         model = Model(net=self.net, kind="segmentation", net_config=self.net.unet.cfg, device=dev,
                       classes=list(self.names), colors=self.colors, patch=self.cfg.patch,
-                      normalization=NORMALIZATIONS[self.cfg.recipe], amp=self.cfg.amp)
+                      normalization=get_recipe(self.cfg.recipe).normalization, amp=self.cfg.amp)
         self.net.eval()
         try:
             with torch.random.fork_rng(devices=[]):  # inference draws nothing; this makes sure
@@ -174,8 +209,8 @@ class FinetuneRun:
         restore_resume_state(ckpt, self.optimizer)
 
     # training
-    def _batches(self, sampler: PatchSampler):
-        cfg = self.cfg
+    def batches(self):
+        cfg, sampler = self.cfg, self.sampler
 
         def make(step):
             rng = np.random.default_rng([cfg.seed, step])  # the same batches however many threads
@@ -184,44 +219,39 @@ class FinetuneRun:
 
         return prefetch(make, self.step, cfg.workers)
 
-    def train(self, sampler: PatchSampler, dev, progress, should_stop) -> FinetuneResult:
+    def train(self, progress, should_stop) -> FinetuneResult:
         cfg = self.cfg
         loop = TrainLoop(self.budget, should_stop, since=time.perf_counter() - self.seconds)
-        recent: deque = deque(maxlen=max(1, cfg.log_every))  # the running loss the progress bar shows
-        window = LossWindow()
-        early = False
-        batches = self._batches(sampler)
-        self.net.train()
-        try:
-            while loop.goes_on(self.step, self.epoch):
-                recent.append(self._train_step(next(batches), dev, self._lr(loop)))
-                window.add(recent[-1])
-                self.step += 1
-                if not math.isfinite(recent[-1]):
-                    raise FloatingPointError(f"fine-tuning loss became {recent[-1]} at step {self.step}")
-                if self.step % cfg.log_every == 0:
-                    self.history.append({"step": self.step, "loss": float(np.mean(window.losses))})
-                    window = LossWindow()
-                progress(Progress("finetune", self.step, loop.total(self.step),
-                                  {"loss": float(np.mean(recent)), "val_dice": self.history_val()}))
-                if self.step % self.spe == 0:
-                    early = self._end_epoch(dev, progress, loop, float(np.mean(recent)))
-                    if early:
-                        break
-                if self.preview_region is not None and cfg.preview_every and self.step % cfg.preview_every == 0:
-                    self.preview(dev, progress)
-        finally:
-            batches.close()
+        early = self.fit(loop, progress)
         if self.last_val_step != self.step:
-            self.validate(dev)
+            self.validate(self.device)
         if (self.preview_region is not None and cfg.preview_every and not loop.stopped
                 and self.last_preview_step != self.step):
-            self.preview(dev, progress)  # what the network finally does (Stop should not wait for it)
+            self.preview(self.device, progress)  # what the network finally does (Stop should not wait for it)
         self.seconds = loop.elapsed
         self.save(best=True, final=True)
         return FinetuneResult(path=self.out, best_dice=float(self.best["dice"]), per_class_dice=self.best["per_class"],
                               history=self.history, stopped=loop.stopped, steps=self.step, classes=self.names,
                               early_stopped=early, best_step=self.best["step"], seconds=self.seconds)
+
+    def train_step(self, batch, loop: TrainLoop) -> float:
+        return self.stepper(batch, self._lr(loop))
+
+    def after_step(self, loss: float, loop: TrainLoop, progress) -> bool:
+        cfg = self.cfg
+        self.recent.append(loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"fine-tuning loss became {loss} at step {self.step}")
+        if self.step % cfg.log_every == 0:
+            self.history.append({"step": self.step, "loss": float(np.mean(self.window.losses))})
+            self.window = LossWindow()
+        progress(Progress("finetune", self.step, loop.total(self.step),
+                          {"loss": float(np.mean(self.recent)), "val_dice": self.history_val()}))
+        if self.step % self.spe == 0 and self._end_epoch(progress, loop, float(np.mean(self.recent))):
+            return True
+        if self.preview_region is not None and cfg.preview_every and self.step % cfg.preview_every == 0:
+            self.preview(self.device, progress)
+        return False
 
     def _lr(self, loop: TrainLoop) -> Optional[float]:
         """The cosine schedule's learning rate for the next step; None for a constant one (the optimizer's)."""
@@ -229,19 +259,10 @@ class FinetuneRun:
             return None
         return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * loop.fraction(self.step)))
 
-    def _train_step(self, batch: tuple, dev, lr: Optional[float]) -> float:
-        images, targets = batch
-        x, y = to_input(images, dev, NORMALIZATIONS[self.cfg.recipe]), torch.from_numpy(targets).to(dev)
-        with autocast(dev, self.cfg.amp):
-            logits = self.net(x)
-        loss = self.loss_fn(logits, y, x)
-        optimise(self.optimizer, loss, self.cfg.grad_clip, lr)
-        return loss.item()
-
-    def _end_epoch(self, dev, progress, loop: TrainLoop, train_loss: float) -> bool:
+    def _end_epoch(self, progress, loop: TrainLoop, train_loss: float) -> bool:
         """Validate, save, report; whether the patience has run out."""
         self.epoch += 1
-        dice, improved = self.validate(dev)
+        dice, improved = self.validate(self.device)
         entry = self.history[-1]
         entry["train_loss"] = train_loss
         self.seconds = loop.elapsed
@@ -259,22 +280,31 @@ class FinetuneRun:
                 return h["val_dice"]
         return float("nan")
 
+    # the files
     def save(self, best: bool, final: bool = False) -> Path:
-        """Write the resume state to ``<out>.last.pt`` and, if ``best``, the best network to ``out``."""
-        common = {**self.meta, "history": self.history, "best_step": self.best["step"],
-                  "best_dice": float(self.best["dice"]), "per_class_dice": list(self.best["per_class"])}
-        last = {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}
-        save_resume_state(self.out, {
-            **common, "state_dict": last, "step": self.step,
-            "train_state": {"epoch": self.epoch, "since_best": self.since_best, "best_dice": float(self.best["dice"]),
-                            "best_score": float(self.best["score"]),
-                            "best_step": self.best["step"], "per_class_dice": list(self.best["per_class"]),
-                            "seconds": self.seconds, "finished": final}}, self.optimizer)
-        if best or not self.out.exists():
-            best_state = self.best["state"] if self.best["state"] is not None else last
-            save_checkpoint(self.out, {**common, "state_dict": best_state, "step": self.best["step"],
-                                       "trained_steps": self.step})
+        """Write the resume state to ``<out>.last.pt`` and, if ``best`` (or nothing is there yet),
+        the kept network to ``out``."""
+        self.final = final
+        super().save(best or not self.out.exists())
         return self.out
+
+    def _common(self) -> dict:
+        return {**self.meta, "history": self.history, "best_step": self.best["step"],
+                "best_dice": float(self.best["dice"]), "per_class_dice": list(self.best["per_class"])}
+
+    def _weights(self) -> dict:
+        return {n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}
+
+    def resume_payload(self) -> dict:
+        return {**self._common(), "state_dict": self._weights(), "step": self.step,
+                "train_state": {"epoch": self.epoch, "since_best": self.since_best,
+                                "best_dice": float(self.best["dice"]), "best_score": float(self.best["score"]),
+                                "best_step": self.best["step"], "per_class_dice": list(self.best["per_class"]),
+                                "seconds": self.seconds, "finished": self.final}}
+
+    def kept_payload(self) -> dict:
+        state = self.best["state"] if self.best["state"] is not None else self._weights()
+        return {**self._common(), "state_dict": state, "step": self.best["step"], "trained_steps": self.step}
 
 
 def _mean_dice(per_class: np.ndarray) -> float:

@@ -24,8 +24,9 @@ from typing import Optional
 import numpy as np
 
 from ..errors import UserError
+from ..io.files import find_images, fingerprint
 from ..io.pixelsize import PixelSizeConflict, Resolution
-from ..io.slides import find_images, open_slide, read_region
+from ..io.slides import open_slide, read_region
 
 MIN_TISSUE = 0.5  # a patch must be at least this much tissue (by the coarse mask)
 VAL_FILES_READ = 8  # validation patches come from at most this many held-out files
@@ -214,21 +215,6 @@ class DataPlan:
                 "skipped": [list(s) for s in self.skipped]}
 
 
-def fingerprint(files) -> list:
-    """[name, size in bytes] of each file (size None for a folder such as OME-Zarr): what says
-    that two lists are the same slides wherever they are kept."""
-    return [[Path(f).name, Path(f).stat().st_size if Path(f).is_file() else None] for f in files]
-
-
-def same_slides(saved: dict, now: dict) -> bool:
-    """Whether a run's recorded data (``provenance``) lists the same slides as ``now``, by name
-    and size, so that a moved or copied folder is the same; runs saved before the sizes were
-    recorded compare by name."""
-    if "fingerprint" in saved:
-        return saved["fingerprint"] == now["fingerprint"]
-    return [Path(f).name for f in saved.get("files", [])] == [Path(f).name for f in now["files"]]
-
-
 def plan_data(sources, patch: int, resolution: Resolution, *, seed: int = 0, val_fraction: float = 0.1,
               val_patches: int = 32, opening: Optional[dict] = None) -> DataPlan:
     """List the images, split off validation, and check that training can start.
@@ -408,19 +394,3 @@ class PatchStream(_torch_iterable()):
                 raise UserError("None of the training images could be read any more; were the files moved?")
             self._pools = {c: pool}
         return self._pools[c]
-
-
-def val_noise(n: int, patch: int, timesteps: int, seed: int = 0):
-    """Fixed timesteps (evenly spread over 0..T-1) and noise for the validation patches."""
-    import torch
-
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 13]).generate_state(1)[0]))
-    t = torch.tensor([min(timesteps - 1, int((k + 0.5) * timesteps / n)) for k in range(n)], dtype=torch.long)
-    t = t[torch.randperm(n, generator=g)]
-    return t, torch.randn((n, 3, patch, patch), generator=g)
-
-
-def batches(n: int, size: int):
-    """Slices splitting ``n`` items into batches of at most ``size``."""
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)] if n else []
-

@@ -1,14 +1,19 @@
-"""The official recipe: each choice of the official GenSelfDiff-HIS code where ours differs.
+"""The recipes: every choice where the official GenSelfDiff-HIS code and ours differ, as one object each.
 
 Read from suhas-srinath/GenSelfDiff-HIS at HEAD (GenSelfDiff/pretrain/SS_diff.py, utils.py,
 model.py; GenSelfDiff/downstream_train/Diff_Seg.py, losses.py, model.py;
-GenSelfDiff/test/test_script.py). ``recipe="official"`` in :class:`~genselfdiff.train.config.PretrainConfig`
-and :class:`~genselfdiff.train.finetune.FinetuneConfig` (``--recipe official`` on the command
-line) reproduces them; ``"default"`` is our documented recipe.
+GenSelfDiff/test/test_script.py). A :class:`Recipe` is named by ``recipe`` in
+:class:`~genselfdiff.train.config.PretrainConfig` and
+:class:`~genselfdiff.train.config.FinetuneConfig` (``--recipe`` on the command line):
+:data:`DEFAULT` is our documented recipe, :data:`OFFICIAL` reproduces the official code. The
+configs take their defaults from :data:`DEFAULT` and ``from_preset(recipe="official")`` the
+values of :data:`OFFICIAL`; the training code asks the recipe the rest (the initialisation,
+the network's final block, the input scaling, which pretrained weights start fresh, what
+fine-tuning keeps), so no other module tests a recipe's name.
 
-Both phases: conv, transposed-conv and GroupNorm weights drawn from N(0, 0.01)
-(:func:`official_init`; biases and linear layers keep PyTorch's defaults), fp32, Adam at
-1e-4, batch 8, no EMA, gradient clipping or warm-up; the final residual block has no
+The official recipe, both phases: conv, transposed-conv and GroupNorm weights drawn from
+N(0, 0.01) (:func:`official_init`; biases and linear layers keep PyTorch's defaults), fp32,
+Adam at 1e-4, batch 8, no EMA, gradient clipping or warm-up; the final residual block has no
 time input (``NetConfig.final_time`` False).
 
 Pretraining: inputs in [-1, 1], flips only, the P2 loss summed over the batch (we average;
@@ -17,7 +22,7 @@ validation loss (its early-stopping patience of 15 is counted but never stops th
 A stream of patches from slides has no epochs, so the budget stays --steps / --minutes.
 
 Fine-tuning: every ``final_conv.*`` weight is dropped from the pretrained checkpoint, so
-the final residual block and the 1x1 head start fresh (:func:`official_segmentation_net`);
+the final residual block and the 1x1 head start fresh (:meth:`Recipe.segmentation_net`);
 inputs in [0, 1] (not the [-1, 1] of pretraining; the model records it, so ``segment``
 and napari scale the same way); structural-similarity loss with one batch-mean
 cross-entropy (:func:`genselfdiff.train.losses.ss_loss_official`) plus focal; Adam betas
@@ -28,7 +33,7 @@ validation *loss* kept, never stopped early.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from torch import nn
@@ -37,16 +42,6 @@ from ..errors import UserError
 from ..nn.config import NetConfig
 from ..nn.unet import SegmentationNet, UNet, to_segmentation
 from .augment import Augment
-
-RECIPES = ("default", "official")
-OFFICIAL_FINETUNE_EPOCHS = 150
-NORMALIZATIONS = {"default": "[-1, 1]", "official": "[0, 1]"}  # fine-tuning and segmentation inputs
-
-
-def check_recipe(name: str) -> str:
-    if name not in RECIPES:
-        raise UserError(f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)}.")
-    return name
 
 
 def official_init(module: nn.Module) -> nn.Module:
@@ -63,28 +58,109 @@ def official_augment() -> Augment:
                    brightness=0.5, contrast=0.4, saturation=0.0, elastic=0.0, hed=0.0)
 
 
-def official_pretrain_fields() -> dict:
-    """PretrainConfig values of the official recipe (the caller's explicit choices still win)."""
-    return dict(lr=1e-4, batch=8, ema_decay=0.0, grad_clip=0.0, warmup_steps=0, amp=False, recipe="official")
+# Which Recipe fields a phase's configuration holds under the same name.
+PRETRAIN_FIELDS = ("batch", "amp", "ema_decay", "grad_clip", "warmup_steps")
+FINETUNE_FIELDS = ("batch", "amp", "lr", "betas", "loss", "augment", "epochs", "patience", "grad_clip",
+                   "lr_schedule", "affinity", "prior")
 
 
-def official_finetune_fields() -> dict:
-    """FinetuneConfig values of the official recipe (the caller's explicit choices still win)."""
-    return dict(lr=1e-4, betas=(0.5, 0.999), batch=8, loss="official", ss_weight=1.0, focal_weight=1.0,
-                ss_beta=0.1, ss_c=0.01, focal_gamma=2.0, epochs=OFFICIAL_FINETUNE_EPOCHS, patience=0,
-                augment=official_augment(), grad_clip=0.0, lr_schedule="constant", amp=False, affinity=0.0, prior=0.0,
-                recipe="official")
+@dataclass(frozen=True)
+class Recipe:
+    """One recipe: what both training phases, and the models they write, do differently under it.
+
+    ``None`` leaves a choice to the engine (the preset's batch, the learning rate by start, ...).
+    Fields named as a config's field are that config's default (:meth:`pretrain_fields`,
+    :meth:`finetune_fields`); the others the training code reads here.
+    """
+
+    name: str
+    # both phases
+    normalization: str  # input scaling of fine-tuning and of the segmentation model ("[-1, 1]" or "[0, 1]")
+    official_init: bool  # conv and norm weights from N(0, 0.01) (official_init); False: PyTorch's defaults
+    final_time: bool  # the final residual block takes the time input
+    amp: bool  # bf16 autocast where nn.model.amp_enabled says it pays; False: fp32
+    batch: Optional[int]  # None: the preset's
+    # pretraining (its learning rate is 1e-4 in both recipes)
+    ema_decay: float
+    warmup_steps: int
+    pretrain_grad_clip: float
+    sum_loss: bool  # the P2 loss summed over the batch (the official code) rather than averaged
+    # fine-tuning
+    lr: Optional[float]  # None: the engine's rate for the preset and the start (finetune.LEARNING_RATES)
+    betas: tuple
+    loss: str
+    augment: Augment = field(compare=False)
+    epochs: Optional[int] = None  # None: the engine's budget (finetune.DEFAULT_EPOCHS, SPARSE_STEPS)
+    patience: int = 10
+    grad_clip: float = 0.0
+    lr_schedule: Optional[str] = None  # None: cosine for strokes, else constant
+    affinity: Optional[float] = None  # None: the engine's weight for strokes
+    prior: Optional[float] = None
+    fresh: tuple = ()  # prefixes of the pretrained weights that fine-tuning drops and starts fresh
+    keep_lowest_loss: bool = False  # fine-tuning keeps the lowest validation loss (else the best Dice)
+
+    def pretrain_fields(self) -> dict:
+        """The PretrainConfig values of this recipe (``None``: left to the preset)."""
+        values = {k: getattr(self, k) for k in PRETRAIN_FIELDS}
+        values["grad_clip"] = self.pretrain_grad_clip
+        return {**{k: v for k, v in values.items() if v is not None}, "recipe": self.name}
+
+    def finetune_fields(self) -> dict:
+        """The FinetuneConfig values of this recipe (``None``: left to the engine); a fresh augmentation."""
+        values = {k: getattr(self, k) for k in FINETUNE_FIELDS}
+        values["augment"] = replace(self.augment)
+        return {**{k: v for k, v in values.items() if v is not None}, "recipe": self.name}
+
+    def init(self, module: nn.Module) -> nn.Module:
+        """``module`` with this recipe's initial weights (in place)."""
+        return official_init(module) if self.official_init else module
+
+    def net_config(self, net: NetConfig) -> NetConfig:
+        """``net`` with this recipe's final block (the default recipe takes the network as it is)."""
+        return net if self.final_time or not net.final_time else replace(net, final_time=False)
+
+    def segmentation_net(self, net_cfg: NetConfig, classes: int, pretrained: Optional[dict] = None) -> SegmentationNet:
+        """The network fine-tuning starts from: this recipe's initialisation, then the ``pretrained``
+        U-Net weights (None: none) except those under :attr:`fresh`, and a new head of ``classes``."""
+        unet = self.init(UNet(self.net_config(net_cfg)))
+        if pretrained is not None and not self.fresh:
+            unet.load_state_dict(pretrained)
+        elif pretrained is not None:
+            kept = {k: v for k, v in pretrained.items() if not k.startswith(self.fresh)}
+            missing, unexpected = unet.load_state_dict(kept, strict=False)
+            if unexpected or any(not k.startswith(self.fresh) for k in missing):
+                raise KeyError(f"pretrained weights do not fit: missing {missing}, unexpected {unexpected}")
+        net = to_segmentation(unet, classes)
+        self.init(net.unet.head)
+        return net
+
+
+DEFAULT = Recipe(
+    name="default", normalization="[-1, 1]", official_init=False, final_time=True, amp=True, batch=None,
+    ema_decay=0.999, warmup_steps=100, pretrain_grad_clip=1.0, sum_loss=False,
+    lr=None, betas=(0.5, 0.999), loss="dice_ce", augment=Augment())
+OFFICIAL = Recipe(
+    name="official", normalization="[0, 1]", official_init=True, final_time=False, amp=False, batch=8,
+    ema_decay=0.0, warmup_steps=0, pretrain_grad_clip=0.0, sum_loss=True,
+    lr=1e-4, betas=(0.5, 0.999), loss="official", augment=official_augment(), epochs=150, patience=0,
+    lr_schedule="constant", affinity=0.0, prior=0.0, fresh=("final.", "head."), keep_lowest_loss=True)
+RECIPES = {r.name: r for r in (DEFAULT, OFFICIAL)}
+NORMALIZATIONS = {r.name: r.normalization for r in RECIPES.values()}  # by name, for callers that hold one
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``; a :class:`UserError` naming the choices otherwise."""
+    try:
+        return RECIPES[name]
+    except (KeyError, TypeError):
+        raise UserError(f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)}.") from None
 
 
 def official_segmentation_net(net_cfg: NetConfig, classes: int, pretrained: Optional[dict] = None) -> SegmentationNet:
-    """The official fine-tuning network: N(0, 0.01) initialisation, then every pretrained weight
-    except the final residual block and the head (which start fresh, the block without time input)."""
-    unet = official_init(UNet(replace(net_cfg, final_time=False)))
-    if pretrained is not None:
-        kept = {k: v for k, v in pretrained.items() if not k.startswith(("final.", "head."))}
-        missing, unexpected = unet.load_state_dict(kept, strict=False)
-        if unexpected or any(not k.startswith(("final.", "head.")) for k in missing):
-            raise KeyError(f"pretrained weights do not fit: missing {missing}, unexpected {unexpected}")
-    net = to_segmentation(unet, classes)
-    official_init(net.unet.head)
-    return net
+    """The official fine-tuning network (:meth:`Recipe.segmentation_net` of :data:`OFFICIAL`)."""
+    return OFFICIAL.segmentation_net(net_cfg, classes, pretrained)
+
+
+def official_finetune_fields() -> dict:
+    """The FinetuneConfig values of the official recipe (:meth:`Recipe.finetune_fields` of :data:`OFFICIAL`)."""
+    return OFFICIAL.finetune_fields()

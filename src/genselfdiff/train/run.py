@@ -1,8 +1,11 @@
-"""What every training run shares: the loop's end, the step, the resume file, batches made ahead.
+"""What every training run shares: the run itself, its end, the step, the resume file, batches made ahead.
 
-Pretraining (:mod:`pretrain`) and fine-tuning (:mod:`finetune`) differ in their loss,
-their validation and what a checkpoint holds; the bookkeeping around them is here once:
+Pretraining (:mod:`pretrain`) and fine-tuning (:mod:`finetune`) differ in their batches,
+their loss, their validation and what a checkpoint holds; the run around them is here once:
 
+- :class:`TrainingRun`: one run, the base of both jobs' runs: the loop (:meth:`~TrainingRun.fit`)
+  with hooks for the batches, the step and what follows it, the history, the choice of the
+  best network (:meth:`~TrainingRun.consider`) and writing both files (:meth:`~TrainingRun.save`);
 - :class:`Budget`: steps, minutes and epochs, whichever ends first; the progress total
   and the fraction used (for learning-rate schedules);
 - :class:`TrainLoop`: whether the run takes another step (the budget, then the user's
@@ -13,16 +16,22 @@ their validation and what a checkpoint holds; the bookkeeping around them is her
   :func:`restore_resume_state`: where the state of the last step lives next to the best
   checkpoint, what it holds besides the run's own payload, and reading it back (with one
   clear error) into the optimizer and the RNGs;
+- :func:`ignored_choices`: what a resumed run, which keeps the settings it was started with,
+  leaves out of the caller's choices (to say so);
 - :func:`prefetch`: batches made ahead in threads, the same batches whatever the threads;
 - :func:`default_workers`: how many data workers a device gets when the user says nothing.
+
+The step of each job is an object of its own (:class:`genselfdiff.train.pretrain.DiffusionStep`,
+:class:`genselfdiff.train.finetune_run.SegmentationStep`) that the runs call and benchmarks time.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -70,6 +79,30 @@ def load_resume_state(out, is_resume_state: Callable[[dict], bool], what: str) -
     if not is_resume_state(ckpt):
         raise UserError(f"{last} is not the resume state of a {what} run.")
     return ckpt
+
+
+def ignored_choices(asked, kept, unasked, runtime: tuple = ()) -> list:
+    """What a resumed run leaves out of the caller's config ``asked``: ``"name kept (not asked)"``
+    for each field, but the ``runtime`` ones, that the caller chose (a value other than ``unasked``,
+    the config of no choices) and that the run being resumed (``kept``) does not have. A network
+    given as a dict of changed fields is compared field by field."""
+    ignored = []
+    for name in (f.name for f in fields(asked) if f.name not in runtime):
+        mine, theirs = getattr(asked, name), getattr(kept, name)
+        if mine is None or mine == getattr(unasked, name):
+            continue
+        if isinstance(mine, dict) and not isinstance(theirs, dict):
+            ignored += [f"{k} {_shown(getattr(theirs, k, None))} (not {_shown(v)})" for k, v in mine.items()
+                        if getattr(theirs, k, None) != v]
+        elif mine != theirs:
+            ignored.append(f"{name} {_shown(theirs)} (not {_shown(mine)})")
+    return ignored
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass
@@ -207,3 +240,93 @@ def prefetch(make: Callable[[int], object], start: int, workers: int) -> Iterato
             yield batch
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class TrainingRun:
+    """One training run: the loop both jobs share, with hooks for what differs.
+
+    :meth:`fit` draws batches (:meth:`batches`, a stream from ``self.step``) and takes one
+    optimisation step on each (:meth:`train_step`), adding its loss to ``self.window`` (the
+    steps since the last history entry), then hands over to :meth:`after_step` (history,
+    validation, progress), which may end the run early. Validation is the job's own; choosing
+    the network to keep is :meth:`consider`, and :meth:`save` writes the resume state
+    (:meth:`resume_payload`, with the optimizer and the RNGs) to :func:`last_path` and, when
+    asked, the kept network (:meth:`kept_payload`) to ``out``. Only the main process writes.
+
+    State: ``step``, ``epoch``, ``history`` (a list of dicts, each with ``step``), ``best``
+    (``score``, higher is better, ``step`` and, when kept in memory, ``state``: the weights)
+    and ``since_best`` (validations since the last improvement).
+    """
+
+    is_main = True  # under DDP only rank 0 writes files
+
+    def __init__(self, out, net, optimizer):
+        self.out, self.net, self.optimizer = Path(out), net, optimizer
+        self.step = self.epoch = self.since_best = 0
+        self.history: list = []
+        self.best: dict = {"score": -math.inf, "step": None, "state": None}
+        self.window = LossWindow()
+
+    # --- hooks ---------------------------------------------------------------------------
+    def batches(self) -> Iterator:
+        """The batches from step ``self.step`` on; closed (if it can be) when the loop ends."""
+        raise NotImplementedError
+
+    def train_step(self, batch, loop: TrainLoop):
+        """One optimisation step on ``batch``; its loss (a tensor, read when logged, or a number)."""
+        raise NotImplementedError
+
+    def after_step(self, loss, loop: TrainLoop, progress) -> bool:
+        """What follows step ``self.step`` (history, validation, progress); True ends the run early."""
+        return False
+
+    def resume_payload(self) -> dict:
+        """What the resume state holds besides the optimizer and the RNGs."""
+        raise NotImplementedError
+
+    def kept_payload(self) -> dict:
+        """The checkpoint of the kept network."""
+        raise NotImplementedError
+
+    # --- the loop ------------------------------------------------------------------------
+    def fit(self, loop: TrainLoop, progress) -> bool:
+        """Train until ``loop`` ends or :meth:`after_step` says so (then True)."""
+        batches = self.batches()
+        self.window = LossWindow()
+        self.net.train()
+        try:
+            while loop.goes_on(self.step, self.epoch):
+                loss = self.train_step(next(batches), loop)
+                self.step += 1
+                self.window.add(loss)
+                if self.after_step(loss, loop, progress):
+                    return True
+            return False
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()  # stops the threads or processes making batches
+
+    # --- the best network and the files ----------------------------------------------------
+    def consider(self, score: float, *, margin: float = 0.0, ties: bool = False, force: bool = False,
+                 keep_weights: bool = False, **record) -> tuple:
+        """Whether the network at ``self.step`` with ``score`` (higher is better) is an improvement
+        (by more than ``margin``, or ``force``) and whether it is now the one kept: an improvement,
+        or with ``ties`` a score within ``margin`` of the best, which keeps the later, longer-trained
+        network (a small validation set often saturates). Only an improvement resets ``since_best``.
+        ``keep_weights`` keeps a CPU copy of the weights in ``best["state"]``; ``record`` is stored
+        with the score."""
+        improved = force or score > self.best["score"] + margin
+        tied = ties and not improved and self.step > 0 and score >= self.best["score"] - margin
+        if improved or tied:
+            state = ({n: v.detach().to("cpu", copy=True) for n, v in self.net.state_dict().items()}
+                     if keep_weights else None)
+            self.best = {**record, "score": score, "step": self.step, "state": state}
+        self.since_best = 0 if improved else self.since_best + 1
+        return improved, improved or tied
+
+    def save(self, best: bool) -> None:
+        """Write the resume state and, if ``best``, the kept network."""
+        if self.is_main:
+            save_resume_state(self.out, self.resume_payload(), self.optimizer)
+            if best:
+                save_checkpoint(self.out, self.kept_payload())

@@ -80,11 +80,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ...errors import UserError
+    from ...io.files import GEOJSON_SUFFIXES, image_paths, match_by_stem
     from ...io.pixelsize import Resolution
     from ...io.rasterize import training_labels
-    from ...train.annotations import image_paths, match_by_stem
     from ...train.augment import Augment
-    from ...train.finetune import FinetuneConfig, finetune
+    from ...train.config import FinetuneConfig
+    from ...train.finetune import finetune
     from ..cli import ProgressBar, StopOnInterrupt
 
     images = image_paths(args.images)
@@ -96,7 +97,7 @@ def run(args) -> int:
         pairs, unmatched, unused = match_by_stem(images, args.masks)
         kind = "mask"
     else:
-        pairs, unmatched, unused = match_by_stem(images, args.annotations, suffixes=(".geojson", ".json"))
+        pairs, unmatched, unused = match_by_stem(images, args.annotations, suffixes=GEOJSON_SUFFIXES)
         kind = "GeoJSON file"
     _report_matching(pairs, unmatched, unused, kind)
     if not pairs:

@@ -63,7 +63,7 @@ def build_config(args):
 def run(args) -> int:
     from ...errors import UserError
     from ...infer.segment import segment_batch
-    from ...io.slides import find_images
+    from ...io.files import find_images
     from ...nn.model import load_model
     from ..cli import EXIT_OK, EXIT_PARTIAL, ProgressBar, StopOnInterrupt
 

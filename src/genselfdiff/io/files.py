@@ -1,0 +1,139 @@
+"""Finding input files and pairing them: which paths are images, their stems, masks and GeoJSON by stem.
+
+Folders are only listed, never opened, so a folder of thousands of slides costs a directory
+walk. An image's *stem* is its name without image suffixes (``a/b.ome.tif`` -> ``b``); masks
+and QuPath GeoJSON exports are matched to images by stem (:func:`match_by_stem`), with or
+without one of :data:`MASK_SUFFIXES` (``a.svs`` <- ``a.png``, ``a_mask.tif``, ``a.geojson``).
+:func:`fingerprint` and :func:`same_slides` say whether two lists of files are the same slides
+wherever they are kept (a resumed run checks its data with them).
+
+Nothing here decodes pixels except :func:`read_mask`, which opens a mask lazily.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from ..errors import UserError
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8")
+PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+ZARR_SUFFIXES = (".zarr",)
+IMAGE_SUFFIXES = TIFF_SUFFIXES + PLAIN_SUFFIXES + ZARR_SUFFIXES
+GEOJSON_SUFFIXES = (".geojson", ".json")
+# Mask files are matched to images by stem, with or without one of these suffixes.
+MASK_SUFFIXES = ("", "_mask", "_masks", "-mask", "_label", "_labels", "-labels", "_annotation", "_annotations")
+
+
+def image_stem(path) -> str:
+    """File name without its image suffixes: ``a/b.ome.tif`` -> ``b``."""
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr") + IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def is_image_path(path) -> bool:
+    p = Path(path)
+    return p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.startswith(".")
+
+
+def find_images(sources: Iterable) -> list:
+    """Expand files and folders (recursively) into image paths, sorted, without duplicates.
+
+    A ``.zarr`` folder counts as one image. A path that does not exist is a :class:`UserError`.
+    """
+    found = []
+    for src in sources:
+        p = Path(src)
+        if not p.exists():
+            raise UserError(f"{p} does not exist.")
+        if p.is_dir() and not p.name.lower().endswith(ZARR_SUFFIXES):
+            for child in sorted(p.rglob("*")):
+                if is_image_path(child) and not any(part.lower().endswith(".zarr") for part in child.relative_to(p).parts[:-1]):
+                    found.append(child)
+        else:
+            found.append(p)
+    seen, unique = set(), []
+    for f in found:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append(f)
+    return unique
+
+
+def image_paths(sources: Sequence) -> list:
+    """:func:`find_images`, with a :class:`UserError` when there are none (for the command line)."""
+    paths = find_images(sources)
+    if not paths:
+        raise UserError(f"No images found in {', '.join(map(str, sources))} (looked for {', '.join(IMAGE_SUFFIXES)}).")
+    return paths
+
+
+def files_with(sources: Sequence, suffixes: tuple) -> list:
+    """Files (and, recursively, files in folders) whose names end with one of ``suffixes``."""
+    files = []
+    for src in sources:
+        p = Path(src)
+        if not p.exists():
+            raise UserError(f"{p} does not exist.")
+        files += sorted(f for f in p.rglob("*") if f.name.lower().endswith(suffixes)) if p.is_dir() else [p]
+    return files
+
+
+def match_by_stem(images: Sequence, sources: Sequence, suffixes: Optional[tuple] = None):
+    """Pair image paths with annotation files by stem: ``a.svs`` <- ``a.png``, ``a_mask.tif``, ...
+
+    ``sources`` are files or folders (searched recursively) of mask images, or, with
+    ``suffixes`` (e.g. :data:`GEOJSON_SUFFIXES`), of files with those endings. Returns
+    ``(pairs, images_without_annotation, unused_files)``; an image that is itself used
+    as some image's mask (``a_mask.png`` next to ``a.png``) is dropped from the images.
+    """
+    files = find_images(sources) if suffixes is None else files_with(sources, suffixes)
+    by_stem = {}
+    for f in files:
+        by_stem.setdefault(_stem(f, suffixes).lower(), f)
+    pairs, unmatched, used = [], [], set()
+    for img in images:
+        stem = image_stem(img).lower()
+        hit = next((by_stem[stem + s] for s in MASK_SUFFIXES
+                    if stem + s in by_stem and Path(by_stem[stem + s]).resolve() != Path(img).resolve()), None)
+        if hit is None:
+            unmatched.append(Path(img))
+        else:
+            pairs.append((Path(img), Path(hit)))
+            used.add(Path(hit).resolve())
+    unmatched = [p for p in unmatched if p.resolve() not in used]
+    return pairs, unmatched, [Path(f) for f in files if Path(f).resolve() not in used]
+
+
+def _stem(path, suffixes: Optional[tuple]) -> str:
+    name = Path(path).name
+    for s in suffixes or ():
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return image_stem(path)
+
+
+def read_mask(path) -> object:
+    """A mask file as a 2-D integer label array (lazy for TIFF and OME-Zarr, whole for PNG)."""
+    from .labels import open_label_image, require_integers
+
+    return require_integers(open_label_image(path).array, f"Mask {path}")
+
+
+def fingerprint(files) -> list:
+    """[name, size in bytes] of each file (size None for a folder such as OME-Zarr): what says
+    that two lists are the same slides wherever they are kept."""
+    return [[Path(f).name, Path(f).stat().st_size if Path(f).is_file() else None] for f in files]
+
+
+def same_slides(saved: dict, now: dict) -> bool:
+    """Whether a run's recorded data (its ``files`` and ``fingerprint``) lists the same slides as
+    ``now``, by name and size, so that a moved or copied folder is the same; runs saved before the
+    sizes were recorded compare by name."""
+    if "fingerprint" in saved:
+        return saved["fingerprint"] == now["fingerprint"]
+    return [Path(f).name for f in saved.get("files", [])] == [Path(f).name for f in now["files"]]
