@@ -110,6 +110,7 @@ def test_auto_device_spreads_workers_over_the_gpus(monkeypatch):
     # In-process workers, so that they see the patched torch; names 0, 1, 2 as LocalCluster gives.
     with distributed.LocalCluster(n_workers=3, processes=False, dashboard_address=":0") as c, \
             distributed.Client(c) as client:
+        client.wait_for_workers(3)
         workers = sorted(client.scheduler_info()["workers"].items(), key=lambda w: int(w[1]["name"]))
         chosen = [client.submit(worker_device, "auto", workers=[address], pure=False).result()
                   for address, _ in workers]
@@ -119,4 +120,5 @@ def test_auto_device_spreads_workers_over_the_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one visible GPU per worker (dask-cuda)
     assert worker_device("auto", worker=type("W", (), {"name": 3})()) == "auto"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert worker_device("auto", worker=type("W", (), {"name": "host-7"})()) == "cuda:3"
+    for name, want in ((0, "cuda:0"), ("0", "cuda:0"), (5, "cuda:1"), ("host-7", "cuda:3")):
+        assert worker_device("auto", worker=type("W", (), {"name": name})()) == want

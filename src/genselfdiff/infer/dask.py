@@ -77,8 +77,8 @@ def worker_device(device: str, worker=None) -> str:
         from distributed import get_worker
 
         worker = get_worker()
-    name = str(getattr(worker, "name", "") or "")
-    tail = name.rsplit("-", 1)[-1]
+    name = getattr(worker, "name", None)
+    tail = "" if name is None else str(name).rsplit("-", 1)[-1]  # name 0 is a number, not "no name"
     index = int(tail) if tail.isdigit() else zlib.crc32(str(getattr(worker, "address", name)).encode())
     return f"cuda:{index % count}"
 
