@@ -145,7 +145,6 @@ OFFICIAL = Recipe(
     lr=1e-4, betas=(0.5, 0.999), loss="official", augment=official_augment(), epochs=150, patience=0,
     lr_schedule="constant", affinity=0.0, prior=0.0, fresh=("final.", "head."), keep_lowest_loss=True)
 RECIPES = {r.name: r for r in (DEFAULT, OFFICIAL)}
-NORMALIZATIONS = {r.name: r.normalization for r in RECIPES.values()}  # by name, for callers that hold one
 
 
 def get_recipe(name: str) -> Recipe:
@@ -160,7 +159,3 @@ def official_segmentation_net(net_cfg: NetConfig, classes: int, pretrained: Opti
     """The official fine-tuning network (:meth:`Recipe.segmentation_net` of :data:`OFFICIAL`)."""
     return OFFICIAL.segmentation_net(net_cfg, classes, pretrained)
 
-
-def official_finetune_fields() -> dict:
-    """The FinetuneConfig values of the official recipe (:meth:`Recipe.finetune_fields` of :data:`OFFICIAL`)."""
-    return OFFICIAL.finetune_fields()
