@@ -14,9 +14,9 @@ from genselfdiff.io.files import (
     image_paths,
     image_stem,
     match_by_stem,
-    read_mask,
     same_slides,
 )
+from genselfdiff.io.labels import read_mask
 
 
 def test_stems_and_finding_images_in_folders(tmp_path):

@@ -528,7 +528,7 @@ def test_napari_style_inputs_pyramids_and_counts(synthetic_pair):
 
 
 def test_strokes_survive_the_reduction_to_a_coarser_training_level():
-    from genselfdiff.train.annotations import shrink_strokes
+    from genselfdiff.io.labels import shrink_strokes
 
     lab = np.zeros((8, 8), np.uint8)
     lab[1, :] = 2  # a 1-px stroke on an odd row: nearest neighbour would drop it

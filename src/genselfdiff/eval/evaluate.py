@@ -243,7 +243,7 @@ def _score_stem(stem, pred_files, truth_file, scale_um, instances, class_names) 
     for f in pred_files:
         pred, names = _read(f)
         if pred.shape != truth.shape and same_field(pred.shape, _stated_mpp(f), truth.shape, scale_um):
-            from ..io.slides import resize_labels
+            from ..io.labels import resize_labels
 
             pred = np.asarray(resize_labels(pred, truth.shape))
         if pred.shape == truth.shape:
@@ -271,7 +271,7 @@ def _predicted_objects(pred_file: Path, shape: tuple, scale_um) -> Optional[np.n
         if f.exists():
             ids, _ = _read(f)
             if ids.shape != shape and same_field(ids.shape, _stated_mpp(f), shape, scale_um):
-                from ..io.slides import resize_labels
+                from ..io.labels import resize_labels
 
                 ids = np.asarray(resize_labels(ids, shape))
             if ids.shape == shape:

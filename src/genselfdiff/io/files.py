@@ -3,11 +3,12 @@
 Folders are only listed, never opened, so a folder of thousands of slides costs a directory
 walk. An image's *stem* is its name without image suffixes (``a/b.ome.tif`` -> ``b``); masks
 and QuPath GeoJSON exports are matched to images by stem (:func:`match_by_stem`), with or
-without one of :data:`MASK_SUFFIXES` (``a.svs`` <- ``a.png``, ``a_mask.tif``, ``a.geojson``).
+without one of :data:`MASK_SUFFIXES` (``a.svs`` <- ``a.png``, ``a_mask.tif``, ``a.geojson``);
+:func:`pair_annotations` is that matching for a training run, with what to tell the user.
 :func:`fingerprint` and :func:`same_slides` say whether two lists of files are the same slides
 wherever they are kept (a resumed run checks its data with them).
 
-Nothing here decodes pixels except :func:`read_mask`, which opens a mask lazily.
+Nothing here decodes pixels.
 """
 
 from __future__ import annotations
@@ -109,19 +110,35 @@ def match_by_stem(images: Sequence, sources: Sequence, suffixes: Optional[tuple]
     return pairs, unmatched, [Path(f) for f in files if Path(f).resolve() not in used]
 
 
+def pair_annotations(images: Sequence, sources: Sequence, *, geojson: bool = False) -> tuple:
+    """The training pairs of ``images`` and their masks (or, with ``geojson``, QuPath GeoJSON
+    exports) from ``sources`` by stem (:func:`match_by_stem`), and the lines that tell the user
+    what was left out. ``(pairs, notes)``; a :class:`UserError` when nothing matches."""
+    pairs, unmatched, unused = match_by_stem(images, sources, suffixes=GEOJSON_SUFFIXES if geojson else None)
+    kind = "GeoJSON file" if geojson else "mask"
+    if not pairs:
+        found = f" (found: {_listed(unused)})" if unused else ""
+        raise UserError(f"No {kind} matches any of the {len(images)} image(s) by file name{found}; name them after "
+                        "their images (a.svs -> a.png or a_mask.png).")
+    notes = []
+    if unmatched:
+        notes.append(f"warning: {len(unmatched)} image(s) have no {kind} and are left out: {_listed(unmatched)} "
+                     f"({kind}s are matched by file stem, e.g. a.svs <- a.png or a_mask.png).")
+    if unused:
+        notes.append(f"note: {len(unused)} {kind}(s) match no image: {_listed(unused)}.")
+    return pairs, notes
+
+
+def _listed(paths: list) -> str:
+    return ", ".join(p.name for p in paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
+
+
 def _stem(path, suffixes: Optional[tuple]) -> str:
     name = Path(path).name
     for s in suffixes or ():
         if name.lower().endswith(s):
             return name[: -len(s)]
     return image_stem(path)
-
-
-def read_mask(path) -> object:
-    """A mask file as a 2-D integer label array (lazy for TIFF and OME-Zarr, whole for PNG)."""
-    from .labels import open_label_image, require_integers
-
-    return require_integers(open_label_image(path).array, f"Mask {path}")
 
 
 def fingerprint(files) -> list:

@@ -128,6 +128,48 @@ def require_integers(arr, name: str):
     return arr
 
 
+def read_mask(path):
+    """A mask file as a 2-D integer label array (lazy for TIFF and OME-Zarr, whole for PNG)."""
+    return require_integers(open_label_image(path).array, f"Mask {path}")
+
+
+# --- on another grid -----------------------------------------------------------------------
+
+def resize_labels(labels, shape: tuple):
+    """A label image (numpy or dask) on another grid of the same field of view, by nearest
+    neighbour (the pixel under each new pixel's centre), lazily for dask."""
+    H, W = labels.shape[:2]
+    h, w = int(shape[0]), int(shape[1])
+    if (H, W) == (h, w):
+        return labels
+    rows = np.minimum(((np.arange(h) + 0.5) * H / h).astype(np.intp), H - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * W / w).astype(np.intp), W - 1)
+    return labels[rows, :][:, cols]
+
+
+def shrink_strokes(labels, shape: tuple) -> np.ndarray:
+    """Sparse labels on a coarser grid: each new pixel takes the most painted class of the
+    pixels it covers (0 = unlabelled only where none is painted), so a stroke thinner than
+    the reduction survives; a non-integer ratio falls back to nearest neighbour."""
+    lab = np.asarray(labels)
+    (H, W), (h, w) = lab.shape[:2], (int(shape[0]), int(shape[1]))
+    fy, fx = round(H / h), round(W / w)
+    if fy < 1 or fx < 1 or abs(H / h - fy) > 0.05 * fy or abs(W / w - fx) > 0.05 * fx:
+        return np.asarray(resize_labels(lab, shape))
+    padded = np.zeros((h * fy, w * fx), lab.dtype)
+    padded[: min(H, h * fy), : min(W, w * fx)] = lab[: h * fy, : w * fx]
+    blocks = padded.reshape(h, fy, w, fx)
+    out = np.zeros((h, w), lab.dtype)
+    best = np.zeros((h, w), np.int32)
+    for value in np.unique(lab):
+        if value == 0:
+            continue
+        count = (blocks == value).sum((1, 3))
+        win = count > best
+        out[win], best[win] = value, count[win]
+    return out
+
+
 # --- NGFF ----------------------------------------------------------------------------------
 
 def class_metadata(image_label: dict) -> tuple:

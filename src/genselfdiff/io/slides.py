@@ -5,6 +5,9 @@ each ``(Y, X, 3)`` uint8, level 0 first, plus the level-0 pixel size in µm when
 states it or the user gives it (:mod:`genselfdiff.io.pixelsize` decides which wins). Pyramidal TIFF/SVS/OME-TIFF/NDPI are read through tifffile's zarr store, so
 only the chunks a computation touches are decoded; OME-Zarr is read with zarr; PNG and
 JPEG are small by nature and read whole. The napari reader and the engine share this.
+:func:`open_labelled_image` opens an image at a training resolution together with its labels
+(a mask file, an array or a label pyramid) on the same grid: labels of the whole image follow
+the image to a coarser level, masks by nearest neighbour, strokes so that no painted pixel is lost.
 Which paths are images, and finding them in folders, is :mod:`genselfdiff.io.files`.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 import re
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +25,7 @@ import numpy as np
 
 from ..errors import UserError
 from .files import PLAIN_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, image_stem
+from .labels import as_label_array, read_mask, require_integers, resize_labels, shrink_strokes
 from .pixelsize import Resolution
 
 
@@ -97,10 +101,10 @@ def open_slide(path, pixel_size=None, override_pixel_size: bool = False) -> Slid
     (PNG, JPEG, plain TIFF) or to correct one; see :func:`genselfdiff.io.pixelsize.resolve_pixel_size`
     for which wins and when ``override_pixel_size`` is needed.
     """
-    from .pixelsize import check_pixel_size
+    from .pixelsize import check_pixel_size, resolve_pixel_size
 
     path = Path(path)
-    check_pixel_size(pixel_size, path)  # a bad value is the user's mistake even when the file is too
+    given = check_pixel_size(pixel_size, path)  # a bad value is the user's mistake even when the file is too
     if not path.exists():
         raise UserError(f"{path} does not exist.")
     lower = path.name.lower()
@@ -118,14 +122,16 @@ def open_slide(path, pixel_size=None, override_pixel_size: bool = False) -> Slid
     except Exception as e:  # corrupt or truncated files raise all kinds of errors in the decoders
         raise UserError(f"{path} could not be read ({type(e).__name__}: {e}); it may be corrupt or truncated.") from None
     slide.levels = [_as_rgb_uint8(lv, path) for lv in slide.levels]
-    return with_pixel_size(slide, pixel_size, override_pixel_size)
+    mpp, note = resolve_pixel_size(path, slide.mpp, given, override_pixel_size)
+    if mpp != slide.mpp:  # the slide is new: set its pixel size in place
+        slide.metadata["stated_mpp"], slide.mpp = slide.mpp, mpp
+        slide.notes += [note] if note else []
+    return slide
 
 
 def with_pixel_size(slide: Slide, pixel_size=None, override: bool = False) -> Slide:
     """``slide`` with the given level-0 pixel size applied (a copy when it changes; a note when the
     file stated another)."""
-    from dataclasses import replace
-
     from .pixelsize import resolve_pixel_size
 
     mpp, note = resolve_pixel_size(slide.path, slide.mpp, pixel_size, override)
@@ -138,32 +144,23 @@ def with_pixel_size(slide: Slide, pixel_size=None, override: bool = False) -> Sl
 def as_slide(image, pixel_size=None, override_pixel_size: bool = False, name: str = "image") -> Slide:
     """A path, :class:`Slide`, array (H, W[, C]) or list of arrays (a pyramid) as a Slide, with the
     given level-0 pixel size applied (see :func:`open_slide`); ``name`` names an array in messages."""
-    if isinstance(image, Slide):
-        return with_pixel_size(image, pixel_size, override_pixel_size)
     if isinstance(image, (str, Path)):
         return open_slide(image, pixel_size, override_pixel_size)
-    levels = list(image) if isinstance(image, (list, tuple)) else [image]
+    slide = image if isinstance(image, Slide) else Slide(Path(name), _levels_of(image), None)
+    return with_pixel_size(slide, pixel_size, override_pixel_size)
+
+
+def _levels_of(image) -> list:
+    """An array (H, W[, C]) or list of arrays (a pyramid) as RGB uint8 dask levels."""
     out = []
-    for lv in levels:
+    for lv in list(image) if isinstance(image, (list, tuple)) else [image]:
         if not hasattr(lv, "shape") or not hasattr(lv, "dtype"):
             raise UserError(f"Cannot use a {type(lv).__name__} as an image; pass an image path or an (H, W, 3) array.")
         arr = lv if isinstance(lv, da.Array) else da.from_array(np.asarray(lv), chunks=(2048, 2048) + (-1,) * (lv.ndim - 2))
         if arr.ndim == 2:
             arr = arr[..., None]
         out.append(_as_rgb_uint8(arr, "The image"))
-    return with_pixel_size(Slide(Path(name), out, None), pixel_size, override_pixel_size)
-
-
-def resize_labels(labels, shape: tuple):
-    """A label image (numpy or dask) on another grid of the same field of view, by nearest
-    neighbour (the pixel under each new pixel's centre), lazily for dask."""
-    H, W = labels.shape[:2]
-    h, w = int(shape[0]), int(shape[1])
-    if (H, W) == (h, w):
-        return labels
-    rows = np.minimum(((np.arange(h) + 0.5) * H / h).astype(np.intp), H - 1)
-    cols = np.minimum(((np.arange(w) + 0.5) * W / w).astype(np.intp), W - 1)
-    return labels[rows, :][:, cols]
+    return out
 
 
 def read_region(slide: Slide, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
@@ -175,6 +172,77 @@ def read_region(slide: Slide, level: int, y: int, x: int, h: int, w: int) -> np.
     if y1 > y0 and x1 > x0:
         out[y0 - y : y1 - y, x0 - x : x1 - x] = np.asarray(arr[y0:y1, x0:x1])
     return out
+
+
+# --- an image with its labels ------------------------------------------------------------
+
+@dataclass
+class LabelledLevel:
+    """One image level (uint8 (H, W, 3), lazy where the file allows) and its integer labels (H, W)."""
+
+    name: str
+    image: object
+    labels: object
+    level: int = 0
+    downsample: float = 1.0
+    mpp: Optional[float] = None  # µm/px of this level, when known
+    image_source: Optional[str] = None  # the image file, when there is one
+    label_source: str = "the labels"  # the mask file, or a description, for messages
+    notes: list = field(default_factory=list)  # what the user should know (a pixel size overridden)
+
+
+def open_labelled_image(image, labels, resolution, *, pixel_size=None, override_pixel_size: bool = False,
+                        index: int = 0, label_name: Optional[str] = None, sparse: bool = False) -> LabelledLevel:
+    """Image ``index`` (counted from 0, for messages) and its labels at ``resolution``, checking their sizes.
+
+    A path or :class:`Slide` (and any image when ``pixel_size`` is given) is opened as a slide
+    (:func:`as_slide`); an array or a list of arrays (a pyramid, as napari
+    holds one) must be 8-bit RGB.
+    """
+    what = f"image #{index + 1}"
+    if pixel_size is not None or isinstance(image, (str, Path, Slide)):
+        image = as_slide(image, pixel_size, override_pixel_size, name=what)
+    elif isinstance(image, (list, tuple)):
+        image = Slide(Path(what), [_as_rgb(lv, what) for lv in image], None)
+    if isinstance(labels, (list, tuple)) and not isinstance(image, Slide):
+        raise UserError(f"The labels of {what} are a pyramid but the image is not; give one label array.")
+    if isinstance(image, Slide):
+        level = image.level_for(resolution)
+        arr, name, source = image.levels[level], image.name, str(image.path)
+        downsample, mpp, notes = image.downsample(level), image.mpp_at(level), list(image.notes)
+    else:
+        arr, name, source, level, downsample, mpp, notes = _as_rgb(image, what), what, None, 0, 1.0, None, []
+    if isinstance(labels, (list, tuple)):  # a label pyramid: the level of the same size as the image's
+        labels = next((lv for lv in labels if tuple(lv.shape[:2]) == tuple(arr.shape[:2])), labels[0])
+    if isinstance(labels, (str, Path)):
+        label_name = label_name or str(labels)
+        lab = read_mask(labels)
+    else:
+        label_name = label_name or f"the labels of {source or name}"
+        lab = require_integers(as_label_array(labels, label_name), label_name)
+    if isinstance(image, Slide) and level and tuple(lab.shape) == tuple(image.shape[:2]):
+        # a mask of the whole image, read at a coarser working scale
+        lab = shrink_strokes(lab, arr.shape[:2]) if sparse else resize_labels(lab, arr.shape[:2])
+    if tuple(lab.shape) != tuple(arr.shape[:2]):
+        where = f" at pyramid level {level}" if level else ""
+        raise UserError(f"{label_name} is {lab.shape[0]}x{lab.shape[1]} pixels but {source or name} is "
+                        f"{arr.shape[0]}x{arr.shape[1]}{where}; a mask must have the size of its image at the training resolution.")
+    return LabelledLevel(name, arr, lab, level, downsample, mpp, source, label_name, notes)
+
+
+def _as_rgb(arr, name: str):
+    """An 8-bit array (H, W[, 1|3|4]) as RGB (H, W, 3); other pixel types are refused."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise UserError(f"{name} has shape {tuple(arr.shape)}; expected an RGB image (H, W, 3).")
+    if np.dtype(arr.dtype) != np.uint8:
+        raise UserError(f"{name} holds {arr.dtype} pixels; expected 8-bit RGB (uint8).")
+    if arr.shape[2] == 4:
+        arr = arr[..., :3]
+    elif arr.shape[2] == 1:
+        arr = np.repeat(np.asarray(arr), 3, axis=2)
+    return arr
 
 
 # --- formats -----------------------------------------------------------------------------

@@ -195,5 +195,34 @@ def to_segmentation(unet: UNet, classes: int) -> SegmentationNet:
     return SegmentationNet(unet)
 
 
+def normal_init(module: nn.Module, std: float) -> nn.Module:
+    """N(0, ``std``) for the weights of every convolution and normalisation layer (in place)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.normal_(m.weight, 0.0, std)
+    return module
+
+
+def segmentation_net(cfg: NetConfig, classes: int, unet_weights: Optional[dict] = None, *, fresh: tuple = (),
+                     init_std: Optional[float] = None) -> SegmentationNet:
+    """A segmentation network of ``classes`` built from ``cfg``: the U-Net (conv and norm weights
+    from N(0, ``init_std``) when given, else PyTorch's), then the ``unet_weights`` of a pretrained
+    U-Net (None: none) except those under the ``fresh`` prefixes, and a new head (drawn the same way)."""
+    unet = UNet(cfg)
+    if init_std:
+        normal_init(unet, init_std)
+    if unet_weights is not None and not fresh:
+        unet.load_state_dict(unet_weights)
+    elif unet_weights is not None:
+        kept = {k: v for k, v in unet_weights.items() if not k.startswith(fresh)}
+        missing, unexpected = unet.load_state_dict(kept, strict=False)
+        if unexpected or any(not k.startswith(fresh) for k in missing):
+            raise KeyError(f"pretrained weights do not fit: missing {missing}, unexpected {unexpected}")
+    net = to_segmentation(unet, classes)
+    if init_std:
+        normal_init(net.unet.head, init_std)
+    return net
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

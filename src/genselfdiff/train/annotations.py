@@ -23,15 +23,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from ..errors import UserError
-from ..io.files import read_mask
-from ..io.labels import as_label_array, default_class_names, require_integers  # noqa: F401
-from ..io.slides import Slide, open_slide, resize_labels
+from ..io.slides import LabelledLevel, open_labelled_image
 from . import stain_prior
 from .losses import IGNORE
 
@@ -114,79 +111,19 @@ class LabelledImage:
         return self.image.shape[:2]
 
 
+def labelled_image(level: LabelledLevel) -> LabelledImage:
+    """An opened image and its labels (:func:`genselfdiff.io.slides.open_labelled_image`), read
+    through window caches."""
+    return LabelledImage(name=level.name, image=WindowReader(level.image, 255), labels=WindowReader(level.labels, 0),
+                         level=level.level, downsample=level.downsample, mpp=level.mpp,
+                         image_source=level.image_source, label_source=level.label_source)
+
+
 def open_labelled(image, labels, resolution, *, index: int = 0, label_name: Optional[str] = None,
                   sparse: bool = False) -> LabelledImage:
-    """Wrap one image (path, :class:`Slide` or array) and its labels (path or array), checking shapes.
-
-    Labels of the whole image's size follow the image to a coarser training level: masks
-    by nearest neighbour, strokes (``sparse``) so that no painted pixel is lost.
-    """
-    if isinstance(image, (str, Path)):
-        image = open_slide(image)
-    elif isinstance(image, (list, tuple)):  # a multiscale pyramid, as napari holds one
-        image = Slide(Path(f"image #{index + 1}"), [_as_rgb(lv, f"image #{index + 1}") for lv in image], None)
-    if isinstance(labels, (list, tuple)) and not isinstance(image, Slide):
-        raise UserError(f"The labels of image #{index + 1} are a pyramid but the image is not; give one label array.")
-    if isinstance(image, Slide):
-        level = image.level_for(resolution)
-        arr, name, source = image.levels[level], image.name, str(image.path)
-        downsample, mpp = image.downsample(level), image.mpp_at(level)
-    else:
-        arr, name, source, level, downsample, mpp = _as_rgb(image, f"image #{index + 1}"), f"image #{index + 1}", None, 0, 1.0, None
-    if isinstance(labels, (list, tuple)):  # a label pyramid: the level of the same size as the image's
-        labels = next((lv for lv in labels if tuple(lv.shape[:2]) == tuple(arr.shape[:2])), labels[0])
-    if isinstance(labels, (str, Path)):
-        label_name = label_name or str(labels)
-        lab = read_mask(labels)
-    else:
-        label_name = label_name or f"the labels of {source or name}"
-        lab = require_integers(as_label_array(labels, label_name), label_name)
-    if isinstance(image, Slide) and level and tuple(lab.shape) == tuple(image.shape[:2]):
-        # a mask of the whole image, read at a coarser working scale
-        lab = shrink_strokes(lab, arr.shape[:2]) if sparse else resize_labels(lab, arr.shape[:2])
-    if tuple(lab.shape) != tuple(arr.shape[:2]):
-        where = f" at pyramid level {level}" if level else ""
-        raise UserError(f"{label_name} is {lab.shape[0]}x{lab.shape[1]} pixels but {source or name} is "
-                        f"{arr.shape[0]}x{arr.shape[1]}{where}; a mask must have the size of its image at the training resolution.")
-    return LabelledImage(name=name, image=WindowReader(arr, 255), labels=WindowReader(lab, 0), level=level,
-                         downsample=downsample, mpp=mpp, image_source=source, label_source=label_name)
-
-
-def shrink_strokes(labels, shape: tuple) -> np.ndarray:
-    """Sparse labels on a coarser grid: each new pixel takes the most painted class of the
-    pixels it covers (0 = unlabelled only where none is painted), so a stroke thinner than
-    the reduction survives; a non-integer ratio falls back to nearest neighbour."""
-    lab = np.asarray(labels)
-    (H, W), (h, w) = lab.shape[:2], (int(shape[0]), int(shape[1]))
-    fy, fx = round(H / h), round(W / w)
-    if fy < 1 or fx < 1 or abs(H / h - fy) > 0.05 * fy or abs(W / w - fx) > 0.05 * fx:
-        return np.asarray(resize_labels(lab, shape))
-    padded = np.zeros((h * fy, w * fx), lab.dtype)
-    padded[: min(H, h * fy), : min(W, w * fx)] = lab[: h * fy, : w * fx]
-    blocks = padded.reshape(h, fy, w, fx)
-    out = np.zeros((h, w), lab.dtype)
-    best = np.zeros((h, w), np.int32)
-    for value in np.unique(lab):
-        if value == 0:
-            continue
-        count = (blocks == value).sum((1, 3))
-        win = count > best
-        out[win], best[win] = value, count[win]
-    return out
-
-
-def _as_rgb(arr, name: str):
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise UserError(f"{name} has shape {tuple(arr.shape)}; expected an RGB image (H, W, 3).")
-    if np.dtype(arr.dtype) != np.uint8:
-        raise UserError(f"{name} holds {arr.dtype} pixels; expected 8-bit RGB (uint8).")
-    if arr.shape[2] == 4:
-        arr = arr[..., :3]
-    elif arr.shape[2] == 1:
-        arr = np.repeat(np.asarray(arr), 3, axis=2)
-    return arr
+    """:func:`labelled_image` of :func:`~genselfdiff.io.slides.open_labelled_image` (without a pixel size)."""
+    return labelled_image(open_labelled_image(image, labels, resolution, index=index, label_name=label_name,
+                                              sparse=sparse))
 
 
 def scan(item: LabelledImage, *, sparse: bool, tile: int, max_points: int = 200_000, seed: int = 0,

@@ -43,14 +43,15 @@ import torch
 
 from ..errors import UserError
 from ..io.checkpoint import load_checkpoint
+from ..io.labels import default_class_names
 from ..io.pixelsize import Resolution, tell, unknown_note, working_resolution
-from ..io.slides import Slide, as_slide
+from ..io.slides import open_labelled_image
 from ..nn.config import NetConfig, with_preset
 from ..nn.model import default_colors, pick_device
 from ..nn.unet import SegmentationNet, UNet, to_segmentation
 from ..progress import Progress, resolve
 from . import stain_prior
-from .annotations import PatchSampler, default_class_names, open_labelled, scan, split_tiles, validation_set
+from .annotations import PatchSampler, labelled_image, scan, split_tiles, validation_set
 from .config import FinetuneConfig
 from .finetune_run import FinetuneResult, FinetuneRun, SegmentationStep
 from .losses import LOSSES
@@ -148,19 +149,18 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
         raise UserError(f"Patch size {cfg.patch} must be a multiple of {mult} (and at least {2 * mult}) for this network.")
 
     progress(Progress("finetune: reading annotations", 0, len(images)))
-    items = []
+    items, notes = [], []
     resolution = working_resolution(cfg.resolution)
     for i, (im, lab) in enumerate(zip(images, labels)):
-        if pixel_size is not None or isinstance(im, (str, Path, Slide)):
-            im = as_slide(im, pixel_size, override_pixel_size, name=f"image #{i + 1}")
-            for note in im.notes:
-                tell(note)
-        items.append(open_labelled(im, lab, resolution, index=i, sparse=cfg.sparse))
+        opened = open_labelled_image(im, lab, resolution, pixel_size=pixel_size, override_pixel_size=override_pixel_size,
+                                     index=i, sparse=cfg.sparse)
+        notes += opened.notes
+        items.append(labelled_image(opened))
         scan(items[-1], sparse=cfg.sparse, tile=cfg.patch, seed=cfg.seed + i)
         progress(Progress("finetune: reading annotations", i + 1, len(images)))
     unknown = [it.image_source or it.name for it in items if it.mpp is None]
-    if unknown:
-        tell(unknown_note(unknown))
+    for note in notes + ([unknown_note(unknown)] if unknown else []):
+        tell(note)
     names = _check_classes(items, cfg, start)
     n_classes = len(names)
     cfg.class_names, cfg.classes = names, n_classes
@@ -179,9 +179,9 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     with torch.random.fork_rng(devices=[]):  # the same initial weights for a seed; the caller's RNG untouched
         torch.manual_seed(cfg.seed)
         net = _build_net(start, n_classes, cfg.net, recipe).to(dev)
+    meta = _checkpoint_meta(cfg, net, names, colors, start, items, val)
     run = FinetuneRun(cfg=cfg, step=SegmentationStep.from_config(cfg, net, dev), sampler=sampler,
-                      budget=_budget(cfg, spe), out=out, names=names, colors=colors,
-                      meta=_checkpoint_meta(cfg, net, names, colors, start, items, val), val=val, preview=preview)
+                      budget=_budget(cfg, spe), out=out, names=names, colors=colors, meta=meta, val=val, preview=preview)
     if resume:
         run.resume()
     else:
@@ -231,13 +231,13 @@ def _build_net(start: _Start, n_classes: int, net_cfg: NetConfig, recipe: Recipe
     """The network a run starts from: a segmentation model's own (its head renewed for other
     classes), else the recipe's network (:meth:`Recipe.segmentation_net`) with the pretrained
     weights (None: ``net_cfg`` from random initialisation)."""
-    if start.kind == "segmentation":
-        net = to_segmentation(UNet(replace(start.net_cfg, out_channels=3)), len(start.classes))
-        net.load_state_dict(start.weights)
-        if len(start.classes) != n_classes:
-            net = to_segmentation(net.unet, n_classes)
-        return net
-    return recipe.segmentation_net(start.net_cfg if start.kind else net_cfg, n_classes, start.weights)
+    if start.kind != "segmentation":
+        return recipe.segmentation_net(start.net_cfg if start.kind else net_cfg, n_classes, start.weights)
+    net = to_segmentation(UNet(replace(start.net_cfg, out_channels=3)), len(start.classes))
+    net.load_state_dict(start.weights)
+    if len(start.classes) != n_classes:
+        net = to_segmentation(net.unet, n_classes)
+    return net
 
 
 def _check_classes(items: list, cfg: FinetuneConfig, start: _Start) -> list:

@@ -40,16 +40,15 @@ from torch import nn
 
 from ..errors import UserError
 from ..nn.config import NetConfig
-from ..nn.unet import SegmentationNet, UNet, to_segmentation
+from ..nn.unet import SegmentationNet, normal_init, segmentation_net
 from .augment import Augment
+
+OFFICIAL_INIT_STD = 0.01  # the official code draws conv and norm weights from N(0, 0.01)
 
 
 def official_init(module: nn.Module) -> nn.Module:
     """N(0, 0.01) for the weights of every convolution and normalisation layer, as the official code."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-    return module
+    return normal_init(module, OFFICIAL_INIT_STD)
 
 
 def official_augment() -> Augment:
@@ -122,17 +121,8 @@ class Recipe:
     def segmentation_net(self, net_cfg: NetConfig, classes: int, pretrained: Optional[dict] = None) -> SegmentationNet:
         """The network fine-tuning starts from: this recipe's initialisation, then the ``pretrained``
         U-Net weights (None: none) except those under :attr:`fresh`, and a new head of ``classes``."""
-        unet = self.init(UNet(self.net_config(net_cfg)))
-        if pretrained is not None and not self.fresh:
-            unet.load_state_dict(pretrained)
-        elif pretrained is not None:
-            kept = {k: v for k, v in pretrained.items() if not k.startswith(self.fresh)}
-            missing, unexpected = unet.load_state_dict(kept, strict=False)
-            if unexpected or any(not k.startswith(self.fresh) for k in missing):
-                raise KeyError(f"pretrained weights do not fit: missing {missing}, unexpected {unexpected}")
-        net = to_segmentation(unet, classes)
-        self.init(net.unet.head)
-        return net
+        return segmentation_net(self.net_config(net_cfg), classes, pretrained, fresh=self.fresh,
+                                init_std=OFFICIAL_INIT_STD if self.official_init else None)
 
 
 DEFAULT = Recipe(

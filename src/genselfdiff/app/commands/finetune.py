@@ -80,7 +80,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ...errors import UserError
-    from ...io.files import GEOJSON_SUFFIXES, image_paths, match_by_stem
+    from ...io.files import image_paths, pair_annotations
     from ...io.pixelsize import Resolution
     from ...io.rasterize import training_labels
     from ...train.augment import Augment
@@ -93,16 +93,9 @@ def run(args) -> int:
     if names is not None and (len(names) < 2 or not all(names)):
         raise UserError("--class-names needs at least two non-empty names, background first (e.g. background,nucleus).")
     resolution = Resolution(level=args.level or 0, mpp=args.mpp) if args.level is not None or args.mpp else None
-    if args.masks:
-        pairs, unmatched, unused = match_by_stem(images, args.masks)
-        kind = "mask"
-    else:
-        pairs, unmatched, unused = match_by_stem(images, args.annotations, suffixes=GEOJSON_SUFFIXES)
-        kind = "GeoJSON file"
-    _report_matching(pairs, unmatched, unused, kind)
-    if not pairs:
-        raise UserError(f"No {kind} matches any of the {len(images)} image(s) by file name; name them after their "
-                        "images (a.svs -> a.png or a_mask.png).")
+    pairs, notes = pair_annotations(images, args.masks or args.annotations, geojson=not args.masks)
+    for note in notes:
+        print(note, file=sys.stderr)
     colors = None
     if args.annotations:
         labels, names, colors, warns = training_labels(pairs, resolution, names, sparse=args.sparse,
@@ -152,18 +145,6 @@ class _EpochPrinter:
 
 def _f(v) -> str:
     return "  n/a" if v != v else f"{v:.3f}"
-
-
-def _report_matching(pairs, unmatched, unused, kind: str) -> None:
-    if unmatched:
-        shown = ", ".join(p.name for p in unmatched[:10]) + (f" and {len(unmatched) - 10} more" if len(unmatched) > 10 else "")
-        print(f"warning: {len(unmatched)} image(s) have no {kind} and are left out: {shown} "
-              f"({kind}s are matched by file stem, e.g. a.svs <- a.png or a_mask.png).", file=sys.stderr)
-    if unused:
-        shown = ", ".join(p.name for p in unused[:10]) + (f" and {len(unused) - 10} more" if len(unused) > 10 else "")
-        print(f"note: {len(unused)} {kind}(s) match no image: {shown}.", file=sys.stderr)
-
-
 
 
 def _summary(result) -> None:
