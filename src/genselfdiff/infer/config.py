@@ -35,6 +35,7 @@ class SegmentConfig:
     instances_of: Optional[tuple] = None  # split only these classes (names); implies instances
     amp: Optional[bool] = None  # bf16 autocast where it pays; None: the model's own setting
     device: str = "auto"  # where the network runs: for a model loaded from a path, and on dask workers
+    threads: Optional[int] = None  # CPU threads of the network in this process; None: torch's (one per core)
 
     def __post_init__(self):
         if self.instances_of is not None:
@@ -43,6 +44,9 @@ class SegmentConfig:
             raise UserError(f"The batch must be at least 1 tile, not {self.batch}.")
         if self.tile is not None and int(self.tile) <= 0:
             raise UserError(f"The tile side must be a positive number of pixels, not {self.tile}.")
+        if self.threads is not None and int(self.threads) < 1:
+            raise UserError(f"The network needs at least 1 CPU thread, not {self.threads}; leave --threads out to "
+                            "use one per core.")
         if self.overlap is not None and int(self.overlap) < 0:
             raise UserError(f"The overlap cannot be negative ({self.overlap}); leave it out to let the engine choose.")
 

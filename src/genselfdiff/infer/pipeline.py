@@ -21,6 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -176,15 +177,20 @@ class Predictor:
         self.cuda = self.device.type == "cuda"
 
     def launch(self, x):
-        from ..nn.model import class_probabilities, to_input
+        from ..nn.model import autocast, class_probabilities, to_input
 
         torch = self.torch
         with torch.inference_mode():
             # to_input is the one normalisation; .numpy() of a pinned tensor keeps its pinned memory.
             inp = to_input(x.numpy(), self.device, self.normalization)
-            probs = class_probabilities(self.net, inp, amp=self.amp, tta=self.tta)
-            labels = probs.argmax(1).to(torch.uint8)
-            probs = probs if self.probabilities else None
+            if self.probabilities or self.tta:
+                probs = class_probabilities(self.net, inp, amp=self.amp, tta=self.tta)
+                labels = probs.argmax(1).to(torch.uint8)
+                probs = probs if self.probabilities else None
+            else:  # the softmax is monotonic: the argmax of the logits is the same labels, without it
+                with autocast(inp.device, self.amp):
+                    logits = self.net(inp)
+                labels, probs = self.labels_of(logits), None
             if self.cuda:
                 labels = labels.to("cpu", non_blocking=True)
                 probs = probs.to("cpu", non_blocking=True) if probs is not None else None
@@ -194,6 +200,10 @@ class Predictor:
                 return labels, probs, event, x
         return labels.cpu(), (probs.cpu() if probs is not None else None), None, x  # CPU: no-ops; MPS: copies
 
+    def labels_of(self, logits):
+        """uint8 class ids (N, H, W) of the logits, compared in fp32 (as the softmax would be)."""
+        return logits.float().argmax(1).to(self.torch.uint8)
+
     @staticmethod
     def collect(launched):
         labels, probs, event, _ = launched
@@ -202,9 +212,35 @@ class Predictor:
         return labels.numpy(), (probs.numpy() if probs is not None else None)
 
 
+@contextmanager
+def cpu_threads(threads: Optional[int]):
+    """torch's CPU thread count set to ``threads`` (None: left as it is) for the duration, then restored."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, tta: bool = False,
-           amp: Optional[bool] = None, region=None, progress=None, should_stop=None, state=None) -> Iterator[TileResult]:
-    """Every tile of ``units`` as a :class:`TileResult`, in an order where each unit's last tile says so."""
+           amp: Optional[bool] = None, threads: Optional[int] = None, region=None, progress=None, should_stop=None,
+           state=None) -> Iterator[TileResult]:
+    """Every tile of ``units`` as a :class:`TileResult`, in an order where each unit's last tile says so.
+
+    ``threads``: torch's CPU threads while the network runs (None: torch's own setting)."""
+    with cpu_threads(threads):
+        yield from _stream(model, plan, units, batch=batch, probabilities=probabilities, tta=tta, amp=amp,
+                           region=region, progress=progress, should_stop=should_stop, state=state)
+
+
+def _stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, tta: bool, amp: Optional[bool],
+            region, progress, should_stop, state) -> Iterator[TileResult]:
     progress, should_stop = resolve(progress, should_stop)
     state = state if state is not None else {}
     total = sum(len(plan.tiles(rect, region)) for _, _, rect in units)
@@ -270,10 +306,9 @@ def stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, t
         state["seconds"] = time.perf_counter() - t0
 
 
-
-
 def run_units(model, plan: Plan, units: list, mergers=(), *, batch: int, probabilities: bool, tta: bool = False,
-              amp: Optional[bool] = None, region=None, progress=None, should_stop=None) -> Iterator[TileResult]:
+              amp: Optional[bool] = None, threads: Optional[int] = None, region=None, progress=None,
+              should_stop=None) -> Iterator[TileResult]:
     """Yield every finished tile of ``units``, pasting it into each of ``mergers`` first (:mod:`merge`).
 
     Returns (as a generator's value) the run's counts: ``done``, ``skipped``, ``pixels``,
@@ -284,7 +319,7 @@ def run_units(model, plan: Plan, units: list, mergers=(), *, batch: int, probabi
         m.start(plan)
     try:
         for r in stream(model, plan, units, batch=batch, probabilities=probabilities, tta=tta, amp=amp,
-                        region=region, progress=progress, should_stop=should_stop, state=state):
+                        threads=threads, region=region, progress=progress, should_stop=should_stop, state=state):
             for m in mergers:
                 m.paste(r)
             yield r

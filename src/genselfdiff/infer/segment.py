@@ -60,6 +60,11 @@ class SegmentResult:
     mpp: Optional[float] = None  # µm/px at the processing level, when known
     objects: object = None  # objects.ObjectResult when asked for instances
 
+    @property
+    def skipped_share(self) -> float:
+        """The share of this run's tiles found to be glass, which the network never saw."""
+        return self.skipped_tiles / self.tiles if self.tiles else 0.0
+
 
 def segment_tiles(model, image, out=None, config: Optional[SegmentConfig] = None, *, region=None, region0=None,
                   merger: Optional[Merger] = None, scheduler=None, pixel_size=None, override_pixel_size: bool = False,
@@ -101,8 +106,8 @@ def segment_tiles(model, image, out=None, config: Optional[SegmentConfig] = None
     plan = make_plan(model, slide, tile=cfg.tile, overlap=cfg.overlap, skip_background=cfg.skip_background,
                      chunk=cfg.chunk)
     base = dict(level=plan.level, downsample=plan.downsample, mpp=slide.mpp_at(plan.level))
-    options = dict(batch=cfg.batch, probabilities=cfg.probabilities, tta=cfg.tta, amp=cfg.amp, progress=progress,
-                   should_stop=should_stop)
+    options = dict(batch=cfg.batch, probabilities=cfg.probabilities, tta=cfg.tta, amp=cfg.amp, threads=cfg.threads,
+                   progress=progress, should_stop=should_stop)
     extra = [merger] if merger is not None else []
     if out is None:
         if region0 is not None:

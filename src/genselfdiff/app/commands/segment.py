@@ -41,6 +41,8 @@ def register(sub) -> None:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast on CUDA and on CPUs with native bf16; --no-amp keeps fp32 (default: on, "
                         "except for a model trained in fp32 only)")
+    p.add_argument("--threads", type=int, help="CPU threads for the network (default: one per core); fewer leave "
+                                                 "cores to other work")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run the tiles on this dask.distributed scheduler "
                                                           "(e.g. tcp://host:8786); workers must see the same files")
     add_pixel_size_arguments(p)
@@ -54,7 +56,8 @@ def build_config(args):
     from ...objects.output import parse_class_list
 
     instances_of = parse_class_list(args.instances_of)
-    return SegmentConfig(**chosen(tile=args.tile, overlap=args.overlap, batch=args.batch, amp=args.amp),
+    return SegmentConfig(**chosen(tile=args.tile, overlap=args.overlap, batch=args.batch, amp=args.amp,
+                                threads=args.threads),
                          skip_background=not args.all_tiles, tta=args.tta, probabilities=args.probabilities,
                          png=args.png, instances=args.instances or bool(instances_of),
                          instances_of=instances_of or None, device=args.device)
@@ -109,6 +112,9 @@ def _summary(results, n_images) -> int:
                 counts = ", ".join(f"{n} {name}" for name, n in r.objects.counts.items())
                 files = [r.objects.path] + [p for p in (r.objects.png, r.objects.summary) if p]
                 print(f"    objects: {counts} -> {' + '.join(map(str, files))}", file=sys.stderr)
+            if r.skipped_tiles:
+                print(f"    skipped {r.skipped_share:.0%} of tiles as glass (no tissue; --all-tiles runs them)",
+                      file=sys.stderr)
             for note in r.notes:
                 print(f"    {note}", file=sys.stderr)
         else:
