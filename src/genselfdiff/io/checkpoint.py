@@ -58,7 +58,7 @@ def capture_rng() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": _numpy_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one per visible GPU
     return state
 
 
@@ -71,8 +71,19 @@ def restore_rng(state: dict) -> None:
     random.setstate(_to_tuple(state["python"]))
     keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") and torch.cuda.is_available():
+        _restore_cuda_rng(state["cuda"])
+
+
+def _restore_cuda_rng(states: list) -> None:
+    """Put back the saved state of each GPU that is still visible, by index.
+
+    A run saved with 8 GPUs visible may resume with 1 (or the other way round): the states
+    beyond the visible GPUs, or the GPUs beyond the saved states, are left alone. (The
+    training steps draw from generators seeded by seed, rank and step, not from these.)
+    """
+    for index, cuda_state in enumerate(states[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(cuda_state, index)
 
 
 def _numpy_state() -> list:
