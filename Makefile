@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # torch first and pinned: a plain "torch" requirement may pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test check-system clean
+.PHONY: demo test check-system clean gpu-data
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/genselfdiff demo --out out/demo
@@ -32,6 +32,18 @@ $(VENV)/.installed-dev: $(VENV)/.created pyproject.toml
 
 check-system:
 	@sh .ci/check-system
+
+# The MoNuSeg images and masks benchmarks/paper_scale.py reads on a GPU machine, copied into
+# .gpu-data/monuseg (ignored by git, 53 MiB) for the device tool to carry (docs/gpu.md).
+GPU_DATA_FROM ?= ../shared/data/monuseg/train
+gpu-data:
+	@test -d $(GPU_DATA_FROM)/images -a -d $(GPU_DATA_FROM)/masks || \
+	  { echo "No images/ and masks/ in $(GPU_DATA_FROM): make gpu-data GPU_DATA_FROM=DIR names the MoNuSeg training folder."; exit 2; }
+	rm -rf .gpu-data/monuseg
+	mkdir -p .gpu-data/monuseg
+	cp -R $(GPU_DATA_FROM)/images $(GPU_DATA_FROM)/masks .gpu-data/monuseg/
+	chmod -R u+w .gpu-data
+	@du -sh .gpu-data/monuseg
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
