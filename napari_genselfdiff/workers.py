@@ -192,19 +192,14 @@ def segment_worker(model_path: str, items: list, config, out_dir=None):
 
     @thread_worker(ignore_errors=True)  # the widget reports errors itself (errored signal)
     def work():
-        from dataclasses import replace
-
         from genselfdiff.errors import UserError
         from genselfdiff.infer.merge import PyramidMerger
         from genselfdiff.infer.segment import segment_tiles
         from genselfdiff.io.outputs import zarr_path
         from genselfdiff.nn.model import load_model
-        from genselfdiff.objects.output import object_request, objects_in_memory
 
         model = load_model(model_path, config.device)
         model.require_segmentation()
-        request = object_request(model, config.instances_of) if config.wants_objects else None
-        in_memory = replace(config, instances=False, instances_of=None)  # objects come from the merger
         yield ("model", model)
         for item in items:
             if stop.is_set():
@@ -213,13 +208,11 @@ def segment_worker(model_path: str, items: list, config, out_dir=None):
             out = zarr_path(out_dir, key) if out_dir is not None else None
             merger = PyramidMerger()
             try:
-                tiles = segment_tiles(model, image, out, config if out is not None else in_memory, merger=merger,
-                                      region0=item.get("region0"), should_stop=stop.is_set)
+                tiles = segment_tiles(model, image, out, config, merger=merger, region0=item.get("region0"),
+                                      should_stop=stop.is_set)
                 result = yield from _tagged(key, tiles, merger)
-                if result.objects is not None and result.objects.path is not None:
-                    yield ("objects", key, result.objects.ids, 0)
-                elif request is not None and out is None and merger.levels and not result.stopped:
-                    yield ("objects", key, objects_in_memory(merger.labels, request, mpp=result.mpp).ids, result.level)
+                if result.objects is not None and result.objects.ids is not None:  # level 0 when written, else the merger's
+                    yield ("objects", key, result.objects.ids, 0 if result.objects.path is not None else result.level)
                 yield ("end", key, result)
             except UserError as e:
                 yield ("failed", key, str(e))

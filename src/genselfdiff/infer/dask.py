@@ -49,11 +49,13 @@ _PLANS = _Recent(PLANS_KEPT)
 
 
 def model_payload(model) -> dict:
-    """What a worker needs to rebuild an in-memory model (when it has no checkpoint file): the
-    weights and everything that decides how it is run, its input scaling included."""
-    return {"net": model.net_config.to_dict(), "state_dict": {k: v.cpu() for k, v in model.net.state_dict().items()},
+    """An in-memory model (one without a checkpoint file) as a checkpoint's dict, which a worker
+    loads as it would the file (:func:`~genselfdiff.nn.model.load_model`): the weights and
+    everything that decides how it is run, its input scaling included."""
+    return {"kind": "segmentation", "net": model.net_config.to_dict(),
+            "state_dict": {k: v.cpu() for k, v in model.net.state_dict().items()},
             "classes": list(model.classes), "colors": list(model.colors), "resolution": model.resolution.to_dict(),
-            "patch": model.patch, "normalization": model.normalization}
+            "config": {"patch": model.patch}, "normalization": model.normalization}
 
 
 def worker_device(device: str, worker=None) -> str:
@@ -87,27 +89,11 @@ def _source_key(source):
     return source if isinstance(source, str) else id(source)
 
 
-def _load(source, device: str):
-    from ..nn.model import Model, load_model, pick_device
-
-    if isinstance(source, str):
-        return load_model(source, device)
-    from ..io.pixelsize import Resolution
-    from ..nn.config import NetConfig
-    from ..nn.unet import UNet, to_segmentation
-
-    cfg = NetConfig.from_dict(source["net"])
-    net = to_segmentation(UNet(NetConfig.from_dict({**cfg.to_dict(), "out_channels": 3})), cfg.out_channels)
-    net.load_state_dict(source["state_dict"])
-    dev = pick_device(device)
-    return Model(net=net.to(dev).eval(), kind="segmentation", net_config=net.unet.cfg, device=dev,
-                 classes=source["classes"], colors=source["colors"], resolution=Resolution(**source["resolution"]),
-                 patch=source["patch"], normalization=source.get("normalization", "[-1, 1]"))
-
-
 def worker_model(source, device: str, amp: bool = True):
-    """The model named by a checkpoint path or a payload, loaded once per worker while it is recent."""
-    model = _MODELS.get((_source_key(source), device), lambda: _load(source, device))
+    """The model of a checkpoint path or a payload, loaded once per worker while it is recent."""
+    from ..nn.model import load_model
+
+    model = _MODELS.get((_source_key(source), device), lambda: load_model(source, device))
     model.amp = amp
     return model
 
@@ -115,13 +101,10 @@ def worker_model(source, device: str, amp: bool = True):
 def worker_plan(spec: dict, model, model_key) -> Plan:
     """Open the slide on the worker (tifffile's zarr store cannot be pickled) and plan it once;
     ``spec["mpp"]``: the level-0 µm/px the client settled on."""
-    from ..io.slides import open_slide
 
     def make():
-        slide = open_slide(spec["image"])
-        slide.mpp = spec["mpp"] if spec.get("mpp") is not None else slide.mpp
-        return make_plan(model, slide, tile=spec["tile"], overlap=spec["overlap"],
-                         skip_background=spec["skip_background"], chunk=spec["chunk"])
+        return make_plan(model, spec["image"], pixel_size=spec.get("mpp"), override_pixel_size=True, tile=spec["tile"],
+                         overlap=spec["overlap"], skip_background=spec["skip_background"], chunk=spec["chunk"])
 
     key = (spec["image"], model_key, spec["tile"], spec["overlap"], spec["skip_background"], spec["chunk"],
            spec.get("mpp"))
@@ -152,7 +135,7 @@ def _client(scheduler):
         raise UserError(f"Cannot reach the dask scheduler at {scheduler} ({e}); start it or check the address.") from None
 
 
-def run_on_cluster(model, slide, plan: Plan, image: LabelImage, todo: list, scheduler, config: SegmentConfig, *,
+def run_on_cluster(model, plan: Plan, image: LabelImage, todo: list, scheduler, config: SegmentConfig, *,
                    progress=None, should_stop=None) -> dict:
     """Run the missing chunks ``todo`` as tasks on a dask cluster; returns the run's counts.
 
@@ -161,6 +144,7 @@ def run_on_cluster(model, slide, plan: Plan, image: LabelImage, todo: list, sche
     from distributed import as_completed
 
     progress, should_stop = resolve(progress, should_stop)
+    slide = plan.slide
     if not slide.path.exists():
         raise UserError("Segmenting on a dask cluster needs an image file that the workers can open.")
     client, own = _client(scheduler)

@@ -29,7 +29,7 @@ from ..progress import drain, resolve
 from .config import SegmentConfig, segment_config
 from .merge import ArrayMerger, Merger, OmeZarrMerger
 from .pipeline import STAGE, TileResult, run_units
-from .plan import LOCAL, Plan, default_overlap, default_tile, input_slide, make_plan  # noqa: F401  (re-exported)
+from .plan import LOCAL, Plan, check_model, default_overlap, default_tile, make_plan  # noqa: F401  (re-exported)
 
 PNG_MAX_PIXELS = 100_000_000  # --png is skipped above this many level-0 pixels
 
@@ -91,44 +91,46 @@ def segment_tiles(model, image, out=None, config: Optional[SegmentConfig] = None
     size differs from the model's is resampled to it, and the labels still have the image's own
     level-0 shape. With ``out``, ``config.instances`` (or ``instances_of``, class names) also
     splits the classes into objects once the labels are written (:mod:`genselfdiff.objects.output`):
-    ``result.objects``.
+    ``result.objects``; without ``out``, from the labels of a ``merger`` that keeps them (an
+    :class:`~genselfdiff.infer.merge.ArrayMerger` or a display pyramid).
     """
-    from ..objects.output import add_objects, object_request
+    from ..objects.output import add_objects
 
     cfg = segment_config(config, **overrides)
-    _refuse_combinations(out, cfg.png, scheduler, region, region0, merger)
-    if cfg.wants_objects and out is None:
-        raise UserError("Objects are split from the whole written image, so instances=True needs an output "
-                        "path (out=...); segment() also splits them in memory.")
-    request = object_request(model, cfg.instances_of) if cfg.wants_objects else None
+    _refuse_combinations(out, cfg, scheduler, region, region0, merger)
     t0 = time.perf_counter()
-    slide = input_slide(model, image, pixel_size, override_pixel_size)
-    plan = make_plan(model, slide, tile=cfg.tile, overlap=cfg.overlap, skip_background=cfg.skip_background,
-                     chunk=cfg.chunk)
-    base = dict(level=plan.level, downsample=plan.downsample, mpp=slide.mpp_at(plan.level))
+    plan = make_plan(model, image, cfg, region=region, region0=region0, pixel_size=pixel_size,
+                     override_pixel_size=override_pixel_size)
     options = dict(batch=cfg.batch, probabilities=cfg.probabilities, tta=cfg.tta, amp=cfg.amp, threads=cfg.threads,
                    progress=progress, should_stop=should_stop)
     extra = [merger] if merger is not None else []
     if out is None:
-        if region0 is not None:
-            region = plan.processing_region(region0)
-        region = tuple(int(v) for v in region) if region is not None else None
-        state = yield from run_units(model, plan, plan.units(region), extra, region=region, **options)
-        return _result(None, None, state, t0, shape=plan.shape, **base)
+        state = yield from run_units(model, plan, plan.units(plan.region), extra, region=plan.region, **options)
+        written = {}
+    else:
+        state, written = yield from _write_output(Path(out), model, plan, cfg, scheduler, extra, options)
+    result = _result(state, t0, plan, **written)
+    labels = merger.labels if out is None and plan.objects is not None and not result.stopped else None
+    return add_objects(result, plan.objects, plan.slide, labels=labels, tissue_mm2=plan.tissue_mm2, png=cfg.png,
+                       png_max_pixels=PNG_MAX_PIXELS, progress=progress, should_stop=should_stop)
 
-    out = Path(out)
+
+def _write_output(out: Path, model, plan: Plan, cfg: SegmentConfig, scheduler, extra: list, options: dict):
+    """The tiles merged into the OME-Zarr output ``out``, only its missing chunks (yielded as they finish);
+    returns the run's counts and what :class:`SegmentResult` says about the output."""
+    slide = plan.slide
     n_classes = model.require_segmentation().classes
-    units = plan.units()
     run = _run_description(model, plan, cfg)
     label_image = LabelImage.create(out, shape=plan.shape0, chunk=plan.chunk, levels=pyramid_levels(plan.shape0, plan.chunk),
                                     run=run, probabilities=n_classes if cfg.probabilities else 0)
     done = label_image.done()
+    units = plan.units()
     todo = [u for u in units if u[0] not in done]
     if scheduler is not None:
         from .dask import run_on_cluster
 
-        state = run_on_cluster(model, slide, plan, label_image, todo, scheduler, cfg, progress=progress,
-                               should_stop=should_stop)
+        state = run_on_cluster(model, plan, label_image, todo, scheduler, cfg, progress=options["progress"],
+                               should_stop=options["should_stop"])
     else:
         mergers = [OmeZarrMerger(label_image, cfg.probabilities)] + extra
         state = yield from run_units(model, plan, todo, mergers, **options)
@@ -142,24 +144,23 @@ def segment_tiles(model, image, out=None, config: Optional[SegmentConfig] = None
             png_file, note = _write_png(out, plan.shape0)
             notes += [note] if note else []
     labels = load_labels(out)[0] if not stopped else None
-    result = _result(labels, out, state, t0, chunks_computed=state.get("written", 0), chunks_resumed=len(done),
-                     png=png_file, notes=notes, stopped=stopped, **base)
-    return add_objects(result, request, slide, png=cfg.png, png_max_pixels=PNG_MAX_PIXELS, progress=progress,
-                       should_stop=should_stop)
+    return state, dict(labels=labels, path=out, chunks_computed=state.get("written", 0), chunks_resumed=len(done),
+                       png=png_file, notes=notes, stopped=stopped)
 
 
-def _refuse_combinations(out, png, scheduler, region, region0, merger) -> None:
+def _refuse_combinations(out, cfg: SegmentConfig, scheduler, region, region0, merger) -> None:
     """Options that need an output folder, or that make no sense with one, are refused, never ignored."""
     if out is None:
-        if png:
+        if cfg.wants_objects and not hasattr(merger, "labels"):
+            raise UserError("Objects are split from the whole image, so instances=True needs an output path "
+                            "(out=...) or a merger that keeps the labels; segment() also splits them in memory.")
+        if cfg.png:
             raise UserError("A PNG is written next to the OME-Zarr output, so png=True needs an output path (out=...).")
         if scheduler is not None:
             raise UserError("Segmenting on a dask cluster needs an output folder (out=...).")
     elif region is not None or region0 is not None:
         raise UserError(f"A region is a quick look that writes nothing; segment the whole image into {out} "
                         "or leave out the output path.")
-    if region is not None and region0 is not None:
-        raise UserError("Give a region in processing-level pixels (region) or in level-0 pixels (region0), not both.")
     if scheduler is not None and merger is not None:
         raise UserError("Tiles computed on a dask cluster stay there; a merger needs a local run (no scheduler).")
 
@@ -175,32 +176,25 @@ def segment(model, image, out=None, config: Optional[SegmentConfig] = None, *, s
     ``instances`` (or ``instances_of``, class names) also splits the classes into objects
     (:mod:`genselfdiff.objects.output`): ``result.objects``.
     """
-    from ..objects.output import add_objects, object_request
-
     cfg = segment_config(config, **overrides)
-    request = object_request(model, cfg.instances_of) if cfg.wants_objects else None  # before any work
     if out is None and cfg.probabilities:
         raise UserError("Class probabilities are stored in the OME-Zarr output, so probabilities=True needs an "
                         "output path (out=...).")
-    kw = dict(scheduler=scheduler, pixel_size=pixel_size, override_pixel_size=override_pixel_size, progress=progress,
-              should_stop=should_stop)
-    if out is not None:
-        return drain(segment_tiles(model, image, out, cfg, **kw))
-    merged = ArrayMerger()  # the cores partition the image: together no bigger than the array they fill
-    result = drain(segment_tiles(model, image, None, replace(cfg, instances=False, instances_of=None), merger=merged,
-                                 **kw))
-    result.labels = merged.finish()
-    return add_objects(result, request, None, png_max_pixels=PNG_MAX_PIXELS)
+    merger = ArrayMerger() if out is None else None  # the cores partition the image: no bigger than the array
+    result = drain(segment_tiles(model, image, out, cfg, merger=merger, scheduler=scheduler, pixel_size=pixel_size,
+                                 override_pixel_size=override_pixel_size, progress=progress, should_stop=should_stop))
+    if merger is not None:
+        result.labels = merger.finish()
+    return result
 
 
-def _result(labels, path, state, t0, shape=None, **kw) -> SegmentResult:
+def _result(state: dict, t0: float, plan: Plan, labels=None, **kw) -> SegmentResult:
     seconds = time.perf_counter() - t0
-    shape = tuple(labels.shape) if labels is not None else (shape or ())
-    return SegmentResult(labels=labels, path=path, shape=shape,
-                         tiles=state.get("done", 0), skipped_tiles=state.get("skipped", 0), seconds=seconds,
-                         mpx_per_s=state.get("pixels", 0) / max(seconds, 1e-9) / 1e6,
-                         **{"stopped": state.get("stopped", False), **kw})
-
+    shape = tuple(labels.shape) if labels is not None else plan.shape
+    return SegmentResult(labels=labels, shape=shape, tiles=state.get("done", 0), skipped_tiles=state.get("skipped", 0),
+                         seconds=seconds, mpx_per_s=state.get("pixels", 0) / max(seconds, 1e-9) / 1e6,
+                         level=plan.level, downsample=plan.downsample, mpp=plan.slide.mpp_at(plan.level),
+                         **{"path": None, "stopped": state.get("stopped", False), **kw})
 
 
 def _write_png(out: Path, shape0: tuple):
@@ -254,7 +248,7 @@ def segment_batch(model, images, out_dir, config: Optional[SegmentConfig] = None
     cfg = segment_config(config, **kw)
     if not isinstance(model, Model):
         model = load_model(model, cfg.device)
-    model.require_segmentation()
+    check_model(model, cfg)  # a problem of every image stops here, before any is opened
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     progress, stop = resolve(progress, should_stop)

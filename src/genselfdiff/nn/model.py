@@ -20,7 +20,7 @@ from ..io.checkpoint import load_checkpoint
 from ..io.labels import default_colors  # noqa: F401  (kept importable from here: finetune uses it)
 from ..io.pixelsize import Resolution
 from .config import NetConfig
-from .unet import SegmentationNet, UNet, to_segmentation
+from .unet import SegmentationNet, UNet, segmentation_net
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -63,13 +63,6 @@ def to_input(rgb: np.ndarray, device, normalization: str = "[-1, 1]") -> torch.T
     if normalization != "[-1, 1]":
         raise ValueError(f"unknown input normalization {normalization!r}")
     return t / 127.5 - 1.0
-
-
-def build_unet(net: NetConfig, state_dict: Optional[dict] = None) -> UNet:
-    unet = UNet(net)
-    if state_dict is not None:
-        unet.load_state_dict(state_dict)
-    return unet
 
 
 @dataclass
@@ -171,30 +164,28 @@ def class_probabilities(net, x: torch.Tensor, *, amp: bool = True, tta: bool = F
     return ((probs[0] + probs[1]) + (probs[2] + probs[3])) / len(FLIPS)
 
 
-def load_model(path, device="auto", use_ema: bool = True) -> Model:
-    """Load a genselfdiff checkpoint for inference (never executes code from the file)."""
-    ckpt = load_checkpoint(path)
+def load_model(checkpoint, device="auto", use_ema: bool = True) -> Model:
+    """A trained model ready for use, from a checkpoint file (never executing code from it) or a
+    checkpoint's dict (what a dask worker is sent for a model that has no file)."""
+    path = None if isinstance(checkpoint, dict) else Path(checkpoint)
+    ckpt = checkpoint if path is None else load_checkpoint(path)
     dev = pick_device(device) if not isinstance(device, torch.device) else device
     net_cfg = NetConfig.from_dict(ckpt["net"])
-    weights = ckpt.get("ema_state_dict") if use_ema and ckpt.get("ema_state_dict") else ckpt["state_dict"]
     kind = ckpt.get("kind", "pretrained")
-    try:
-        if kind == "segmentation":
-            classes = list(ckpt.get("classes") or [])
-            net = to_segmentation(UNet(NetConfig.from_dict({**net_cfg.to_dict(), "out_channels": 3})), len(classes))
-            net.load_state_dict(weights)
-            net_cfg = net.unet.cfg
-        else:
-            net = build_unet(net_cfg, weights)
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise UserError(f"{path} has weights that do not match its own network description ({e.__class__.__name__}).") from None
-    net.to(dev).eval()
     classes = list(ckpt.get("classes") or [])
+    weights = ckpt.get("ema_state_dict") if use_ema and ckpt.get("ema_state_dict") else ckpt["state_dict"]
+    try:
+        net = segmentation_net(net_cfg, len(classes)) if kind == "segmentation" else UNet(net_cfg)
+        net.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise UserError(f"{path or 'The model'} has weights that do not match its own network description "
+                        f"({e.__class__.__name__}).") from None
+    net.to(dev).eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "ema_state_dict", "optimizer", "rng")}
     return Model(
-        net=net, kind=kind, net_config=net_cfg, device=dev, classes=classes,
-        colors=list(ckpt.get("colors") or default_colors(len(classes))),
+        net=net, kind=kind, net_config=net.unet.cfg if kind == "segmentation" else net_cfg, device=dev,
+        classes=classes, colors=list(ckpt.get("colors") or default_colors(len(classes))),
         resolution=Resolution(**ckpt.get("resolution", {})), patch=int(ckpt.get("config", {}).get("patch", 256)),
-        path=Path(path), meta=meta, normalization=str(ckpt.get("normalization", "[-1, 1]")),
+        path=path, meta=meta, normalization=str(ckpt.get("normalization", "[-1, 1]")),
         amp=bool((ckpt.get("config") or {}).get("amp", True)),  # a model trained in fp32 only (official) runs in fp32
     )

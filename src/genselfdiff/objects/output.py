@@ -96,11 +96,6 @@ def object_request(model, instances_of: Optional[Sequence[str]] = None, **kw) ->
     return ObjectRequest(tuple(chosen), tuple(str(classes[k]) for k in chosen), **kw)
 
 
-def parse_class_list(text: Optional[str]) -> Optional[list]:
-    """``"A, B"`` -> ``["A", "B"]`` (None stays None)."""
-    return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
-
-
 # --- in memory ----------------------------------------------------------------------------
 
 def objects_in_memory(labels: np.ndarray, request: ObjectRequest, *, mpp: Optional[float]) -> ObjectResult:
@@ -218,8 +213,6 @@ def _finished(target: Path, info: dict) -> ObjectResult:
     return ObjectResult(dict(info["counts"]), load_labels(target)[0], target, notes=notes)
 
 
-
-
 def write_instances_png(out, ids, max_pixels: int) -> tuple:
     """``OUT/NAME_instances.png``: the ids renumbered 1..n (16-bit); (path or None, note or None)."""
     from skimage.io import imsave
@@ -238,19 +231,6 @@ def write_instances_png(out, ids, max_pixels: int) -> tuple:
     return path, None
 
 
-def tissue_mm2(slide) -> Optional[float]:
-    """Tissue area of a slide in mm² from its tissue mask (a low level); None without a pixel size."""
-    if not slide.mpp:
-        return None
-    import dask
-
-    from ..io.tissue import TissueMap
-
-    with dask.config.set(scheduler="threads"):
-        tissue = TissueMap(slide)
-    return float(tissue.mask.sum()) * (tissue.scale * float(slide.mpp) * 1e-3) ** 2
-
-
 def write_summary(out, image: str, counts: dict, tissue_area: Optional[float]) -> Path:
     """``OUT/NAME_objects.csv``: objects per class and per mm² of tissue (empty without a pixel size)."""
     from ..io.atomic import write_text
@@ -259,18 +239,23 @@ def write_summary(out, image: str, counts: dict, tissue_area: Optional[float]) -
     return write_text(objects_csv_path(out), summary_csv(image, object_summary(counts, tissue_mm2=tissue_area)))
 
 
-# --- after segment() ------------------------------------------------------------------------
+# --- after a segmentation ----------------------------------------------------------------------
 
-def add_objects(result, request: Optional[ObjectRequest], slide, *, png: bool = False, png_max_pixels: int,
-                progress=None, should_stop=None):
-    """``result`` of :func:`genselfdiff.infer.segment.segment` with its objects (``result.objects``)."""
+def add_objects(result, request: Optional[ObjectRequest], slide, *, labels=None, tissue_mm2: Optional[float] = None,
+                png: bool = False, png_max_pixels: int, progress=None, should_stop=None):
+    """``result`` (a finished :class:`~genselfdiff.infer.segment.SegmentResult`) with the objects of ``request``.
+
+    With an output (``result.path``) they are written beside its class labels chunk by chunk
+    (:func:`write_instances`, at the pixel size of ``slide``), with ``png`` also as a 16-bit PNG,
+    and counted per class and per mm² of tissue (``tissue_mm2``) in the summary CSV. Without one,
+    ``labels`` (the processing level, in memory) are split whole (:func:`objects_in_memory`).
+    """
     from dataclasses import replace
 
-    if request is None or result.stopped or result.labels is None:
+    if request is None or result.stopped:
         return result
-    if result.path is None:  # in memory, at the processing level
-        objects = objects_in_memory(result.labels, request, mpp=result.mpp)
-        return replace(result, objects=objects)
+    if result.path is None:
+        return replace(result, objects=objects_in_memory(labels, request, mpp=result.mpp))
     objects = write_instances(result.path, request, mpp=slide.mpp, name=slide.name, progress=progress,
                               should_stop=should_stop)
     if objects.path is None:  # stopped
@@ -278,6 +263,5 @@ def add_objects(result, request: Optional[ObjectRequest], slide, *, png: bool = 
     if png:
         objects.png, note = write_instances_png(result.path, objects.ids, png_max_pixels)
         objects.notes += [note] if note else []
-    objects.summary = write_summary(result.path, slide.name, objects.counts, tissue_mm2(slide))
+    objects.summary = write_summary(result.path, slide.name, objects.counts, tissue_mm2)
     return replace(result, objects=objects, notes=result.notes + objects.notes)
-

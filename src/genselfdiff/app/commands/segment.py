@@ -53,9 +53,8 @@ def register(sub) -> None:
 def build_config(args):
     """The :class:`~genselfdiff.infer.config.SegmentConfig` of what the user chose (the rest is the engine's)."""
     from ...infer.config import SegmentConfig, chosen
-    from ...objects.output import parse_class_list
 
-    instances_of = parse_class_list(args.instances_of)
+    instances_of = [n.strip() for n in args.instances_of.split(",") if n.strip()] if args.instances_of else None
     return SegmentConfig(**chosen(tile=args.tile, overlap=args.overlap, batch=args.batch, amp=args.amp,
                                 threads=args.threads),
                          skip_background=not args.all_tiles, tta=args.tta, probabilities=args.probabilities,
@@ -76,10 +75,6 @@ def run(args) -> int:
         raise UserError(f"No images found in {' '.join(args.images)}.")
     model = load_model(args.model, config.device)
     model.require_segmentation()
-    if config.wants_objects:
-        from ...objects.output import object_request
-
-        object_request(model, config.instances_of)  # a bad class name stops here, before any work
     print(f"Segmenting {len(images)} image(s) with {args.model} ({len(model.classes)} classes: "
           f"{', '.join(map(str, model.classes))}) on {model.device}"
           f"{' via ' + args.scheduler if args.scheduler else ''}.", file=sys.stderr)
