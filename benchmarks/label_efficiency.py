@@ -1,7 +1,8 @@
 """Label efficiency on MoNuSeg: diffusion-pretrained vs random init vs classical anchors.
 
-Data: the 30 official MoNuSeg training images (../shared/data/monuseg/train, 1000 x 1000,
-0.2527 µm/px, binary nucleus masks). Held out for evaluation: every fifth image by sorted
+Data: the 30 official MoNuSeg training images (``--data``, default ../shared/data/monuseg/train;
+1000 x 1000, 0.2527 µm/px, binary nucleus masks); ``--quick`` without them runs on synthetic
+tissue (benchmarks.common.write_synthetic_set). Held out for evaluation: every fifth image by sorted
 name (positions 4, 9, ..., 29: six images over several organs); never seen by any method,
 not even by pretraining. The other 24 are pretrained on without labels; the labelled
 sets are nested prefixes (1 of 3 of 10) of a fixed permutation of those 24
@@ -19,7 +20,8 @@ Methods, all scored by pixel Dice of the nucleus class, mean over the held-out i
   took (converted by pixels per step), so pretraining is not given free compute;
 - Otsu on the haematoxylin channel (skimage.color.rgb2hed), per image, no training;
 - a random forest (scikit-learn) on skimage's multiscale_basic_features, trained on the
-  same labelled images.
+  same labelled images (left out, with a note, where scikit-learn is not installed:
+  ``pip install -e '.[bench]'``).
 
 With ``--scale 2`` the networks work at half resolution (0.51 µm/px): the images are
 written as two-level OME-TIFF pyramids in the work folder and both phases use level 1;
@@ -32,13 +34,15 @@ one seed see the same patches whatever the start, so the table ends with the dif
 pretrained - random paired by seed, which the data stream does not blur. --runs picks the
 network runs; --jobs N runs N (labelled images, seed) units side by side, one process each.
 
-Run: .venv/bin/python benchmarks/label_efficiency.py [--quick] [options]; it prints the
-command, the machine, a table and one summary line, and writes results.json to --work.
+Run: python -m benchmarks.label_efficiency [--quick] [options]; it prints the command, the
+machine, a table and one summary line, and writes results.json to --work. ``--quick`` is a
+smoke test: 10 pretraining and 10 fine-tuning steps, 1 and 3 labelled images, 10 trees.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import sys
@@ -50,16 +54,32 @@ from pathlib import Path
 
 import numpy as np
 
-# benchmarks/ is on sys.path when a benchmark is run as a script
-from _common import DATA, MPP, dice, machine, read_mask, read_rgb, simulate_corrections, simulate_strokes, split
-
 from genselfdiff.io.atomic import atomic_path, write_text
+
+from .common import (
+    add_data_argument,
+    data_folder,
+    data_name,
+    dice,
+    enlarge,
+    header,
+    pyramid,
+    read_mask,
+    read_rgb,
+    simulate_corrections,
+    simulate_strokes,
+    split,
+    ticker,
+)
+
+QUICK_STEPS = 10  # --quick: pretraining and fine-tuning steps (steps, unlike minutes, do not depend on the load)
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a smoke test: short budgets, 1 and 3 labelled images")
-    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smoke test: {QUICK_STEPS} pretraining and fine-tuning steps, 1 and 3 labelled images")
+    add_data_argument(p)
     p.add_argument("--work", type=Path, default=Path("/tmp/genselfdiff-label-efficiency"))
     p.add_argument("--preset", default="tiny")
     p.add_argument("--patch", type=int, default=None, help="default: the preset's")
@@ -75,14 +95,14 @@ def parse(argv=None):
                    help="fine-tuning learning rate from random initialisation (default: the engine's)")
     p.add_argument("--annotation", default="dense", choices=["dense", "strokes"],
                    help="what the labelled images carry: full masks, or simulated brush strokes "
-                        "(benchmarks/_common.simulate_strokes: 40 nucleus and 20 background strokes per image, "
+                        "(benchmarks.common.simulate_strokes: 40 nucleus and 20 background strokes per image, "
                         "under 1 %% of the pixels) used as sparse labels")
     p.add_argument("--corrections", type=int, default=0, metavar="N",
                    help="with strokes: N rounds of corrective strokes, as a pathologist adds them after seeing the "
                         "preview and clicks Continue, with the same painting effort: the first strokes are half as many "
                         "(20 nucleus, 10 background per image); the fine-tuning steps are split evenly into N + 1 rounds; "
                         "after each round but the last the model segments its labelled images, "
-                        "benchmarks/_common.simulate_corrections paints up to 20 background and 10 nucleus strokes into "
+                        "benchmarks.common.simulate_corrections paints up to 20 background and 10 nucleus strokes into "
                         "the largest regions it got wrong (never past 1 %% of the pixels painted in all), and the next "
                         "round goes on from the round's model")
     p.add_argument("--augment", default="", metavar="K=V,...",
@@ -91,7 +111,8 @@ def parse(argv=None):
                    help="override FinetuneConfig number fields, e.g. affinity=1,balance=0.5")
     p.add_argument("--pretrain-set", default="", metavar="K=V,...",
                    help="other PretrainConfig fields for the pretraining run, e.g. max_timestep=300,p2_gamma=0")
-    p.add_argument("--tta", action="store_true", help="score with test-time flips (mean softmax of 4 flips)")
+    p.add_argument("--tta", action="store_true",
+                   help="score with the engine's test-time flips (segment(tta=True): mean softmax of 4 flips per tile)")
     p.add_argument("--loss", help="fine-tuning loss (default: the engine's)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"],
                    help="fine-tuning schedule (default: the engine's, cosine for strokes and constant for masks)")
@@ -119,7 +140,8 @@ def parse(argv=None):
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     if args.quick:
-        args.pretrain_minutes, args.finetune_minutes = min(args.pretrain_minutes, 0.5), min(args.finetune_minutes, 0.5)
+        args.pretrain_steps = args.pretrain_steps or QUICK_STEPS
+        args.finetune_steps = args.finetune_steps or QUICK_STEPS
         args.labelled, args.rf_trees = "1,3", 10
     args.labelled = [int(n) for n in args.labelled.split(",")]
     args.seeds = [int(n) for n in args.seeds.split(",")]
@@ -158,8 +180,6 @@ def prepare(args, pool, held):
         return {p.stem: p for p in pool}, {p.stem: args.data / "masks" / p.name for p in pool}, Resolution()
     from skimage.io import imsave
 
-    from genselfdiff.app.synthetic import write_pyramidal_tiff
-
     folder = args.work / "half"
     folder.mkdir(parents=True, exist_ok=True)
     images, masks = {}, {}
@@ -167,8 +187,7 @@ def prepare(args, pool, held):
         tif = source_of(args, p)
         kind = "mask" if args.annotation == "dense" else "strokes_first_half" if args.corrections else "strokes"
         png = folder / f"{p.stem}_{kind}.png"
-        if not tif.exists():
-            write_pyramidal_tiff(tif, read_rgb(p), mpp=MPP, min_side=400)
+        pyramid(p, folder)
         if not png.exists():
             half = half_mask(args, p)
             # strokes are drawn once per image (fixed seed): every run and seed sees the same ones
@@ -179,8 +198,7 @@ def prepare(args, pool, held):
                 imsave(tmp, labels.astype(np.uint8), check_contrast=False)
         images[p.stem], masks[p.stem] = tif, png
     for p in held:
-        if not source_of(args, p).exists():
-            write_pyramidal_tiff(source_of(args, p), read_rgb(p), mpp=MPP, min_side=400)
+        pyramid(p, folder)
     return images, masks, Resolution(level=1)
 
 
@@ -196,43 +214,18 @@ def source_of(args, image: Path) -> Path:
 
 
 def score_model(path, held, args) -> list:
-    from genselfdiff.infer.segment import segment
-    from genselfdiff.nn.model import load_model
+    """Pixel Dice of the nucleus class on each held-out image, segmented as users do (``--tta``: the
+    engine's test-time flips); in memory segment returns the processing level, enlarged here."""
+    from genselfdiff import load_model, segment
 
     model = load_model(path, args.device)
     scores = []
     for p in held:
         source = source_of(args, p) if args.scale == 2 else read_rgb(p)
-        if args.tta:
-            labels = _flipped_mean(model, source, args)
-        else:
-            labels = np.asarray(segment(model, source, skip_background=False).labels)
+        labels = np.asarray(segment(model, source, skip_background=False, tta=args.tta).labels)
         truth = read_mask(args.data, p)
-        if labels.shape != truth.shape:  # in memory, segment returns the processing level: nearest up
-            rows = np.arange(truth.shape[0]) * labels.shape[0] // truth.shape[0]
-            cols = np.arange(truth.shape[1]) * labels.shape[1] // truth.shape[1]
-            labels = labels[rows[:, None], cols[None, :]]
-        scores.append(dice(labels == 1, truth))
+        scores.append(dice(enlarge(labels, truth.shape) == 1, truth))
     return scores
-
-
-def _flipped_mean(model, source, args) -> np.ndarray:
-    """Class ids from the mean softmax over the 4 flips of the whole working-scale image."""
-    from genselfdiff.io.slides import open_slide
-
-    img = np.asarray(open_slide(source).levels[args.scale - 1]) if args.scale == 2 else source
-    m = model.multiple
-    h, w = img.shape[:2]
-    img = np.pad(img, ((0, -h % m), (0, -w % m), (0, 0)), mode="reflect")
-    total = 0
-    for fy in (False, True):
-        for fx in (False, True):
-            x = img[::-1] if fy else img
-            x = x[:, ::-1] if fx else x
-            prob = model.predict(np.ascontiguousarray(x))[0]
-            prob = prob[:, ::-1] if fy else prob
-            total = total + (prob[:, :, ::-1] if fx else prob)
-    return total.argmax(0)[:h, :w]
 
 
 def otsu_scores(held, args) -> list:
@@ -269,27 +262,20 @@ def rf_scores(labelled, held, args, seed: int, pixels_per_image: int = 40_000) -
     return out
 
 
-def ticker(name: str, every: int = 100):
-    """A progress callback that prints a line to stderr every ``every`` steps and per epoch."""
-    def tick(p):
-        if (p.done and p.done % every == 0 and p.stage in ("pretrain", "finetune")) or isinstance(p.payload, dict):
-            m = " ".join(f"{k} {v:.4g}" for k, v in p.metrics.items() if isinstance(v, float))
-            print(f"  [{time.strftime('%H:%M:%S')}] {name} step {p.done} {m}", file=sys.stderr, flush=True)
-    return tick
-
-
 def main(argv=None) -> int:
     args = parse(argv)
     import torch
 
-    from genselfdiff.train.config import PretrainConfig
-    from genselfdiff.train.pretrain import pretrain
+    from genselfdiff import PretrainConfig, pretrain
 
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(args.threads)
-    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
-    print("machine:", machine(args.device))
+    header(args.device)
     args.work.mkdir(parents=True, exist_ok=True)
+    args.data = data_folder(args, args.work)
+    if "forest" in args.runs and importlib.util.find_spec("sklearn") is None:
+        args.runs.remove("forest")
+        print("forest left out: scikit-learn is not installed (pip install -e '.[bench]')")
     held, pool = split(args.data)
     print(f"held out: {', '.join(p.stem for p in held)}")
     images, masks, resolution = prepare(args, pool, held)
@@ -334,7 +320,7 @@ def main(argv=None) -> int:
         write_text(args.work / "results.json", json.dumps(results, indent=1, default=float))  # kept if a run fails
     _table(results)
     parts = [f"{k} {np.mean(v['dice']):.3f}" for k, v in results["runs"].items()]
-    print(f"summary: MoNuSeg held-out Dice (6 images) | {args.preset} {pcfg.patch}px scale 1/{args.scale} | "
+    print(f"summary: {data_name(args.data)} held-out Dice ({len(held)} images) | {args.preset} {pcfg.patch}px scale 1/{args.scale} | "
           f"pretrain {pre_seconds / 60:.1f} min ({pre_steps} steps) + fine-tune "
           f"{f'{args.finetune_steps} steps' if args.finetune_steps else f'{args.finetune_minutes:g} min'} | "
           + " | ".join(parts))
@@ -343,7 +329,7 @@ def main(argv=None) -> int:
 
 def unit_runs(args, pool, held, images, masks, resolution, pre_path, extra_steps, unit) -> dict:
     """The runs of one (labelled images, seed): fine-tuning from each start, and the forest."""
-    from genselfdiff.train.finetune import FinetuneConfig
+    from genselfdiff import FinetuneConfig
 
     n, seed = unit
     subset = pool[:n]
@@ -389,9 +375,7 @@ def train(args, subset, imgs, msks, out, cfg, pretrained, seed):
 
     from skimage.io import imread
 
-    from genselfdiff.infer.segment import segment
-    from genselfdiff.nn.model import load_model
-    from genselfdiff.train.finetune import finetune
+    from genselfdiff import finetune, load_model, segment
 
     rounds = args.corrections + 1
     labels = [np.asarray(imread(m)) for m in msks] if rounds > 1 else msks

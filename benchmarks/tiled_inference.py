@@ -24,8 +24,10 @@ With ``--amp-compare`` it runs only
     the best of ``--repeats`` rounds each. bf16 is only used where ``model.amp_enabled``
     says (CUDA, CPUs with native bf16); elsewhere both columns are fp32 and say so.
 
-    .venv/bin/python benchmarks/tiled_inference.py [--quick] [--device cpu] [--amp-compare]
-    .venv/bin/python benchmarks/tiled_inference.py --only-memory [--instances] [--memory-sizes 4096 40960]
+    python -m benchmarks.tiled_inference [--quick] [--device cpu] [--amp-compare]
+    python -m benchmarks.tiled_inference --only-memory [--instances] [--memory-sizes 4096 40960]
+
+(c) needs MONAI (``pip install -e '.[bench]'``); without it (c) is left out and says so.
 
 Speeds are megapixels of the processing level per second.
 """
@@ -33,6 +35,7 @@ Speeds are megapixels of the processing level per second.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import resource
@@ -43,9 +46,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import machine  # benchmarks/ is on sys.path when a benchmark is run as a script
 
 from genselfdiff.io.atomic import atomic_path
+
+from .common import ROOT, header
 
 
 def tiny_model(device, preset="tiny", classes=2):
@@ -152,7 +156,7 @@ def raw_forward(model, slide_path, tile, overlap, batch, repeats=1) -> dict:
 def end_to_end(model, slide_path, out, tile, overlap, batch) -> dict:
     import shutil
 
-    from genselfdiff.infer.segment import segment
+    from genselfdiff import segment
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -234,7 +238,7 @@ def memory_child(args) -> None:
     import psutil
     import torch
 
-    from genselfdiff.infer.segment import segment
+    from genselfdiff import segment
 
     device = torch.device(args.device)
     model = tiny_model(device)
@@ -277,11 +281,12 @@ def memory(work: Path, side: int, args) -> dict:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, __file__, "--memory-child", str(path), "--out", str(out), "--tile", str(args.tile),
+    cmd = [sys.executable, "-m", "benchmarks.tiled_inference", "--memory-child", str(path), "--out", str(out),
+           "--tile", str(args.tile),
            "--overlap", str(args.overlap), "--batch", str(args.batch), "--device", args.device]
     if args.instances:
         cmd.append("--instances")
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode:
         raise RuntimeError(res.stderr[-3000:])
     d = json.loads(res.stdout.strip().splitlines()[-1])
@@ -318,7 +323,9 @@ def memory_only(work: Path, sizes, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes: a smoke test, not a measurement")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test, not a measurement: a 512^2 image, memory at 1024^2 and 2048^2 (2 x 2 squares of "
+                        "256 px), one run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--size", type=int, help="side of the dense image for (a)-(c) (default 2048, quick 512)")
@@ -327,7 +334,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--memory-sizes", type=int, nargs="*", help="sides for (d) (default 4096 16384 40960)")
     p.add_argument("--spots", type=int, default=5, help="(d): spots x spots tissue squares, whatever the side")
-    p.add_argument("--spot", type=int, default=512, help="(d): side of a tissue square")
+    p.add_argument("--spot", type=int, help="(d): side of a tissue square (default 512, quick 256)")
     p.add_argument("--instances", action="store_true",
                    help="(d): segment with instances=True (the objects pass too) and report the objects written")
     p.add_argument("--only-memory", action="store_true", help="only (d): no dense image, no (a)-(c)")
@@ -346,11 +353,12 @@ def main() -> None:
 
     device = torch.device(args.device)
     size = args.size = args.size or (512 if args.quick else 2048)
-    sizes = args.memory_sizes if args.memory_sizes is not None else ([1024, 4096] if args.quick else [4096, 16384, 40960])
+    default_sizes = [1024, 2048] if args.quick else [4096, 16384, 40960]
+    sizes = args.memory_sizes if args.memory_sizes is not None else default_sizes
     if args.quick:
         args.spots, args.repeats = 2, 1
-    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
-    print("machine:", machine(device))
+    args.spot = args.spot or (256 if args.quick else 512)
+    header(device)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="genselfdiff-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.only_memory:
@@ -365,6 +373,9 @@ def main() -> None:
 
     # (a), (b), (c) in turn, --repeats times, best of each: load from other processes varies.
     runs = {"a": [], "b": [], "c": [], "c2": []}
+    if not args.no_monai and importlib.util.find_spec("monai") is None:
+        args.no_monai = True
+        print("(c) left out: MONAI is not installed (pip install -e '.[bench]')")
     for _ in range(args.repeats):
         runs["a"].append(raw_forward(model, dense, args.tile, args.overlap, args.batch))
         runs["b"].append(end_to_end(model, dense, work / "dense.ome.zarr", args.tile, args.overlap, args.batch))

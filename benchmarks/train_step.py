@@ -1,176 +1,171 @@
-"""Pretraining step throughput: the optimised step against a plain fp32 eager step of the same network.
+"""Training step throughput: the engine's own step, with the config's speed options on and off.
 
-Both run the full step of :mod:`genselfdiff.train.pretrain` (noising, forward, P2 loss, backward,
-gradient clipping, Adam, EMA) on the same shapes in the same process, alternating in
-rounds so that a machine shared with other work slows both alike; the figures are the
-medians over rounds.
+The step is the object the engine's runs call: :class:`genselfdiff.train.pretrain.DiffusionStep`
+(uint8 patches scaled, noised, the U-Net under the bf16 rule, P2 loss, backward, clipping, Adam,
+EMA) or, with ``--stage finetune``, :class:`genselfdiff.train.finetune_run.SegmentationStep`
+(the segmentation network, Dice + cross-entropy, backward, Adam), built from the same
+:class:`~genselfdiff.PretrainConfig` / :class:`~genselfdiff.FinetuneConfig` a user's run
+resolves. Two configs, in the same process on the same random patches:
 
-  plain      UNet(cfg, fused_attention=False), fp32, contiguous (NCHW), eager
-  optimised  what ``genselfdiff pretrain`` does: fused scaled-dot-product attention, bf16
-             autocast on CUDA and on CPUs with native bf16 (model.amp_enabled),
-             channels_last on CUDA only (it measured slower on the CPU; --channels-last
-             forces it), torch.compile with --compile
+  plain    amp=False, channels_last=False, compile=False: fp32, NCHW, eager
+  engine   the config's defaults: bf16 autocast where the engine uses it (CUDA, and CPUs with
+           native bf16: genselfdiff.nn.model.amp_enabled), channels_last on CUDA (pretraining;
+           the engine keeps NCHW on the CPU, where it measured slower); torch.compile with --compile
 
-On CUDA it also reports model FLOP utilisation: forward FLOPs from
-torch.utils.flop_counter (multiply-adds counted twice), x3 for forward + backward, over
-the GPU's dense bf16 peak.
+They alternate in ``--rounds`` rounds, so a machine shared with other work slows both alike; the
+figures are the medians over rounds (the loss is read once at the end of a round, as a
+pretraining run reads it every ``log_every`` steps; a fine-tuning step reads its own). On CUDA
+it also reports model FLOP utilisation: the U-Net's forward FLOPs from torch.utils.flop_counter
+(multiply-adds counted twice), x3 for forward and backward, over the GPU's dense bf16 peak.
+Patch reading and augmentation are not in the step; ``label_efficiency`` times whole runs.
 
-    .venv/bin/python benchmarks/train_step.py [--quick] [--preset tiny|small|paper] [--compile]
+    python -m benchmarks.train_step [--quick] [--stage pretrain|finetune] [--preset tiny|small|paper] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import statistics
 import sys
 import time
 
-import torch
-from _common import machine  # benchmarks/ is on sys.path when a benchmark is run as a script
-
-from genselfdiff.nn.config import get_preset
-from genselfdiff.nn.schedule import Schedule, p2_loss, q_sample
-from genselfdiff.nn.unet import UNet
-
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
-PEAK_BF16 = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
-             "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12}
+from .common import header
+from .gpu_check import forward_flops, peak_flops
 
 
-class Variant:
-    """One way of running the pretraining step."""
+class Timed:
+    """One config's step on fixed patches: ``rate(steps)`` in patches per second."""
 
-    def __init__(self, name, cfg, device, *, fused, channels_last, bf16, compile_, seed=0):
-        self.name, self.device, self.bf16 = name, device, bf16
-        torch.manual_seed(seed)
-        self.net = UNet(cfg, fused_attention=fused).to(device)
-        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.net = self.net.to(memory_format=self.fmt)
-        self.ema = copy.deepcopy(self.net).requires_grad_(False)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
-        self.model = torch.compile(self.net) if compile_ else self.net
-        self.schedule = Schedule.quadratic(1000)
-        self.gen = torch.Generator(device=device).manual_seed(seed)
+    def __init__(self, stage: str, cfg, device, batch):
+        import torch
 
-    def step(self, x0: torch.Tensor) -> torch.Tensor:
-        x0 = x0.contiguous(memory_format=self.fmt)
-        t = torch.randint(0, 1000, (x0.shape[0],), generator=self.gen, device=self.device)
-        noise = torch.randn(x0.shape, generator=self.gen, device=self.device).contiguous(memory_format=self.fmt)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            eps = self.model(q_sample(self.schedule, x0, t, noise), t)
-        loss = p2_loss(self.schedule, eps, noise, t)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
-        self.opt.step()
-        torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1e-3)
-        return loss
+        self.stage, self.device, self.batch = stage, device, batch
+        if stage == "pretrain":
+            from genselfdiff.train.pretrain import DiffusionStep
 
-    def time(self, x0: torch.Tensor, steps: int) -> float:
-        """Patches per second over ``steps`` steps (the loss is read once at the end, as training does)."""
+            self.step = DiffusionStep(cfg, device)
+            self.step.wrap()  # compiled if the config says so, as a run does
+            self.cfg = self.step.cfg
+        else:
+            from genselfdiff.nn.config import with_preset
+            from genselfdiff.nn.unet import segmentation_net
+            from genselfdiff.train.finetune_run import SegmentationStep
+
+            self.cfg = with_preset(cfg, device)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed)
+                net = segmentation_net(self.cfg.net, 2).to(device)
+            net.train()
+            self.step = SegmentationStep.from_config(self.cfg, net, device)
+        self.done = 0
+
+    def __call__(self):
+        s = self.step(self.batch, self.done) if self.stage == "pretrain" else self.step(self.batch)
+        self.done += 1
+        return s
+
+    def rate(self, steps: int) -> float:
         sync(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            loss = self.step(x0)
-        loss.item()
+            loss = self()
+        float(loss)  # a pretraining step's loss is a tensor not yet read
         sync(self.device)
-        return steps * x0.shape[0] / (time.perf_counter() - t0)
+        return steps * self.cfg.batch / (time.perf_counter() - t0)
 
 
 def sync(device):
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def forward_flops(cfg, patch: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
+def configs(args) -> dict:
+    """The two configs, by name: ``plain`` (speed options off) and ``engine`` (the defaults)."""
+    from genselfdiff import FinetuneConfig, PretrainConfig
 
-    with torch.device("meta"):
-        net = UNet(cfg)
-        x, t = torch.randn(1, 3, patch, patch), torch.zeros(1, dtype=torch.long)
-        with FlopCounterMode(display=False) as counter:
-            net(x, t)
-    return float(counter.get_total_flops())
+    if args.stage == "pretrain":
+        common = dict(patch=args.patch, batch=args.batch)
+        return {"plain": PretrainConfig.from_preset(args.preset, amp=False, channels_last=False, **common),
+                "engine": PretrainConfig.from_preset(args.preset, compile=args.compile, **common)}
+    from genselfdiff.train.finetune import LEARNING_RATES
 
-
-def peak_flops(device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    lr = LEARNING_RATES.get(args.preset, (1e-3, 1e-3))[1]  # from random weights
+    common = dict(patch=args.patch, batch=args.batch, lr=lr, affinity=0.0, prior=0.0)
+    return {"plain": FinetuneConfig.from_preset(args.preset, amp=False, **common),
+            "engine": FinetuneConfig.from_preset(args.preset, **common)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stage", choices=["pretrain", "finetune"], default="pretrain")
     p.add_argument("--preset", default=None, help="tiny, small or paper (default: tiny on CPU, paper on CUDA)")
     p.add_argument("--patch", type=int, help="patch side (default: the preset's)")
     p.add_argument("--batch", type=int, help="batch (default: the preset's)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (the median is reported)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the optimised network")
-    p.add_argument("--no-bf16", action="store_true", help="keep the optimised step in fp32")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: on for CUDA, off on the CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 8 on CPU, 20 on CUDA)")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (the median is reported; default 7)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine config's network (pretraining)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true", help="a few steps, for a smoke test")
+    p.add_argument("--quick", action="store_true", help="3 steps in 2 rounds, for a smoke test")
     args = p.parse_args(argv)
+    if args.compile and args.stage != "pretrain":
+        p.error("--compile: only pretraining has a compile option")
 
+    import numpy as np
+    import torch
+
+    from genselfdiff.nn.config import get_preset
     from genselfdiff.nn.model import amp_enabled, pick_device
 
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset_name = args.preset or ("paper" if device.type == "cuda" else "tiny")
-    preset = get_preset(preset_name)
-    cfg, patch, batch = preset.net, args.patch or preset.patch, args.batch or preset.batch
-    steps = args.steps or (3 if args.quick else (20 if device.type == "cuda" else 8))
+    cuda = device.type == "cuda"
+    args.preset = args.preset or ("paper" if cuda else "tiny")
+    preset = get_preset(args.preset)
+    args.patch, args.batch = args.patch or preset.patch, args.batch or preset.batch
+    steps = args.steps or (3 if args.quick else 20 if cuda else 8)
     rounds = args.rounds or (2 if args.quick else 7)
-    bf16 = amp_enabled(device) and not args.no_bf16
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-
-    print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]))
-    print("machine:", machine(device))
-    if device.type == "cuda":
+    header(device)
+    if cuda:
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
-    plain = Variant("plain", cfg, device, fused=False, channels_last=False, bf16=False, compile_=False)
-    tags = ["fused attention"] + (["channels_last"] if channels_last else []) + \
-           (["bf16 autocast"] if bf16 else []) + (["torch.compile"] if args.compile else [])
-    fast = Variant("optimised", cfg, device, fused=True, channels_last=channels_last, bf16=bf16,
-                   compile_=args.compile)
-    g = torch.Generator().manual_seed(0)
-    x0 = (torch.rand((batch, 3, patch, patch), generator=g) * 2 - 1).to(device)
+    rng = np.random.default_rng(0)
+    patches = rng.integers(0, 256, (args.batch, args.patch, args.patch, 3), dtype=np.uint8)
+    batch = patches if args.stage == "pretrain" else \
+        (patches, rng.integers(0, 2, (args.batch, args.patch, args.patch)).astype(np.int64))
+    timed = {name: Timed(args.stage, cfg, device, batch) for name, cfg in configs(args).items()}
+    engine = timed["engine"].cfg
+    tags = ["fused attention"] + (["channels_last"] if cuda and args.stage == "pretrain" and engine.channels_last
+                                  else []) + \
+           (["bf16 autocast"] if engine.amp and amp_enabled(device) else []) + \
+           (["torch.compile"] if args.compile else [])
 
     t0 = time.perf_counter()
-    for v in (plain, fast):  # warm-up: allocator, cuDNN autotuning, compilation
+    for t in timed.values():  # warm-up: allocator, cuDNN autotuning, compilation
         for _ in range(3):
-            v.step(x0)
+            t()
         sync(device)
     warm = time.perf_counter() - t0
-    rates = {plain.name: [], fast.name: []}
+    rates = {name: [] for name in timed}
     for _ in range(rounds):
-        for v in (plain, fast):
-            rates[v.name].append(v.time(x0, steps))
+        for name, t in timed.items():
+            rates[name].append(t.rate(steps))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    ratios = [f / p for f, p in zip(rates["optimised"], rates["plain"])]
+    ratios = [f / p for f, p in zip(rates["engine"], rates["plain"])]
     for k, v in rates.items():
-        print(f"  {k:9s} median {med[k]:8.2f} patches/s  rounds: {' '.join(f'{r:.1f}' for r in v)}")
+        print(f"  {k:6s} median {med[k]:8.2f} patches/s  rounds: {' '.join(f'{r:.1f}' for r in v)}")
     print(f"  per-round ratio: {' '.join(f'{r:.2f}' for r in ratios)}; warm-up {warm:.0f} s")
 
-    flops = 3 * forward_flops(cfg, patch)  # per patch, forward + backward
-    mfu = ""
-    peak = peak_flops(device)
-    achieved = flops * med["optimised"]
-    if peak:
-        mfu = f", MFU {100 * achieved / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16"
-    print(f"train_step {preset_name}@{patch}px batch {batch} on {device}: plain fp32 eager {med['plain']:.2f}, "
-          f"optimised ({' + '.join(tags)}) {med['optimised']:.2f} patches/s = "
-          f"{med['optimised'] / med['plain']:.2f}x (median per-round {statistics.median(ratios):.2f}x); "
+    flops = 3 * forward_flops(preset.net.to_dict(), args.patch)  # per patch, forward + backward
+    achieved = flops * med["engine"]
+    peak = peak_flops(torch.cuda.get_device_name(device)) if cuda else None
+    mfu = f", MFU {100 * achieved / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""
+    print(f"summary: train_step {args.stage} {args.preset}@{args.patch}px batch {args.batch} on {device}: "
+          f"plain (fp32, NCHW, eager) {med['plain']:.2f}, engine ({' + '.join(tags)}) {med['engine']:.2f} "
+          f"patches/s = {med['engine'] / med['plain']:.2f}x (median per-round {statistics.median(ratios):.2f}x); "
           f"{achieved / 1e12:.3g} TFLOP/s model{mfu}")
     return 0
 

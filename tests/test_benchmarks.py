@@ -32,6 +32,7 @@ QUICK_FORMS = {
     "objects model": ["objects", "model", "--quick", "--oracle", "--data", SYN, "--work", WORK],
     "readme_pipeline": ["readme_pipeline", "--quick", "--data", SYN, "--work", WORK],
     "cpu_speed": ["cpu_speed", "--quick", "--work", WORK],
+    "folds": ["folds", "--quick", "--data", SYN, "--work", WORK],
 }
 
 
@@ -41,16 +42,21 @@ def _run(args: list) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def _common():
+    """benchmarks/common.py, loaded by path (the repository root need not be on sys.path)."""
+    spec = importlib.util.spec_from_file_location("benchmarks_common", ROOT / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    return common
+
+
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory, request):
     """Name -> future of the quick form's CompletedProcess; the selected ones started at once, two at a time."""
     selected = {item.callspec.params["name"] for item in request.session.items
                 if item.module is request.module and hasattr(item, "callspec")}
-    spec = importlib.util.spec_from_file_location("benchmarks_common", ROOT / "benchmarks" / "common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
     base = tmp_path_factory.mktemp("benchmarks")
-    synthetic = common.write_synthetic_set(base / "synthetic")
+    synthetic = _common().write_synthetic_set(base / "synthetic")
     pool = ThreadPoolExecutor(2)
     futures = {}
     for name, form in QUICK_FORMS.items():
@@ -79,3 +85,17 @@ def test_missing_data_folder_is_one_sentence(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--data" in lines[0], r.stderr
+
+
+def test_without_monuseg_quick_forms_use_synthetic_tissue_and_full_ones_say_data(tmp_path, monkeypatch, capsys):
+    from argparse import Namespace
+
+    common = _common()
+    monkeypatch.setattr(common, "DEFAULT_DATA", tmp_path / "no" / "monuseg")
+    folder = common.data_folder(Namespace(data=None, quick=True), tmp_path)
+    held, pool = common.split(folder)
+    assert (len(held), len(pool)) == (2, 8) and common.data_name(folder) == "synthetic"
+    assert all((folder / sub / held[0].name).exists() for sub in ("masks", "instances"))
+    with pytest.raises(SystemExit) as end:
+        common.data_folder(Namespace(data=None, quick=False), tmp_path)
+    assert end.value.code == 2 and "--data" in capsys.readouterr().err
