@@ -65,3 +65,65 @@ def synthetic_slide(tmp_path_factory, synthetic_pair):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def local_model():
+    """``local_model(level=0)``: a segmentation Model around a purely convolutional stand-in network
+    (receptive radius 4, classes background/a/b): cheap, sharp class ids, and tiling must be exact
+    for it. It runs in fp32 on every CPU, so tiled and whole-image results compare exactly."""
+    import torch
+    from torch import nn
+
+    from genselfdiff.io.labels import default_colors
+    from genselfdiff.io.pixelsize import Resolution
+    from genselfdiff.nn.config import get_preset
+    from genselfdiff.nn.model import Model
+
+    class LocalNet(nn.Module):
+        classes = 3
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.Tanh(), nn.Conv2d(8, 3, 5, padding=2))
+
+        def forward(self, x):
+            return self.body(x) * 20  # sharp, so class ids change often
+
+    def make(level: int = 0) -> Model:
+        return Model(net=LocalNet().eval(), kind="segmentation", net_config=get_preset("tiny").net,
+                     device=torch.device("cpu"), classes=["background", "a", "b"], colors=default_colors(3),
+                     resolution=Resolution(level=level), patch=64, amp=False)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_unet():
+    """The tiny U-Net (2 classes) trained for a few seconds on synthetic nuclei: a real network whose
+    predictions follow the tissue (a random one is dominated by its global GroupNorm and attention
+    statistics, which no tiling can reproduce). In eval mode."""
+    import torch
+    from torch import nn
+
+    from genselfdiff.app.synthetic import synthetic_tissue
+    from genselfdiff.nn.config import get_preset
+    from genselfdiff.nn.unet import UNet, to_segmentation
+
+    torch.manual_seed(0)
+    net = to_segmentation(UNet(get_preset("tiny").net), 2)
+    rgb, truth = synthetic_tissue((256, 256), seed=11, glass=0.1)
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
+    y = torch.from_numpy(truth).long()
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        ys, xs = rng.integers(0, 256 - 32, 8), rng.integers(0, 256 - 32, 8)
+        xb = torch.stack([x[:, a:a + 32, b:b + 32] for a, b in zip(ys, xs)])
+        yb = torch.stack([y[a:a + 32, b:b + 32] for a, b in zip(ys, xs)])
+        loss = nn.functional.cross_entropy(net(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()

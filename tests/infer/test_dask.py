@@ -91,7 +91,7 @@ def test_an_in_memory_official_recipe_model_gets_its_own_input_scaling_on_the_wo
     local = segment(model, slide, d / "official-local.ome.zarr", probabilities=True, **KW)
     import zarr
 
-    pa = zarr.open_array(d / "official-local.ome.zarr" / "probabilities" / "0", mode="r")[:]
+    pa = zarr.open_array(local.path / "probabilities" / "0", mode="r")[:]
     pb = zarr.open_array(out / "probabilities" / "0", mode="r")[:]
     np.testing.assert_allclose(pb, pa, atol=1e-5)
     # The test can fail: the same weights on [-1, 1] inputs give other probabilities.

@@ -8,25 +8,7 @@ from genselfdiff.app.synthetic import synthetic_tissue
 from genselfdiff.infer import merge
 from genselfdiff.infer.merge import ArrayMerger, PyramidMerger
 from genselfdiff.infer.segment import load_labels, segment, segment_tiles
-from genselfdiff.io.labels import default_colors
 from genselfdiff.io.omezarr import pyramid_levels
-
-
-def _local_model():
-    """A small convolutional network (tiled == whole image for it), in fp32."""
-    import torch
-    from torch import nn
-
-    from genselfdiff.io.pixelsize import Resolution
-    from genselfdiff.nn.config import get_preset
-    from genselfdiff.nn.model import Model
-
-    torch.manual_seed(1)
-    net = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.Tanh(), nn.Conv2d(8, 3, 5, padding=2)).eval()
-    net.classes = 3
-    return Model(net=net, kind="segmentation", net_config=get_preset("tiny").net, device=torch.device("cpu"),
-                 classes=["background", "a", "b"], colors=default_colors(3), resolution=Resolution(level=0),
-                 patch=64, amp=False)
 
 
 def _tile(y, x, labels):
@@ -65,9 +47,9 @@ def test_display_pyramid_of_a_whole_slide_lives_in_compressed_zarr_chunks(monkey
         np.testing.assert_array_equal(np.asarray(a[:]), b)
 
 
-def test_every_merger_gets_the_same_tiles_as_segment(tmp_path):
+def test_every_merger_gets_the_same_tiles_as_segment(tmp_path, local_model):
     """segment()'s array, a display pyramid given to the generator, and the OME-Zarr output agree."""
-    model = _local_model()
+    model = local_model()
     rgb, _ = synthetic_tissue((200, 172), seed=2)
     kw = dict(tile=64, overlap=16, chunk=96, skip_background=False)
     want = segment(model, rgb, **kw).labels

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from genselfdiff.app.synthetic import synthetic_tissue
 from genselfdiff.errors import UserError
@@ -21,26 +20,6 @@ from genselfdiff.nn.unet import UNet, to_segmentation
 TINY = get_preset("tiny").net
 
 
-class LocalNet(nn.Module):
-    """A purely convolutional stand-in (receptive radius 4): cheap, and tiling must be exact for it."""
-
-    classes = 3
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(1)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.Tanh(), nn.Conv2d(8, 3, 5, padding=2))
-
-    def forward(self, x):
-        return self.body(x) * 20  # sharp, so class ids change often
-
-
-# The test models run in fp32 (amp=False) on every CPU: the tiling tests compare against
-# fp32 arithmetic exactly; bf16 inference has its own test.
-def local_model(level=0):
-    return Model(net=LocalNet().eval(), kind="segmentation", net_config=TINY, device=torch.device("cpu"),
-                 classes=["background", "a", "b"], colors=default_colors(3), resolution=Resolution(level=level),
-                 patch=64, amp=False)
 
 
 def unet_model(net=None, classes=("background", "nucleus")):
@@ -57,32 +36,11 @@ def whole_image(net, rgb):
         return net(x).float().softmax(1)[0].numpy()
 
 
-@pytest.fixture(scope="module")
-def trained_unet():
-    """The tiny U-Net trained for a few seconds on synthetic nuclei: a real network whose
-    predictions follow the tissue (a random one is dominated by its global GroupNorm and
-    attention statistics, which no tiling can reproduce)."""
-    torch.manual_seed(0)
-    net = to_segmentation(UNet(TINY), 2)
-    rgb, truth = synthetic_tissue((256, 256), seed=11, glass=0.1)
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
-    y = torch.from_numpy(truth).long()
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    rng = np.random.default_rng(0)
-    for _ in range(25):
-        ys, xs = rng.integers(0, 256 - 32, 8), rng.integers(0, 256 - 32, 8)
-        xb = torch.stack([x[:, a:a + 32, b:b + 32] for a, b in zip(ys, xs)])
-        yb = torch.stack([y[a:a + 32, b:b + 32] for a, b in zip(ys, xs)])
-        loss = nn.functional.cross_entropy(net(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
 
 
 # --- tiled == whole image -------------------------------------------------------------------
 
-def test_convolutional_network_tiled_equals_whole_image_exactly():
+def test_convolutional_network_tiled_equals_whole_image_exactly(local_model):
     model = local_model()
     rgb, _ = synthetic_tissue((200, 172), seed=2)
     whole = whole_image(model.net, rgb).argmax(0)
@@ -133,7 +91,7 @@ def test_bf16_inference_agrees_with_fp32(trained_unet, monkeypatch):
     assert (low == ref).mean() >= 0.995
 
 
-def test_flip_tta_is_invariant_to_flipping_the_input_through_tiles():
+def test_flip_tta_is_invariant_to_flipping_the_input_through_tiles(local_model):
     model = local_model()
     rgb, _ = synthetic_tissue((192, 192), seed=8)
     # 16 tiles in one chunk on a grid that is its own mirror image, so a flipped image is
@@ -151,7 +109,7 @@ def test_flip_tta_is_invariant_to_flipping_the_input_through_tiles():
                 assert same < 0.9  # the network itself is not symmetric: the test can fail
 
 
-def test_tta_result_is_the_mean_of_the_flipped_predictions():
+def test_tta_result_is_the_mean_of_the_flipped_predictions(local_model):
     model = local_model()
     rgb, _ = synthetic_tissue((64, 64), seed=9)
     x = torch.from_numpy(rgb)[None].permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -186,7 +144,7 @@ def _check_ngff(path, shape0, classes):
     return ms
 
 
-def test_pyramid_output_has_level0_shape_and_valid_ngff(tmp_path, synthetic_slide):
+def test_pyramid_output_has_level0_shape_and_valid_ngff(tmp_path, synthetic_slide, local_model):
     path, rgb, _ = synthetic_slide  # 1024 px, levels 1024 / 512 / 256, 0.5 µm/px
     model = local_model(level=1)
     out = tmp_path / "synthetic.ome.zarr"
@@ -211,7 +169,7 @@ def test_pyramid_output_has_level0_shape_and_valid_ngff(tmp_path, synthetic_slid
     assert info.class_names == ["background", "a", "b"] and info.scale == (0.5, 0.5) and info.unit == "micrometer"
 
 
-def test_probabilities_and_skipped_glass(tmp_path):
+def test_probabilities_and_skipped_glass(tmp_path, local_model):
     model = local_model()
     rgb, _ = synthetic_tissue((192, 192), seed=3, glass=0.0)
     rgb[:, 96:] = 250  # right half is glass
@@ -238,7 +196,7 @@ def zarr_array(path):
 
 # --- resume -----------------------------------------------------------------------------------
 
-def test_stopped_run_resumes_to_the_uninterrupted_result(tmp_path, synthetic_slide):
+def test_stopped_run_resumes_to_the_uninterrupted_result(tmp_path, synthetic_slide, local_model):
     path = synthetic_slide[0]
     model = local_model(level=1)
     kw = dict(tile=64, overlap=16, chunk=256, skip_background=False)
@@ -276,7 +234,7 @@ def test_stopped_run_resumes_to_the_uninterrupted_result(tmp_path, synthetic_sli
     assert again.chunks_computed == 0 and again.tiles == 0 and again.chunks_resumed == n_chunks
 
 
-def test_other_settings_replace_an_old_output_but_never_a_foreign_folder(tmp_path):
+def test_other_settings_replace_an_old_output_but_never_a_foreign_folder(tmp_path, local_model):
     model = local_model()
     rgb, _ = synthetic_tissue((96, 96), seed=4)
     out = tmp_path / "a.ome.zarr"
@@ -293,7 +251,7 @@ def test_other_settings_replace_an_old_output_but_never_a_foreign_folder(tmp_pat
 
 # --- live tiles -----------------------------------------------------------------------------
 
-def test_segment_tiles_region_yields_only_visible_tiles():
+def test_segment_tiles_region_yields_only_visible_tiles(local_model):
     model = local_model()
     rgb, _ = synthetic_tissue((256, 256), seed=6)
     full = segment(model, rgb, tile=64, overlap=16, chunk=128, skip_background=False).labels
@@ -307,7 +265,7 @@ def test_segment_tiles_region_yields_only_visible_tiles():
         assert t.level == 0 and t.downsample == 1
 
 
-def test_stop_ends_the_generator_quietly():
+def test_stop_ends_the_generator_quietly(local_model):
     model = local_model()
     rgb, _ = synthetic_tissue((256, 256), seed=6)
     n = 0
@@ -319,7 +277,7 @@ def test_stop_ends_the_generator_quietly():
 
 # --- bad input ----------------------------------------------------------------------------------
 
-def test_unsupported_images_and_models_are_user_errors(tmp_path):
+def test_unsupported_images_and_models_are_user_errors(tmp_path, local_model):
     model = local_model()
     with pytest.raises(UserError, match="pixel type float32"):
         segment(model, np.zeros((64, 64, 3), np.float32))
@@ -334,14 +292,14 @@ def test_unsupported_images_and_models_are_user_errors(tmp_path):
         segment(model, np.zeros((64, 64, 3), np.uint8), tile=66)
 
 
-def test_model_at_a_finer_magnification_is_refused(synthetic_slide):
+def test_model_at_a_finer_magnification_is_refused(synthetic_slide, local_model):
     model = local_model()
     model.resolution = Resolution(mpp=0.25)  # the slide has 0.5, 1 and 2 µm/px: nothing to read 0.25 from
     with pytest.raises(UserError, match="no pyramid level near 0.25"):
         segment(model, synthetic_slide[0])
 
 
-def test_a_coarser_model_reads_a_level_derived_by_block_averaging(tmp_path, synthetic_slide):
+def test_a_coarser_model_reads_a_level_derived_by_block_averaging(tmp_path, synthetic_slide, local_model):
     from genselfdiff.io.slides import open_slide
 
     path, rgb, _ = synthetic_slide
@@ -360,7 +318,7 @@ def test_a_coarser_model_reads_a_level_derived_by_block_averaging(tmp_path, synt
     assert (np.asarray(r.labels) == np.repeat(np.repeat(proc, 8, 0), 8, 1)).all()
 
 
-def test_single_level_image_without_scale_names_the_missing_level(tmp_path):
+def test_single_level_image_without_scale_names_the_missing_level(tmp_path, local_model):
     from skimage.io import imsave
 
     imsave(tmp_path / "crop.png", np.zeros((64, 64, 3), np.uint8), check_contrast=False)
@@ -446,7 +404,7 @@ def test_cli_segment_tta_and_no_amp_match_the_engine(tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_pipeline_matches_cpu(tmp_path):
+def test_cuda_pipeline_matches_cpu(tmp_path, local_model):
     """Pinned memory, asynchronous copies, bf16 autocast: the same labels up to bf16 rounding."""
     rgb, _ = synthetic_tissue((300, 280), seed=13)
     cpu = segment(local_model(), rgb, tile=64, overlap=16, chunk=96, skip_background=False).labels

@@ -4,7 +4,6 @@ and restored, and the share of glass tiles is reported."""
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from genselfdiff.app.synthetic import synthetic_tissue
 from genselfdiff.errors import UserError
@@ -14,28 +13,14 @@ from genselfdiff.infer.segment import segment
 from genselfdiff.io.labels import default_colors
 from genselfdiff.nn.config import get_preset
 from genselfdiff.nn.model import Model, class_probabilities, to_input
-from genselfdiff.nn.unet import UNet, to_segmentation
 
 TINY = get_preset("tiny").net
 
 
 @pytest.fixture(scope="module")
-def trained_model():
-    """The tiny U-Net trained for a few seconds on synthetic nuclei, in fp32 (any CPU runs it alike)."""
-    torch.manual_seed(0)
-    net = to_segmentation(UNet(TINY), 2)
-    rgb, truth = synthetic_tissue((256, 256), seed=11, glass=0.1)
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
-    y = torch.from_numpy(truth).long()
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    rng = np.random.default_rng(0)
-    for _ in range(25):
-        ys, xs = rng.integers(0, 256 - 32, 8), rng.integers(0, 256 - 32, 8)
-        loss = nn.functional.cross_entropy(net(torch.stack([x[:, a:a + 32, b:b + 32] for a, b in zip(ys, xs)])),
-                                           torch.stack([y[a:a + 32, b:b + 32] for a, b in zip(ys, xs)]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+def trained_model(trained_unet):
+    """The tiny U-Net trained for a few seconds on synthetic nuclei (conftest), in fp32 (any CPU runs it alike)."""
+    net = trained_unet
     return Model(net=net.eval(), kind="segmentation", net_config=net.unet.cfg, device=torch.device("cpu"),
                  classes=["background", "nucleus"], colors=default_colors(2), patch=64, amp=False)
 

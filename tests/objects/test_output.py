@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from skimage.io import imread, imsave
-from torch import nn
 
 from genselfdiff.app.synthetic import synthetic_tissue
 from genselfdiff.errors import UserError
@@ -15,31 +14,6 @@ from genselfdiff.io import omezarr
 from genselfdiff.io.labels import open_label_image
 from genselfdiff.objects.output import ObjectRequest, object_request, write_instances
 from genselfdiff.objects.split import first_pixel_order, split_objects
-
-
-class LocalNet(nn.Module):
-    """A purely convolutional stand-in (as in tests/infer/test_segment.py): cheap, sharp class ids."""
-
-    classes = 3
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(1)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.Tanh(), nn.Conv2d(8, 3, 5, padding=2))
-
-    def forward(self, x):
-        return self.body(x) * 20
-
-
-def local_model():
-    from genselfdiff.io.labels import default_colors
-    from genselfdiff.io.pixelsize import Resolution
-    from genselfdiff.nn.config import get_preset
-    from genselfdiff.nn.model import Model
-
-    return Model(net=LocalNet().eval(), kind="segmentation", net_config=get_preset("tiny").net,
-                 device=torch.device("cpu"), classes=["background", "a", "b"], colors=default_colors(3),
-                 resolution=Resolution(level=0), patch=64, amp=False)
 
 
 def save_segmentation_checkpoint(path):
@@ -60,7 +34,7 @@ def same_partition(a, b) -> bool:
     return bool((first_pixel_order(np.asarray(a)) == first_pixel_order(np.asarray(b))).all())
 
 
-def test_tiled_chunked_objects_equal_the_whole_image_split(tmp_path):
+def test_tiled_chunked_objects_equal_the_whole_image_split(tmp_path, local_model):
     model = local_model()
     rgb, _ = synthetic_tissue((200, 172), seed=2)
     whole = segment(model, rgb, skip_background=False, instances=True)  # one tile: the untiled result
@@ -110,7 +84,7 @@ def test_objects_pass_is_seamless_with_a_small_halo_and_counts_density(tmp_path)
     assert (out / "instances" / "zarr.json").stat().st_mtime_ns == before
 
 
-def test_instances_of_and_models_without_foreground_are_one_sentence():
+def test_instances_of_and_models_without_foreground_are_one_sentence(local_model):
     model = local_model()
     assert object_request(model, ["B"]).classes == (2,)
     assert object_request(model).names == ("a", "b")
