@@ -526,7 +526,7 @@ def step_dask(args) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        remote = segment(model, image, outs[0], scheduler=client, worker_device=args.device, **kw)
+        remote = segment(model, image, outs[0], scheduler=client, device=args.device, **kw)
     local = segment(model, image, outs[1], **kw)
     if remote.stopped or remote.chunks_computed != local.chunks_computed:
         return {"fail": f"the cluster wrote {remote.chunks_computed} chunks, one process {local.chunks_computed}"}

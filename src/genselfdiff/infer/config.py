@@ -56,8 +56,6 @@ class SegmentConfig:
 
     def with_overrides(self, **overrides) -> "SegmentConfig":
         """A copy with the fields in ``overrides`` changed; an unknown name is a TypeError."""
-        if "worker_device" in overrides:  # the keyword's earlier name
-            overrides["device"] = overrides.pop("worker_device")
         known = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
