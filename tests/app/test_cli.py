@@ -51,6 +51,13 @@ def test_user_error_is_one_sentence_without_traceback(tmp_path):
     assert result.stderr.startswith("genselfdiff: error:") and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_segment_of_a_folder_without_images_says_what_it_looked_for(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["segment", str(tmp_path / "model.pt"), str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No images found" in err and ".svs" in err
+
+
 def test_cli_reference_is_current():
     """docs/cli.md names every subcommand and option (regenerate: python docs/make_cli_reference.py)."""
     sections = {s.split("\n", 1)[0]: s for s in DOC.read_text().split("## genselfdiff ")[1:]}

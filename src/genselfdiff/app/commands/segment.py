@@ -65,14 +65,12 @@ def build_config(args):
 def run(args) -> int:
     from ...errors import UserError
     from ...infer.segment import segment_batch
-    from ...io.files import find_images
+    from ...io.files import image_paths
     from ...nn.model import load_model
     from ..cli import EXIT_OK, EXIT_PARTIAL, ProgressBar, StopOnInterrupt
 
     config = build_config(args)
-    images = find_images(args.images)
-    if not images:
-        raise UserError(f"No images found in {' '.join(args.images)}.")
+    images = image_paths(args.images)
     model = load_model(args.model, config.device)
     model.require_segmentation()
     print(f"Segmenting {len(images)} image(s) with {args.model} ({len(model.classes)} classes: "
