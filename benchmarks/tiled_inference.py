@@ -55,8 +55,9 @@ from .common import ROOT, header
 def tiny_model(device, preset="tiny", classes=2):
     import torch
 
+    from genselfdiff.io.labels import default_colors
     from genselfdiff.nn.config import get_preset
-    from genselfdiff.nn.model import Model, default_colors
+    from genselfdiff.nn.model import Model
     from genselfdiff.nn.unet import UNet, to_segmentation
 
     torch.manual_seed(0)

@@ -162,7 +162,7 @@ class FinetuneWidget(JobWidget):
             settings.changed.disconnect(self._on_setting)
 
     def new_annotation_layer(self):
-        from genselfdiff.nn.model import default_colors
+        from genselfdiff.io.labels import default_colors
 
         image = self.image.layer()
         if image is None:

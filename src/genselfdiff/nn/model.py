@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..io.checkpoint import load_checkpoint
-from ..io.labels import default_colors  # noqa: F401  (kept importable from here: finetune uses it)
+from ..io.labels import default_colors
 from ..io.pixelsize import Resolution
 from .config import NetConfig
 from .unet import SegmentationNet, UNet, segmentation_net

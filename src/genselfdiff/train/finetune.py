@@ -43,11 +43,11 @@ import torch
 
 from ..errors import UserError
 from ..io.checkpoint import load_checkpoint
-from ..io.labels import default_class_names
+from ..io.labels import default_class_names, default_colors
 from ..io.pixelsize import Resolution, tell, unknown_note, working_resolution
 from ..io.slides import open_labelled_image
 from ..nn.config import NetConfig, with_preset
-from ..nn.model import default_colors, pick_device
+from ..nn.model import pick_device
 from ..nn.unet import SegmentationNet, UNet, to_segmentation
 from ..progress import Progress, resolve
 from . import stain_prior
