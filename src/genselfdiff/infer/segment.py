@@ -21,15 +21,14 @@ from pathlib import Path
 from typing import Generator, Optional
 
 from ..errors import UserError
-from ..io.labels import default_class_names, load_labels  # noqa: F401  (load_labels: the public way to read an output back)
+from ..io.labels import default_class_names, load_labels
 from ..io.omezarr import LabelImage, pyramid_levels
 from ..io.outputs import png_path, zarr_path
-from ..io.slides import as_slide  # noqa: F401  (re-exported: images of every kind become Slides)
 from ..progress import drain, resolve
 from .config import SegmentConfig, segment_config
 from .merge import ArrayMerger, Merger, OmeZarrMerger
 from .pipeline import STAGE, TileResult, run_units
-from .plan import LOCAL, Plan, check_model, default_overlap, default_tile, make_plan  # noqa: F401  (re-exported)
+from .plan import LOCAL, Plan, check_model, make_plan
 
 PNG_MAX_PIXELS = 100_000_000  # --png is skipped above this many level-0 pixels
 
