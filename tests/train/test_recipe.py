@@ -14,7 +14,7 @@ from genselfdiff.nn.unet import UNet
 from genselfdiff.train.augment import augment
 from genselfdiff.train.config import FinetuneConfig, PretrainConfig
 from genselfdiff.train.finetune import finetune
-from genselfdiff.train.recipe import official_augment, official_init, official_segmentation_net
+from genselfdiff.train.recipe import OFFICIAL, official_augment, official_init
 
 TINY = get_preset("tiny").net
 
@@ -24,7 +24,7 @@ def test_official_fine_tuning_keeps_everything_but_the_final_block_and_head():
     pre = UNet(TINY).state_dict()  # our pretrained network: its final block has a time input
     assert any(k.startswith("final.time.") for k in pre)
     torch.manual_seed(1)
-    net = official_segmentation_net(TINY, 3, pre)
+    net = OFFICIAL.segmentation_net(TINY, 3, pre)
     state = net.unet.state_dict()
     for name, value in pre.items():
         if not name.startswith(("final.", "head.")):

@@ -144,8 +144,3 @@ def get_recipe(name: str) -> Recipe:
     except (KeyError, TypeError):
         raise UserError(f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)}.") from None
 
-
-def official_segmentation_net(net_cfg: NetConfig, classes: int, pretrained: Optional[dict] = None) -> SegmentationNet:
-    """The official fine-tuning network (:meth:`Recipe.segmentation_net` of :data:`OFFICIAL`)."""
-    return OFFICIAL.segmentation_net(net_cfg, classes, pretrained)
-
