@@ -55,7 +55,9 @@ def test_resume_restores_the_gpus_that_are_visible(monkeypatch, tmp_path, saved,
 def test_a_state_saved_with_gpus_resumes_on_the_cpu(monkeypatch, tmp_path):
     state = saved_on(monkeypatch, 2, tmp_path)
     FakeGPUs(monkeypatch, 0)
+    want = torch.rand(3)  # the CPU generator as saved (saved_on captured it just before)
     restore_rng(state)  # nothing to put the GPU states into; the rest is restored
+    assert torch.equal(torch.rand(3), want)
 
 
 def test_cpu_generators_come_back(tmp_path):
