@@ -24,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("model", metavar="MODEL.pt", help="segmentation checkpoint (genselfdiff finetune)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="slides, images or folders of them")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder for NAME.ome.zarr (and NAME.png)")
-    p.add_argument("--tile", type=int, help="network input side in pixels (default: 256 for tiny, 512 otherwise)")
+    p.add_argument("--tile", type=int, help="network input side in pixels (default: from the model, its training patch or larger; 256 for tiny and 512 for small/paper models trained on smaller patches)")
     p.add_argument("--overlap", type=int, help="pixels shared by neighbouring tiles, twice the halo (default tile/8)")
     p.add_argument("--batch", type=int, help=f"tiles per forward pass (default: {engine.batch})")
     p.add_argument("--png", action="store_true", help="also write OUT/NAME.png (level-0 class ids) for images up to 100 Mpx")
