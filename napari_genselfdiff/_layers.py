@@ -129,37 +129,96 @@ def labels_metadata(names: list, colors: list, **extra) -> dict:
 
 
 def labels_kwargs(names: list, colors: list, **extra) -> dict:
-    """Layer keyword arguments for labels whose value v is called ``names[v]``."""
+    """Layer keyword arguments for labels whose value v is called ``names[v]``: its colour, and
+    a features table (row v = value v) so that napari's status bar names the class under the cursor."""
     return {
         "colormap": label_colormap(dict(enumerate(colors))),
         "metadata": labels_metadata(names, colors, **extra),
+        "features": {"class": list(names)},
     }
+
+
+def class_colors(layer) -> dict:
+    """Class name -> RGB of a Labels layer the plugin made (strokes or classes); {} for others."""
+    meta = (layer.metadata.get(META) or {}) if layer is not None else {}
+    return dict(zip(meta.get("label_names") or [], meta.get("label_colors") or []))
+
+
+def same_colors(names: list, colors: list, like) -> list:
+    """``colors`` with the colour the Labels layer ``like`` gives a class of the same name, so a
+    class keeps one colour across strokes, preview and result."""
+    known = class_colors(like)
+    return [list(known.get(name, color)) for name, color in zip(names, colors)]
 
 
 # --- annotation layers --------------------------------------------------------------------
 
-def new_annotation_layer(viewer, image_layer, level: int, region: str, classes: list, colors: list,
-                         max_side: int = 4096):
-    """An empty, paintable Labels layer over the current view (``region='view'``) or the whole
-    image (``'image'``) at pyramid ``level``, coloured for scribbles (1 = background, 2 = first
-    class ...). napari cannot paint multiscale labels, hence one level and a bounded size."""
+# A whole-image annotation layer is one uint8 array in memory (napari cannot paint a lazy or
+# multiscale one): up to this size it covers the whole image, beyond it the region in view.
+ANNOTATION_MAX_BYTES = 256 * 2**20
+
+
+def new_annotation_layer(viewer, image_layer, level: int, classes: list, colors: list):
+    """``(layer, note)``: an empty, paintable Labels layer at pyramid ``level`` of ``image_layer``,
+    coloured for scribbles (1 = background, 2 = first class ...). It covers the whole image when
+    that is at most ``ANNOTATION_MAX_BYTES``; otherwise the region in view, whose extent is drawn
+    as a rectangle and ``note`` says so in one line (None when the whole image is covered)."""
     shape = image_levels(image_layer)[level].shape[:2]
-    box = visible_box(viewer, image_layer, level) if region == "view" else (0, 0, shape[0], shape[1])
-    if box is None:
-        raise ValueError(f"{image_layer.name} is not in view; pan to the region to annotate.")
+    box, note = (0, 0, shape[0], shape[1]), None
+    if shape[0] * shape[1] > ANNOTATION_MAX_BYTES:
+        box = visible_box(viewer, image_layer, level)
+        if box is None:
+            raise ValueError(f"{image_layer.name} is not in view; pan to the region to annotate.")
+        if (box[2] - box[0]) * (box[3] - box[1]) > ANNOTATION_MAX_BYTES:
+            raise ValueError(f"{image_layer.name} at level {level} is too large to annotate whole; zoom in, or "
+                             "choose a coarser level under 'Annotate at'.")
+        note = (f"{image_layer.name} at level {level} is too large to annotate whole ({_mib(shape)} MiB); the "
+                "annotation layer covers the region in view, outlined in yellow: paint inside it.")
     h, w = box[2] - box[0], box[3] - box[1]
-    if max(h, w) > max_side:
-        raise ValueError(f"That region is {h}×{w} pixels at this level; zoom in (or annotate at a coarser "
-                         f"level) so that it is at most {max_side}×{max_side}.")
     scale, translate = level_transform(image_layer, level, box[:2])
     names, cols = class_labels(classes, colors, sparse=True)
-    layer = viewer.add_labels(np.zeros((h, w), np.uint8), name=f"{image_layer.name} annotation", scale=scale,
+    name = f"{image_layer.name} annotation"
+    if note:
+        _draw_extent(viewer, image_layer, level, box, f"{name} extent")
+    layer = viewer.add_labels(np.zeros((h, w), np.uint8), name=name, scale=scale,
                               translate=translate, **labels_kwargs(names, cols, annotates=image_layer.name,
                                                                    **placement(image_layer, level, box[:2])))
     layer.selected_label = 2
     layer.brush_size = 10
     layer.mode = "paint"
-    return layer
+    return layer, note
+
+
+def _mib(shape) -> int:
+    return int(round(shape[0] * shape[1] / 2**20))
+
+
+def _draw_extent(viewer, image_layer, level: int, box, name: str):
+    """A yellow rectangle around the level-``level`` pixels ``box`` (where painting counts)."""
+    d = downsamples(image_levels(image_layer))[level]
+    scale = np.asarray(image_layer.scale[-2:], float)
+    base = np.asarray(image_layer.translate[-2:], float)
+    y0, x0 = base + (np.asarray(box[:2], float) * d - 0.5) * scale
+    y1, x1 = base + (np.asarray(box[2:], float) * d - 0.5) * scale
+    if name in viewer.layers:
+        viewer.layers.remove(name)
+    return viewer.add_shapes([[[y0, x0], [y0, x1], [y1, x1], [y1, x0]]], shape_type="rectangle", name=name,
+                             edge_color="yellow", face_color="transparent", edge_width=float(3 * scale[0] * d))
+
+
+def annotation_of(viewer, image_layer):
+    """The Labels layer painted over ``image_layer``: the newest one made for it by 'New annotation
+    layer' (its metadata says so), else one named '<image> annotation'; None when there is none."""
+    layers = [lay for lay in viewer.layers if type(lay).__name__ == "Labels"]
+    made = [lay for lay in layers if (lay.metadata.get(META) or {}).get("annotates") == image_layer.name]
+    named = [lay for lay in layers if lay.name == f"{image_layer.name} annotation"]
+    return (made or named or [None])[-1]
+
+
+def annotation_classes(layer) -> Optional[list]:
+    """The class names a stroke layer made by the plugin paints (background first), else None."""
+    names = (layer.metadata.get(META) or {}).get("label_names") if layer is not None else None
+    return list(names[1:]) if names and names[0] == "unlabelled" else None
 
 
 def annotation_arrays(image_layer, labels_layer):
@@ -214,22 +273,28 @@ def preview_box(view, painted, max_side: int):
     return int(y0), int(x0), int(y1), int(x1)
 
 
+PREVIEW_CONTOUR = 2  # the preview is drawn as outlines this many pixels wide: strokes stay visible inside
+
+
 def show_preview(viewer, image_layer, level: int, payload: dict, below=None):
     """Put a model's prediction (a fine-tuning preview payload: ``labels``, ``origin`` in pixels of
-    ``level``, ``classes``, ``colors``) into the one semi-transparent Labels layer
-    ``"<image> preview"``, made on first use just under ``below`` (the annotation layer)."""
+    ``level``, ``classes``, ``colors``) into the one Labels layer ``"<image> preview"``, drawn as
+    outlines in the classes' colours on ``below`` (the annotation layer), and made on first use
+    just under it, so the painted strokes stay visible inside the outlines."""
     name = f"{image_layer.name} preview"
     scale, translate = level_transform(image_layer, level, payload["origin"])
-    kwargs = labels_kwargs(payload["classes"], payload["colors"], preview_of=image_layer.name,
+    colors = same_colors(payload["classes"], payload["colors"], below)
+    kwargs = labels_kwargs(payload["classes"], colors, preview_of=image_layer.name,
                            step=payload["step"], **placement(image_layer, level, payload["origin"]))
     if name in viewer.layers:
         layer = viewer.layers[name]
         layer.data = payload["labels"]
         layer.scale, layer.translate = scale, translate
-        layer.colormap, layer.metadata = kwargs["colormap"], kwargs["metadata"]
+        layer.colormap, layer.metadata, layer.features = kwargs["colormap"], kwargs["metadata"], kwargs["features"]
         return layer
     active = viewer.layers.selection.active  # the brush stays on the layer being painted
-    layer = viewer.add_labels(payload["labels"], name=name, scale=scale, translate=translate, opacity=0.5, **kwargs)
+    layer = viewer.add_labels(payload["labels"], name=name, scale=scale, translate=translate, opacity=0.9, **kwargs)
+    layer.contour = PREVIEW_CONTOUR
     if below is not None and below in viewer.layers:
         viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(below))
     if active is not None and active in viewer.layers:

@@ -4,9 +4,12 @@ The widget only gathers what the engine needs: the painted labels and the image 
 under them (read at the pyramid level they were painted at), the class names and the base
 model. Training runs in a separate process; the saved model becomes the Segment widget's.
 
-While it trains, the plot shows the loss and the validation Dice, and every few hundred
-steps the engine's prediction over the region in view appears in a "<image> preview"
-layer under the strokes: paint where it errs, then Continue from the model just saved.
+It trains on the strokes of every image ticked under "Train on" (each read at the level it
+was painted at). While it trains, the plot shows the loss, and every few hundred steps the
+engine's prediction over the region in view appears as outlines in a "<image> preview" layer
+under the strokes: paint where it errs, then Continue from the model just saved. The figures
+it shows are the ones that cannot flatter the model: the painted share per class, and, for
+complete masks only, the Dice on held-out tiles of the training images, named as such.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdi
 
 from genselfdiff.errors import UserError
 
-from .. import _layers
+from .. import _figures, _layers
 from ..settings import settings
 from ._common import (
     PRESETS,
@@ -30,7 +33,9 @@ from ._common import (
     TrainingPlot,
     tell,
     tell_error,
+    tell_warning,
 )
+from ._trainset import TrainingSetList
 
 SPARSE, DENSE = "scribbles (0 = unpainted, 1 = background, 2 = first class…)", "complete masks (0 = background)"
 
@@ -47,10 +52,12 @@ class FinetuneWidget(JobWidget):
         self.pixel_size.show_layer(self.image.layer())
         self.labels = LayerBox(napari_viewer, "labels")
         self.labels.currentTextChanged.connect(self._guess_mode)
+        self.image.currentTextChanged.connect(self._pick_annotation)
         self.level = QComboBox()
         self.level.setToolTip("The pyramid level to paint at: the model learns, and later segments, at this scale")
-        self.region = QComboBox()
-        self.region.addItems(["current view", "whole image"])
+        self.trainset = TrainingSetList(napari_viewer, lambda: (self.image.layer(), self.labels.layer()))
+        self.image.currentTextChanged.connect(self.trainset.refresh)
+        self.labels.currentTextChanged.connect(self.trainset.refresh)
         self.new_button = QPushButton("New annotation layer")
         self.new_button.clicked.connect(self.new_annotation_layer)
         self.classes = QLineEdit(settings.get("classes", "background, nucleus"))
@@ -89,19 +96,23 @@ class FinetuneWidget(JobWidget):
         self.stop_button.clicked.connect(self.stop)
         self.stop_button.setEnabled(False)
         self.continue_button.setEnabled(False)
-        self.dice = QLabel("")
-        self.plot = TrainingPlot(napari_viewer.theme, score="validation Dice")
+        self.figures = QLabel("")  # the painted share per class (and, for masks, the held-out Dice)
+        self.figures.setWordWrap(True)
+        self.warning = QLabel("")  # an implausible preview, in one line
+        self.warning.setWordWrap(True)
+        self.warning.setStyleSheet("color: #e8a33d")
+        self.plot = TrainingPlot(napari_viewer.theme, score="Dice, held-out tiles")
         self._score = "val_dice"  # what the plot's second axis shows (the loss for strokes)
 
         form = QFormLayout()
         form.addRow("Image", self.image)
         form.addRow("Pixel size (µm/px)", self.pixel_size)
-        form.addRow("Annotate at", self.level)
         new_row = QHBoxLayout()
-        new_row.addWidget(self.region)
-        new_row.addWidget(self.new_button, 1)
-        form.addRow("Over the", new_row)
+        new_row.addWidget(self.level, 1)
+        new_row.addWidget(self.new_button)
+        form.addRow("Annotate at", new_row)
         form.addRow("Labels", self.labels)
+        form.addRow("Train on", self.trainset)
         form.addRow("Classes", self.classes)
         form.addRow("Labels are", self.mode)
         form.addRow("Base model", self.base)
@@ -119,14 +130,17 @@ class FinetuneWidget(JobWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.bar)
         layout.addWidget(self.status)
-        layout.addWidget(self.dice)
+        layout.addWidget(self.figures)
+        layout.addWidget(self.warning)
         layout.addWidget(self.plot)
         layout.addStretch(1)
         settings.changed.connect(self._on_setting)
         self.result = None  # the last FinetuneResult
         self._steps_before = 0  # steps of the runs this one continues (the plot's x goes on)
         self._preview_on = None  # (image layer, level, annotation layer) of the running job
+        self._snapshots = {}  # (image, annotation) names -> their strokes when the last round started
         self._fill_levels()
+        self._pick_annotation()
         self._guess_mode()
 
     def class_names(self) -> list:
@@ -154,6 +168,13 @@ class FinetuneWidget(JobWidget):
             classes = names[1:] if names[0] == "unlabelled" else names
             self.classes.setText(", ".join(classes))
 
+    def _pick_annotation(self, *_):
+        """Choosing an image chooses its annotation layer, when it has one."""
+        image = self.image.layer()
+        annotation = _layers.annotation_of(self.viewer, image) if image is not None else None
+        if annotation is not None:
+            self.labels.setCurrentText(annotation.name)
+
     def _on_setting(self, key, value):
         try:
             if key == "pretrained":
@@ -169,43 +190,75 @@ class FinetuneWidget(JobWidget):
             return tell_error("Open an image first (File > Open, or File > Open Sample > GenSelfDiff).")
         classes = self.class_names()
         try:
-            layer = _layers.new_annotation_layer(self.viewer, image, max(self.level.currentIndex(), 0),
-                                                 "view" if self.region.currentIndex() == 0 else "image",
-                                                 classes, default_colors(len(classes)))
+            layer, note = _layers.new_annotation_layer(self.viewer, image, max(self.level.currentIndex(), 0),
+                                                       classes, default_colors(len(classes)))
         except ValueError as e:
             return tell_error(str(e))
         self.labels.setCurrentText(layer.name)
         self.mode.setCurrentText(SPARSE)
+        self.trainset.tick(image.name)
+        if note:
+            tell_warning(note)
         tell(f"Paint with label 1 for {classes[0]}, 2 for {classes[1]}" + (", …" if len(classes) > 2 else "") + ".")
+
+    def training_set(self) -> list:
+        """The ticked images as dicts: ``image`` and ``labels`` (layers), ``rgb`` and ``strokes`` (the
+        painted labels and the pixels under them, at the level painted at), ``level``, ``mpp`` (µm/px
+        at that level, or None). ValueError says what is missing."""
+        selected = self.image.layer()
+        pairs = self.trainset.chosen()
+        if not pairs:
+            raise ValueError("Choose an image and a Labels layer painted over it (or click 'New annotation layer'), "
+                             "and tick it under 'Train on'.")
+        out = []
+        for image, labels in pairs:
+            rgb, lab, level = _layers.annotation_arrays(image, labels)
+            if not lab.any():
+                raise ValueError(f"{labels.name} has nothing painted over {image.name}; paint a few strokes first, "
+                                 "or untick it under 'Train on'.")
+            mpp = self.pixel_size.value(image.name) if image is selected else _layers.layer_pixel_size(image)
+            d = _layers.downsamples(_layers.image_levels(image))[level]
+            out.append({"image": image, "labels": labels, "rgb": rgb, "strokes": lab, "level": level,
+                        "mpp": mpp * d if mpp else None})
+        known = sorted(item["mpp"] for item in out if item["mpp"])
+        if known and known[-1] > 1.1 * known[0]:
+            raise ValueError(f"The images under 'Train on' are painted at different scales ({known[0]:.2f} and "
+                             f"{known[-1]:.2f} µm/px); paint them at the same µm/px (see 'Annotate at').")
+        return out
 
     def spec(self) -> dict:
         """What the engine needs, read from the layers; ValueError says what is missing."""
-        image, labels = self.image.layer(), self.labels.layer()
-        if image is None or labels is None:
-            raise ValueError("Choose an image and a Labels layer painted over it (or click 'New annotation layer').")
-        rgb, lab, level = _layers.annotation_arrays(image, labels)
-        if not lab.any():
-            raise ValueError(f"{labels.name} has nothing painted over {image.name}; paint a few strokes first.")
-        out = self.out.text() or str(Path(settings.get("pretrain_folder") or Path.home()) / f"{image.name}-segmenter.pt")
+        items = self.training_set()
+        first = next((it for it in items if it["image"] is self.image.layer()), items[0])
+        out = self.out.text() or str(Path(settings.get("pretrain_folder") or Path.home()) /
+                                     f"{first['image'].name}-segmenter.pt")
         self.out.setText(out)
-        mpp = self.pixel_size.value(image.name)  # at level 0; the arrays are at the painted level
-        d = _layers.downsamples(_layers.image_levels(image))[level]
+        # One scale for all (training_set checked they agree): the model learns at it.
+        mpp = first["mpp"] or next((it["mpp"] for it in items if it["mpp"]), None)
         every = self.preview_every.value()
+        level = first["level"]
         return {
-            "images": [rgb], "labels": [lab], "out": out, "classes": self.class_names(),
+            "images": [it["rgb"] for it in items], "labels": [it["strokes"] for it in items], "out": out,
+            "pairs": [(it["image"].name, it["labels"].name) for it in items], "classes": self.class_names(),
             "sparse": self.mode.currentText() == SPARSE, "pretrained": self.base.text() or None,
             "preset": self.preset.currentText(), "device": self.device.currentText(),
-            "resolution": {"level": level, "mpp": mpp * d if mpp else None}, "pixel_size": mpp * d if mpp else None,
-            "overrides": {"preview_every": every}, "preview": self.preview_region(level) if every else None,
+            "resolution": {"level": level, "mpp": mpp}, "pixel_size": mpp,
+            "overrides": {"preview_every": every}, "preview": self.preview_region() if every else None,
             **self.budget.spec(),
         }
 
-    def preview_region(self, level: int):
-        """The pixels to show the model's prediction on: the part of the image in view (or, zoomed
-        far out, around the strokes), read at the training level; None when there are none."""
+    def preview_region(self):
+        """The pixels to show the model's prediction on: the part of the selected image in view (or,
+        zoomed far out, around its strokes), read at the level painted at; None when there are none."""
         from genselfdiff.train.finetune import PREVIEW_MAX_SIDE
 
         image, labels = self.image.layer(), self.labels.layer()
+        if image is None or labels is None:
+            return None
+        try:
+            level = _layers.covered_window(image, labels)[0]
+        except ValueError:
+            return None
         box = _layers.preview_box(_layers.visible_box(self.viewer, image, level),
                                   _layers.painted_box(image, labels), PREVIEW_MAX_SIDE)
         if box is None:
@@ -220,28 +273,61 @@ class FinetuneWidget(JobWidget):
             spec = self.spec()
         except (ValueError, UserError) as e:
             return tell_error(str(e))
+        if base is not None and (refusal := self._continue_refusal(spec)):
+            return tell_error(refusal)
         settings.set("classes", ", ".join(spec["classes"]))
         settings.set("finetune_out", spec["out"])
         settings.set("finetune_preset", spec["preset"])
         settings.set("preview_every", self.preview_every.value())
+        changed = self._changed_strokes(spec) if base is not None else 0
+        self._snapshots = {pair: _figures.stroke_snapshot(lab) for pair, lab in zip(spec["pairs"], spec["labels"])}
         if base is None:
             self._steps_before = 0
             self.plot.clear()
         else:
             spec["pretrained"] = base
             self._steps_before += self.result.steps
-        self._preview_on = (self.image.layer(), spec["resolution"]["level"], self.labels.layer())
-        # Strokes along object cores reach Dice 1 within a few steps; their loss still moves
-        # (the engine keeps the latest network either way).
+        image, labels = self.image.layer(), self.labels.layer()
+        self._preview_on = (image, _layers.covered_window(image, labels)[0], labels) if spec["preview"] else None
+        # Held-out strokes lie along object cores: their Dice reads 1 within a few steps and says
+        # nothing of the model, so strokes show the held-out loss; masks the Dice of held-out tiles.
         self._score = "val_loss" if spec["sparse"] else "val_dice"
-        self.plot.set_score("validation loss" if spec["sparse"] else "validation Dice", unit_range=not spec["sparse"])
-        self.dice.setText("")
+        self.plot.set_score("loss, held-out strokes" if spec["sparse"] else "Dice, held-out tiles",
+                            unit_range=not spec["sparse"])
+        self.figures.setText(self._painted_line(spec) + (f"\n{changed} painted pixels changed class since the last "
+                                                         "round." if changed else ""))
+        self.warning.setText("")
+        if changed:
+            tell(f"{changed} painted pixels changed class since the last round (the newest stroke counts).")
         self.runner.start("finetune", spec)
         self.progress.start("Fine-tuning (starting)…" if base is None else f"Continuing from {Path(base).name}…")
         self._set_running(True)
 
+    def _painted_line(self, spec) -> str:
+        if not spec["sparse"]:
+            return f"complete masks of {len(spec['labels'])} image(s)"
+        n = len(spec["classes"]) + 1
+        counts = sum(_figures.class_counts(lab, n) for lab in spec["labels"])
+        return _figures.painted_line(counts, spec["classes"], len(spec["labels"]))
+
+    def _changed_strokes(self, spec) -> int:
+        return sum(_figures.changed_strokes(self._snapshots[pair], lab)
+                   for pair, lab in zip(spec["pairs"], spec["labels"]) if pair in self._snapshots)
+
+    def _continue_refusal(self, spec):
+        """One sentence when the last model cannot go on with these annotations (other classes), else None."""
+        model = list(self.result.classes or [])
+        named = [("the Classes field", spec["classes"])]
+        named += [(labels, _layers.annotation_classes(self.viewer.layers[labels])) for _, labels in spec["pairs"]]
+        for where, classes in named:
+            if classes and classes != model:
+                return (f"The last model segments {', '.join(model)} but {where} names {', '.join(classes)}; nothing "
+                        "was changed: use matching classes, or click Fine-tune to train a model for these classes.")
+        return None
+
     def continue_training(self):
-        """Train on from the model the last run saved, with the strokes painted since."""
+        """Train on from the model the last run saved, with the strokes painted since on every
+        image ticked under 'Train on'."""
         if self.result is None or not Path(self.result.path).exists():
             return tell_error("Fine-tune a model first: Continue trains on from the model the last run saved.")
         self.start(base=str(self.result.path))
@@ -259,10 +345,6 @@ class FinetuneWidget(JobWidget):
         text = f"{p.stage}: step {p.done}" + (f" / {p.total}" if p.total else "")
         if "loss" in p.metrics:
             text += f" · loss {float(p.metrics['loss']):.4f}"
-        dice, loss = p.metrics.get("val_dice"), p.metrics.get("val_loss")
-        if dice is not None and dice == dice:  # NaN until the first validation
-            self.dice.setText(f"Validation loss: {float(loss):.3f} (Dice {float(dice):.3f})"
-                              if self._score == "val_loss" and loss is not None else f"Validation Dice: {float(dice):.3f}")
         if isinstance(p.payload, dict) and self._score in p.payload:  # an epoch's validation
             self.plot.add_score(step, float(p.payload[self._score]))
         elif p.stage == "finetune" and "loss" in p.metrics:
@@ -276,6 +358,8 @@ class FinetuneWidget(JobWidget):
         if image is None or image not in self.viewer.layers:
             return  # the image was closed meanwhile
         _layers.show_preview(self.viewer, image, level, payload, below=annotation)
+        counts = _figures.class_counts(payload["labels"], len(payload["classes"]))
+        self.warning.setText(_figures.implausible(counts, payload["classes"], "the preview") or "")
 
     def _on_finished(self, result):
         self.result = result
@@ -283,8 +367,10 @@ class FinetuneWidget(JobWidget):
         self.plot.redraw()
         how = "stopped" if result.stopped else "finished"
         self.progress.close(f"Fine-tuning {how} after {result.steps} steps; saved {result.path}.")
-        if result.best_dice is not None:
-            self.dice.setText(f"Best validation Dice: {result.best_dice:.3f}")
+        if self._score == "val_dice" and result.best_dice is not None and result.best_dice == result.best_dice:
+            # Tiles of the images trained on: optimistic for new images, and said so.
+            self.figures.setText(self.figures.text().split("\n")[0] + f"\nDice on held-out tiles of the training "
+                                 f"images: {result.best_dice:.3f} (not a measure on new images)")
         settings.set("model", str(result.path))
         tell(f"Fine-tuning {how}: {result.path} is now the Segment widget's model.")
 

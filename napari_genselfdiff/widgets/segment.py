@@ -3,7 +3,9 @@
 The widget turns the user's choices into the engine's SegmentConfig (:meth:`SegmentWidget.spec`)
 and runs the engine's tiled inference in a thread worker; the engine pastes each finished tile
 into a display pyramid, shown as a Labels layer named after its image at the scale of the level
-the model works at, so the result fills in over the slide while it runs.
+the model works at, so the result fills in over the slide while it runs. When it ends, one
+line per image says the area share per class (and the objects counted), and a warning says
+when a result is implausible (most of the image one object class, or none at all).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from superqt import QCollapsible
 from genselfdiff.infer.config import SegmentConfig
 from genselfdiff.progress import Progress
 
-from .. import _layers
+from .. import _figures, _layers
 from ..settings import settings
 from ..workers import ProgressView, segment_worker
-from ._common import DeviceBox, PathEdit, PixelSizeEdit, progress_row, tell, tell_error
+from ._common import DeviceBox, PathEdit, PixelSizeEdit, progress_row, tell, tell_error, tell_warning
 
 SELECTED, ALL = "the selected image", "every open image"
 AUTO_TILE, AUTO_OVERLAP = 0, -16  # the spin boxes' "auto" (the overlap's steps of 16 then start at 0)
@@ -214,6 +216,8 @@ class SegmentWidget(QWidget):
             result = message[2]
             if result is not None and result.path is not None and not result.stopped:
                 entry["saved"] = result.path
+            if result is not None and result.objects is not None:
+                entry["objects"] = dict(result.objects.counts)
         elif kind == "failed":
             self.results[key]["error"] = message[2]
             tell_error(message[2])
@@ -224,6 +228,8 @@ class SegmentWidget(QWidget):
         if "layer" not in entry:
             entry["layer"] = self._result_layer(entry["image_layer"], tile, merged)
             entry["refreshed"] = time.monotonic()
+            entry["counts"] = 0
+        entry["counts"] = entry["counts"] + _figures.class_counts(tile.labels, len(self.classes))
         if time.monotonic() - entry["refreshed"] > REFRESH_SECONDS or tile.done == tile.total:
             entry["layer"].refresh()
             entry["refreshed"] = time.monotonic()
@@ -236,10 +242,14 @@ class SegmentWidget(QWidget):
         name = f"{image_layer.name} labels"
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
+        annotation = _layers.annotation_of(self.viewer, image_layer)
+        colors = _layers.same_colors(self.classes, self.colors, annotation)
         layer = self.viewer.add_labels(
             merged.data, name=name, scale=scale, translate=translate, multiscale=len(merged.levels) > 1,
-            opacity=0.6, **_layers.labels_kwargs(self.classes, self.colors, segmented=image_layer.name,
+            opacity=0.6, **_layers.labels_kwargs(self.classes, colors, segmented=image_layer.name,
                                    **_layers.placement(image_layer, tile.level)))
+        if annotation is not None:  # under the strokes, which stay visible
+            self.viewer.layers.move(self.viewer.layers.index(layer), self.viewer.layers.index(annotation))
         return layer
 
     def _add_objects(self, key: str, ids, level: int):
@@ -249,8 +259,8 @@ class SegmentWidget(QWidget):
         name = f"{image_layer.name} objects"
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
-        self.results[key]["objects"] = self.viewer.add_labels(ids, name=name, scale=scale, translate=translate,
-                                                              opacity=0.5)
+        self.results[key]["objects_layer"] = self.viewer.add_labels(ids, name=name, scale=scale,
+                                                                    translate=translate, opacity=0.5)
 
     def _on_error(self, error):
         from genselfdiff.errors import UserError
@@ -268,6 +278,13 @@ class SegmentWidget(QWidget):
         text = ("Stopped. " if self._stop.is_set() else "") + f"Segmented {len(done)} of {len(self.results)} image(s)."
         text += f" Saved {', '.join(saved)}." if saved else ""
         text += f" Failed: {', '.join(failed)}." if failed else ""
+        for key, entry in self.results.items():
+            if entry.get("done") and "counts" in entry:
+                text += f"\n{key}: " + _figures.area_line(entry["counts"], self.classes, entry.get("objects"))
+                warning = _figures.implausible(entry["counts"], self.classes, key)
+                if warning:
+                    text += f"\n{warning}"
+                    tell_warning(warning)
         self.progress.close(text)
         self.worker = None
         if done:

@@ -50,7 +50,10 @@ def test_viewer_opens_a_slide_as_a_multiscale_image_with_its_scale(make_napari_v
     assert tuple(layer.scale) == (0.5, 0.5)
 
 
-def test_annotation_layer_sits_on_a_pyramid_level_and_reads_the_pixels_under_it(make_napari_viewer, synthetic_slide):
+def test_annotation_layer_sits_on_a_pyramid_level_and_reads_the_pixels_under_it(make_napari_viewer, synthetic_slide,
+                                                                                 monkeypatch):
+    from napari.utils.notifications import notification_manager
+
     from napari_genselfdiff import _layers
 
     path, rgb, _ = synthetic_slide
@@ -60,27 +63,43 @@ def test_annotation_layer_sits_on_a_pyramid_level_and_reads_the_pixels_under_it(
     widget.image.setCurrentText(image.name)
     assert widget.level.count() == 3 and "1.00 µm/px" in widget.level.itemText(1)
 
-    # Zoom onto a window of the slide and annotate the view at level 1 (half resolution).
-    viewer.scene.camera.center = (0, 200.0, 300.0)  # µm
-    viewer.scene.camera.zoom = 4.0  # screen px per µm
+    # Small enough: the layer covers the whole image at the level chosen (here 1, half resolution).
     widget.level.setCurrentIndex(1)
-    widget.region.setCurrentIndex(0)
     widget.new_annotation_layer()
     layer = viewer.layers[-1]
     assert layer.name == f"{image.name} annotation" and widget.labels.currentText() == layer.name
+    assert layer.data.shape == (512, 512) and _layers.covered_window(image, layer) == (1, 0, 0)
+    assert tuple(layer.scale) == (1.0, 1.0) and layer.selected_label == 2
+    assert f"{image.name} annotation extent" not in viewer.layers
+
+    # Too large for memory (the limit lowered here): the region in view, its extent drawn, and said.
+    limit = _layers.ANNOTATION_MAX_BYTES
+    monkeypatch.setattr(_layers, "ANNOTATION_MAX_BYTES", 100_000)
+    messages = []
+    notification_manager.notification_ready.connect(lambda n: messages.append(str(n.message)))
+    viewer.layers.remove(layer)
+    viewer.scene.camera.center = (0, 200.0, 300.0)  # µm
+    viewer.scene.camera.zoom = 4.0  # screen px per µm
+    widget.new_annotation_layer()
+    layer = viewer.layers[f"{image.name} annotation"]
     h, w = viewer.canvas.size
     assert layer.data.shape == pytest.approx((h / 4 + 1, w / 4 + 1), abs=2)  # µm at 1 µm/px
-    assert tuple(layer.scale) == (1.0, 1.0) and layer.selected_label == 2
+    assert any("too large to annotate whole" in m and "outlined" in m for m in messages), messages
+    extent = viewer.layers[f"{image.name} annotation extent"]
+    _, y0, x0 = _layers.covered_window(image, layer)
+    assert (y0, x0) == pytest.approx((200 - h / 8, 300 - w / 8), abs=2)
+    # The rectangle's corners are the outer edges of the covered level-1 pixels, in µm.
+    corners = np.asarray(extent.data[0])
+    np.testing.assert_allclose(corners.min(0), (np.array([y0, x0]) * 2 - 0.5) * 0.5)
+    np.testing.assert_allclose(corners.max(0), ((np.array([y0, x0]) + layer.data.shape) * 2 - 0.5) * 0.5)
     layer.data[5:9, 10:30] = 2
     rgb_under, labels, level = _layers.annotation_arrays(image, layer)
     assert level == 1 and labels.shape == layer.data.shape and labels.sum() == 2 * 4 * 20
-    _, y0, x0 = _layers.covered_window(image, layer)
-    assert (y0, x0) == pytest.approx((200 - h / 8, 300 - w / 8), abs=2)
     np.testing.assert_array_equal(rgb_under, np.asarray(image.data[1][y0 : y0 + labels.shape[0], x0 : x0 + labels.shape[1]]))
 
     # The whole image at full resolution: level 0, same grid as the image.
+    monkeypatch.setattr(_layers, "ANNOTATION_MAX_BYTES", limit)
     widget.level.setCurrentIndex(0)
-    widget.region.setCurrentIndex(1)
     widget.new_annotation_layer()
     assert viewer.layers[-1].data.shape == (1024, 1024)
     assert _layers.covered_window(image, viewer.layers[-1]) == (0, 0, 0)
@@ -118,7 +137,6 @@ def _paint_strokes(layer, truth):
 
 def _finetune(qtbot, viewer, widget, image, steps=6, **overrides):
     widget.image.setCurrentText(image.name)
-    widget.region.setCurrentText("whole image")
     widget.new_annotation_layer()
     layer = viewer.layers[-1]
     truth = next(lay for lay in viewer.layers if lay.name == "ground truth").data
@@ -201,17 +219,18 @@ def test_finetune_plots_loss_and_dice_previews_under_the_strokes_and_continues(m
     assert widget.result.steps == 8 and widget.continue_button.isEnabled()
 
     assert widget.plot.steps == list(range(1, 9)) and all(v > 0 for v in widget.plot.losses)
-    # Strokes: the second axis shows the validation loss the engine chooses by (their Dice saturates).
+    # Strokes: the second axis shows the loss on held-out strokes (their Dice saturates: not shown).
     history = torch.load(tmp_path / "seg.pt", weights_only=True)["history"]
     val_loss = {h["step"]: h["val_loss"] for h in history if "val_loss" in h}
     assert widget.plot.score_steps == [4, 8] and widget.plot.scores == pytest.approx([val_loss[4], val_loss[8]])
-    assert widget.plot.score_axes.get_ylabel() == "validation loss"
+    assert widget.plot.score_axes.get_ylabel() == "loss, held-out strokes"
+    assert "Dice" not in widget.figures.text() and widget.figures.text().startswith("painted: background ")
     assert [step for step, _ in seen] == [3, 6, 8]
     preview = seen[0][1]
     assert all(layer is preview for _, layer in seen)  # one layer, updated in place
     assert [layer.name for layer in viewer.layers].count(preview.name) == 1
     assert preview.data.shape == (view[2] - view[0], view[3] - view[1]) and preview.data.dtype == np.uint8
-    assert set(np.unique(preview.data)) <= {0, 1} and preview.opacity == 0.5
+    assert set(np.unique(preview.data)) <= {0, 1} and preview.contour > 0
     assert tuple(preview.scale) == tuple(image.scale)
     np.testing.assert_allclose(preview.translate, np.asarray(view[:2]) * image.scale)
     assert preview.metadata["genselfdiff"]["label_names"] == ["background", "nucleus"]
