@@ -20,7 +20,7 @@ from ..io.checkpoint import load_checkpoint
 from ..io.labels import default_colors
 from ..io.pixelsize import Resolution
 from .config import NetConfig
-from .unet import SegmentationNet, UNet, segmentation_net
+from .unet import SegmentationNet, UNet, has_geometry_weights, segmentation_net
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -81,6 +81,11 @@ class Model:
     meta: dict = field(default_factory=dict)  # the checkpoint without weights or optimizer
     normalization: str = "[-1, 1]"  # input scaling it was trained with ("[0, 1]": the official recipe)
     amp: bool = True  # bf16 autocast where :func:`amp_enabled` says it pays; False keeps fp32
+
+    @property
+    def has_geometry(self) -> bool:
+        """Whether the network also predicts the geometry map of touching objects (:mod:`.geometry`)."""
+        return self.kind == "segmentation" and bool(getattr(self.net, "has_geometry", False))
 
     @property
     def multiple(self) -> int:
@@ -164,6 +169,27 @@ def class_probabilities(net, x: torch.Tensor, *, amp: bool = True, tta: bool = F
     return ((probs[0] + probs[1]) + (probs[2] + probs[3])) / len(FLIPS)
 
 
+def class_probabilities_and_geometry(net, x: torch.Tensor, *, amp: bool = True, tta: bool = False) -> tuple:
+    """(softmax (N, C, H, W), geometry maps (N, 2, H, W)), both float32, from one pass of a network
+    with a geometry head (:class:`~genselfdiff.nn.unet.SegmentationNet`). ``tta`` as for
+    :func:`class_probabilities`; a flipped tile's maps are flipped back and, along the flipped
+    axis, negated (left-right turns the horizontal offsets round, up-down the vertical ones)."""
+    probs, maps = [], []
+    for dims in FLIPS if tta else ((),):
+        with autocast(x.device, amp):
+            logits, hv = net(x.flip(dims) if dims else x, geometry=True)
+        p, hv = logits.float().softmax(1), hv.float()
+        if dims:
+            sign = torch.tensor([-1.0 if 3 in dims else 1.0, -1.0 if 2 in dims else 1.0], device=hv.device)
+            p, hv = p.flip(dims), hv.flip(dims) * sign[None, :, None, None]
+        probs.append(p)
+        maps.append(hv)
+    if not tta:
+        return probs[0], maps[0]
+    return (((probs[0] + probs[1]) + (probs[2] + probs[3])) / len(FLIPS),
+            ((maps[0] + maps[1]) + (maps[2] + maps[3])) / len(FLIPS))
+
+
 def load_model(checkpoint, device="auto", use_ema: bool = True) -> Model:
     """A trained model ready for use, from a checkpoint file (never executing code from it) or a
     checkpoint's dict (what a dask worker is sent for a model that has no file)."""
@@ -175,7 +201,8 @@ def load_model(checkpoint, device="auto", use_ema: bool = True) -> Model:
     classes = list(ckpt.get("classes") or [])
     weights = ckpt.get("ema_state_dict") if use_ema and ckpt.get("ema_state_dict") else ckpt["state_dict"]
     try:
-        net = segmentation_net(net_cfg, len(classes)) if kind == "segmentation" else UNet(net_cfg)
+        net = (segmentation_net(net_cfg, len(classes), geometry=has_geometry_weights(weights))
+               if kind == "segmentation" else UNet(net_cfg))
         net.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError) as e:
         raise UserError(f"{path or 'The model'} has weights that do not match its own network description "

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NetConfig
+from .geometry import GeometryHead
 
 
 class TimeEmbedding(nn.Module):
@@ -172,27 +173,43 @@ class UNet(nn.Module):
 
 
 class SegmentationNet(nn.Module):
-    """The whole diffusion U-Net with a new head of ``classes`` logits and t fixed at 0."""
+    """The whole diffusion U-Net with a new head of ``classes`` logits and t fixed at 0.
 
-    def __init__(self, unet: UNet):
+    ``geometry``: also a :class:`~genselfdiff.nn.geometry.GeometryHead` on the same features
+    (HoVer-Net's horizontal and vertical maps); ``forward(x, geometry=True)`` then returns
+    ``(logits, maps)`` from one pass. Without it the network is the one of old checkpoints.
+    """
+
+    def __init__(self, unet: UNet, geometry: bool = False):
         super().__init__()
         self.unet = unet
+        self.geometry = GeometryHead(unet.head.in_channels).to(unet.head.weight.device) if geometry else None
 
     @property
     def classes(self) -> int:
         return self.unet.head.out_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def has_geometry(self) -> bool:
+        return self.geometry is not None
+
+    def forward(self, x: torch.Tensor, geometry: bool = False):
         t = torch.zeros(x.shape[0], device=x.device, dtype=torch.long)
-        return self.unet(x, t)
+        if not geometry:
+            return self.unet(x, t)
+        if self.geometry is None:
+            raise ValueError("this network has no geometry head")
+        features = self.unet.features(x, t)
+        return self.unet.head(features), self.geometry(features)
 
 
-def to_segmentation(unet: UNet, classes: int) -> SegmentationNet:
-    """Keep every pretrained weight; replace the output head by one of ``classes`` channels."""
+def to_segmentation(unet: UNet, classes: int, geometry: bool = False) -> SegmentationNet:
+    """Keep every pretrained weight; replace the output head by one of ``classes`` channels
+    (``geometry``: and add a new geometry head)."""
     width = unet.head.in_channels
     unet.head = nn.Conv2d(width, classes, 1).to(unet.head.weight.device)
     unet.cfg = NetConfig(**{**unet.cfg.to_dict(), "mults": unet.cfg.mults, "out_channels": classes})
-    return SegmentationNet(unet)
+    return SegmentationNet(unet, geometry)
 
 
 def normal_init(module: nn.Module, std: float) -> nn.Module:
@@ -204,10 +221,11 @@ def normal_init(module: nn.Module, std: float) -> nn.Module:
 
 
 def segmentation_net(cfg: NetConfig, classes: int, unet_weights: Optional[dict] = None, *, fresh: tuple = (),
-                     init_std: Optional[float] = None) -> SegmentationNet:
+                     init_std: Optional[float] = None, geometry: bool = False) -> SegmentationNet:
     """A segmentation network of ``classes`` built from ``cfg``: the U-Net (conv and norm weights
     from N(0, ``init_std``) when given, else PyTorch's), then the ``unet_weights`` of a pretrained
-    U-Net (None: none) except those under the ``fresh`` prefixes, and a new head (drawn the same way)."""
+    U-Net (None: none) except those under the ``fresh`` prefixes, and a new head (drawn the same way);
+    ``geometry``: also a new geometry head."""
     unet = UNet(cfg)
     if init_std:
         normal_init(unet, init_std)
@@ -218,10 +236,17 @@ def segmentation_net(cfg: NetConfig, classes: int, unet_weights: Optional[dict] 
         missing, unexpected = unet.load_state_dict(kept, strict=False)
         if unexpected or any(not k.startswith(fresh) for k in missing):
             raise KeyError(f"pretrained weights do not fit: missing {missing}, unexpected {unexpected}")
-    net = to_segmentation(unet, classes)
+    net = to_segmentation(unet, classes, geometry)
     if init_std:
         normal_init(net.unet.head, init_std)
+        if net.geometry is not None:
+            normal_init(net.geometry, init_std)
     return net
+
+
+def has_geometry_weights(state_dict: dict) -> bool:
+    """Whether a segmentation network's weights hold a geometry head (old checkpoints do not)."""
+    return any(k.startswith("geometry.") for k in state_dict)
 
 
 def count_parameters(model: nn.Module) -> int:

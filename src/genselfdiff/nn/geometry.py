@@ -1,0 +1,151 @@
+"""The geometry map of touching nuclei: HoVer-Net's horizontal and vertical distance maps.
+
+Graham et al. 2019 (HoVer-Net) teach a network, beside "is this a nucleus", where in its
+nucleus each pixel lies: channel 0 holds the pixel's horizontal offset from its nucleus's
+centre of mass, channel 1 the vertical one, each side of the centre normalised on its own
+to [-1, 0] and [0, 1] (so every nucleus spans -1 to 1 whatever its size); background is 0.
+Between two touching nuclei the horizontal map jumps from +1 to -1 (or the vertical one
+does), which is where the objects pass (:mod:`genselfdiff.objects.hv_split`) cuts them.
+
+Here the map is a small head on the segmentation network's last decoder features, beside
+the class head (:class:`GeometryHead`); it learns from instance ids (:func:`hv_targets`,
+computed per training patch after augmentation, so flips, rotations and elastic warps move
+the maps exactly) with HoVer-Net's loss (:func:`hv_loss`): the mean squared error of the maps
+plus the mean squared error of their Sobel gradients on nucleus pixels.
+
+:func:`check_instances` says, in one sentence naming the file, when instance ids do not fit
+the class mask they come with.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+
+CHANNELS = 2  # horizontal, vertical
+# Codes of the third target channel: which pixels the loss sees, and which carry a nucleus.
+IGNORED, BACKGROUND, NUCLEUS = 0, 1, 2
+SOBEL_SIZE = 5  # HoVer-Net's kernel of the gradient loss
+
+
+class GeometryHead(nn.Module):
+    """A light regression head: 3x3 convolution, GroupNorm, SiLU, 1x1 to the two maps."""
+
+    def __init__(self, width: int, groups: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.norm = nn.GroupNorm(min(groups, width), width)
+        self.out = nn.Conv2d(width, CHANNELS, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(F.silu(self.norm(self.conv(features))))
+
+
+# --- targets -----------------------------------------------------------------------------------
+
+def hv_maps(ids: np.ndarray) -> np.ndarray:
+    """float32 (2, H, W): each id's pixels get their normalised (x, y) offset to its centre of mass.
+
+    The centre is rounded to a pixel, as HoVer-Net does; negative and positive offsets are
+    scaled by the id's own extreme on that side, so each nucleus spans [-1, 1]. 0 = no nucleus.
+    """
+    ids = np.asarray(ids)
+    out = np.zeros((CHANNELS,) + ids.shape, np.float32)
+    fg = ids > 0
+    if not fg.any():
+        return out
+    _, inverse = np.unique(ids[fg], return_inverse=True)
+    n = int(inverse.max()) + 1
+    count = np.bincount(inverse, minlength=n).astype(np.float64)
+    coords = np.nonzero(fg)  # (ys, xs)
+    for channel, axis in ((0, 1), (1, 0)):  # horizontal: columns; vertical: rows
+        pos = coords[axis].astype(np.float64)
+        centre = np.floor(np.bincount(inverse, pos, minlength=n) / count + 0.5)
+        d = pos - centre[inverse]
+        low, high = np.zeros(n), np.zeros(n)
+        np.minimum.at(low, inverse, d)
+        np.maximum.at(high, inverse, d)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scaled = np.where(d < 0, d / -low[inverse], np.where(d > 0, d / high[inverse], 0.0))
+        out[channel][fg] = scaled
+    return out
+
+
+def hv_targets(ids: np.ndarray, valid: Optional[np.ndarray] = None) -> np.ndarray:
+    """float32 (3, H, W) training target of one patch: the two maps of ``ids`` and a code per
+    pixel (``NUCLEUS``, ``BACKGROUND``, or ``IGNORED`` where ``valid`` is False)."""
+    ids = np.asarray(ids)
+    code = np.where(ids > 0, NUCLEUS, BACKGROUND).astype(np.float32)
+    if valid is not None:
+        code[~np.asarray(valid, bool)] = IGNORED
+    return np.concatenate([hv_maps(ids), code[None]])
+
+
+# --- loss ---------------------------------------------------------------------------------------
+
+def _sobel_kernels(size: int = SOBEL_SIZE, device=None) -> torch.Tensor:
+    """(2, 1, size, size): d/dx and d/dy kernels, HoVer-Net's x / (x^2 + y^2)."""
+    r = torch.arange(size, dtype=torch.float32, device=device) - size // 2
+    y, x = torch.meshgrid(r, r, indexing="ij")
+    norm = x * x + y * y + 1e-15
+    return torch.stack([x / norm, y / norm])[:, None]
+
+
+def hv_gradients(maps: torch.Tensor) -> torch.Tensor:
+    """(N, 2, H, W): d(horizontal)/dx and d(vertical)/dy, edges replicated."""
+    k = _sobel_kernels(device=maps.device)
+    pad = SOBEL_SIZE // 2
+    padded = F.pad(maps.float(), (pad, pad, pad, pad), mode="replicate")
+    return F.conv2d(padded, k, groups=CHANNELS)
+
+
+def hv_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """HoVer-Net's HV loss: MSE over the pixels the loss sees + MSE of the Sobel gradients on nucleus
+    pixels (those whose Sobel neighbourhood holds no ignored pixel).
+
+    ``pred`` (N, 2, H, W) from the head; ``target`` (N, 3, H, W) from :func:`hv_targets`.
+    """
+    pred, maps, code = pred.float(), target[:, :CHANNELS].float(), target[:, CHANNELS]
+    seen = (code != IGNORED).float()[:, None]
+    # The gradient at a pixel reads its Sobel neighbourhood: leave out nucleus pixels that see an
+    # ignored one, so that ignored pixels get no loss and no gradient at all.
+    near_ignored = F.max_pool2d(1.0 - seen, SOBEL_SIZE, stride=1, padding=SOBEL_SIZE // 2)
+    nucleus = (code == NUCLEUS).float()[:, None] * (1.0 - near_ignored)
+    mse = ((pred - maps) ** 2 * seen).sum() / (CHANNELS * seen.sum()).clamp_min(1.0)
+    msge = ((hv_gradients(pred) - hv_gradients(maps)) ** 2 * nucleus).sum() / (CHANNELS * nucleus.sum()).clamp_min(1.0)
+    return mse + msge
+
+
+# --- checking the ids against the classes -------------------------------------------------------
+
+def check_instances(ids: np.ndarray, classes: np.ndarray, source: str, background: int = 0) -> None:
+    """Raise a one-sentence :class:`UserError` naming ``source`` when instance ``ids`` do not fit
+    the class image: an id over two classes (or over the background), or a pixel of a class with no id."""
+    ids, classes = np.asarray(ids), np.asarray(classes)
+    if ids.shape != classes.shape:
+        raise UserError(f"{source} is {ids.shape[1]}x{ids.shape[0]} pixels but its class mask is "
+                        f"{classes.shape[1]}x{classes.shape[0]}; give ids on the mask's grid.")
+    fg = ids > 0
+    orphan = (classes != background) & ~fg
+    if orphan.any():
+        y, x = np.argwhere(orphan)[0]
+        raise UserError(f"{source} gives no id to pixel ({y}, {x}) of class {int(classes[y, x])}; "
+                        "every pixel of a class needs the id of its object.")
+    if not fg.any():
+        return
+    pairs = np.unique(np.stack([ids[fg].astype(np.int64), classes[fg].astype(np.int64)], 1), axis=0)
+    on_background = pairs[pairs[:, 1] == background]
+    ids_sorted = pairs[:, 0]
+    repeated = ids_sorted[1:][ids_sorted[1:] == ids_sorted[:-1]]
+    bad = np.concatenate([on_background[:, 0], repeated])
+    if bad.size:
+        first = int(bad.min())
+        found = sorted({int(c) for c in pairs[pairs[:, 0] == first, 1]})
+        raise UserError(f"{source}: id {first} covers pixels of class {' and '.join(map(str, found))}; "
+                        "an id must lie inside one class of the mask (0 = background has no id).")
