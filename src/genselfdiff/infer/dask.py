@@ -119,7 +119,7 @@ def segment_chunk(spec: dict, index: tuple, model_source) -> dict:
     units = [u for u in plan.units() if u[0] == tuple(index)]
     merger = OmeZarrMerger(LabelImage.open(spec["out"]), spec["probabilities"])
     tiles = run_units(model, plan, units, [merger], batch=spec["batch"], probabilities=spec["probabilities"],
-                      tta=spec["tta"])
+                      tta=spec["tta"], geometry=spec.get("geometry", False))
     state = drain(tiles)
     return {k: state.get(k, 0) for k in COUNTS}
 
@@ -161,7 +161,7 @@ def run_on_cluster(model, plan: Plan, image: LabelImage, todo: list, scheduler, 
         spec = {"image": str(slide.path.resolve()), "out": str(image.path.resolve()), "tile": plan.tile,
                 "overlap": plan.overlap, "chunk": plan.chunk, "skip_background": config.skip_background,
                 "batch": config.batch, "probabilities": config.probabilities, "tta": config.tta, "amp": amp,
-                "device": config.device, "mpp": slide.mpp}
+                "device": config.device, "mpp": slide.mpp, "geometry": bool(image.geometry)}
         window = max(2, 2 * len(client.scheduler_info().get("workers", {})))
         pending = iter(todo)
         ac = as_completed()

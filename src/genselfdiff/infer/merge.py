@@ -55,17 +55,25 @@ def _paste(array, y: int, x: int, labels: np.ndarray) -> None:
 
 
 class ArrayMerger(Merger):
-    """The class ids of the whole processing level in one numpy array (small images, tests)."""
+    """The class ids of the whole processing level in one numpy array (small images, tests); with
+    tiles that carry a geometry map, that too (:attr:`geometry`, float32 (3, H, W))."""
 
     def __init__(self, shape: Optional[tuple] = None):
         self.labels = np.zeros(tuple(shape)[:2], np.uint8) if shape is not None else None
+        self.geometry = None
 
     def start(self, plan) -> None:
         if self.labels is None or self.labels.shape != tuple(plan.shape):
             self.labels = np.zeros(plan.shape, np.uint8)
+        self.geometry = None
 
     def paste(self, tile) -> None:
         _paste(self.labels, tile.y, tile.x, tile.labels)
+        if getattr(tile, "geometry", None) is not None:
+            if self.geometry is None:
+                self.geometry = np.zeros((tile.geometry.shape[0],) + self.labels.shape, np.float32)
+            h, w = tile.labels.shape
+            self.geometry[:, tile.y : tile.y + h, tile.x : tile.x + w] = tile.geometry
 
     def finish(self) -> np.ndarray:
         return self.labels
@@ -130,16 +138,19 @@ def _allocate(shape):
 
 # --- OME-Zarr ---------------------------------------------------------------------------------
 
-def level0(plan, rect0: tuple, rect: tuple, labels: np.ndarray, probs: Optional[np.ndarray]):
-    """A unit's processing-level buffers (covering ``rect``) -> its level-0 chunk ``rect0`` (nearest neighbour)."""
+def level0(plan, rect0: tuple, rect: tuple, labels: np.ndarray, probs: Optional[np.ndarray],
+           geometry: Optional[np.ndarray] = None):
+    """A unit's processing-level buffers (covering ``rect``) -> its level-0 chunk ``rect0`` (nearest
+    neighbour): labels, probabilities and geometry (None stays None)."""
     (H, W), (h, w) = plan.shape0, plan.shape
     y0, x0, y1, x1 = rect0
     if (H, W) == (h, w):
-        return labels, probs
+        return labels, probs, geometry
     rows = tiling.nearest_index(np.arange(y0, y1), H, h) - rect[0]
     cols = tiling.nearest_index(np.arange(x0, x1), W, w) - rect[1]
     lab = labels[rows][:, cols]
-    return lab, (probs[:, rows][:, :, cols] if probs is not None else None)
+    return (lab, (probs[:, rows][:, :, cols] if probs is not None else None),
+            geometry[:, rows][:, :, cols] if geometry is not None else None)
 
 
 class Writer(threading.Thread):
@@ -160,9 +171,10 @@ class Writer(threading.Thread):
             if self.error is not None:
                 continue
             try:
-                index, rect0, rect, labels, probs, empty = job
-                lab0, probs0 = level0(self.plan, rect0, rect, labels, probs)
-                self.image.write(index, lab0, probs0, empty=empty and probs is None)
+                index, rect0, rect, labels, probs, empty, geometry = job
+                lab0, probs0, geometry0 = level0(self.plan, rect0, rect, labels, probs, geometry)
+                self.image.write(index, lab0, probs0, empty=empty and probs is None and geometry is None,
+                                 geometry=geometry0)
                 self.written += 1
             except BaseException as e:
                 self.error = e
@@ -185,7 +197,7 @@ class OmeZarrMerger(Merger):
     Each unit (one level-0 output chunk) is buffered at the processing level until its last tile
     arrives; then a background thread enlarges it to level 0 and writes its chunks and its
     progress file, so an interrupted run keeps every finished unit. ``probabilities``: also
-    write the tiles' class probabilities.
+    write the tiles' class probabilities; tiles that carry a geometry map write it too.
     """
 
     def __init__(self, image: LabelImage, probabilities: bool = False):
@@ -208,17 +220,21 @@ class OmeZarrMerger(Merger):
         if tile.chunk not in self.buffers:
             probs = (np.zeros((tile.probabilities.shape[0], uy1 - uy0, ux1 - ux0), np.float32)
                      if self.probabilities else None)
-            self.buffers[tile.chunk] = [np.zeros((uy1 - uy0, ux1 - ux0), np.uint8), probs, True]
+            geometry = (np.zeros((tile.geometry.shape[0], uy1 - uy0, ux1 - ux0), np.float32)
+                        if tile.geometry is not None else None)
+            self.buffers[tile.chunk] = [np.zeros((uy1 - uy0, ux1 - ux0), np.uint8), probs, True, geometry]
         buf = self.buffers[tile.chunk]
         oy, ox = tile.y - uy0, tile.x - ux0
         _paste(buf[0], oy, ox, tile.labels)
+        h, w = tile.labels.shape
         if self.probabilities:
-            h, w = tile.labels.shape
             buf[1][:, oy : oy + h, ox : ox + w] = tile.probabilities
+        if buf[3] is not None:
+            buf[3][:, oy : oy + h, ox : ox + w] = tile.geometry
         buf[2] = buf[2] and tile.skipped
         if tile.chunk_done:
-            labels, probs, empty = self.buffers.pop(tile.chunk)
-            self.writer.submit((tile.chunk, rect0, rect, labels, probs, empty))
+            labels, probs, empty, geometry = self.buffers.pop(tile.chunk)
+            self.writer.submit((tile.chunk, rect0, rect, labels, probs, empty, geometry))
 
     def close(self) -> None:
         if self.writer is not None and self.writer.is_alive():

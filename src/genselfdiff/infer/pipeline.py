@@ -48,6 +48,7 @@ class TileResult:
     skipped: bool = False  # no tissue: labels are background without running the network
     chunk: tuple = ()  # level-0 output chunk (row, col) the tile belongs to
     chunk_done: bool = False  # the last tile of its chunk
+    geometry: Optional[np.ndarray] = None  # float32 (3, h, w): foreground probability, horizontal, vertical map
 
 
 
@@ -164,7 +165,8 @@ class Reader(threading.Thread):
 class Predictor:
     """Runs batches on the model's device; on CUDA one batch stays in flight while the last is unpacked."""
 
-    def __init__(self, model, probabilities: bool, tta: bool = False, amp: Optional[bool] = None):
+    def __init__(self, model, probabilities: bool, tta: bool = False, amp: Optional[bool] = None,
+                 geometry: bool = False):
         import torch
 
         self.torch = torch
@@ -174,16 +176,23 @@ class Predictor:
         self.amp = model.amp if amp is None else bool(amp)
         self.probabilities = probabilities
         self.tta = tta
+        self.geometry = geometry  # also the foreground probability and the maps of a geometry head
         self.cuda = self.device.type == "cuda"
 
     def launch(self, x):
-        from ..nn.model import autocast, class_probabilities, to_input
+        from ..nn.model import autocast, class_probabilities, class_probabilities_and_geometry, to_input
 
         torch = self.torch
+        geometry = None
         with torch.inference_mode():
             # to_input is the one normalisation; .numpy() of a pinned tensor keeps its pinned memory.
             inp = to_input(x.numpy(), self.device, self.normalization)
-            if self.probabilities or self.tta:
+            if self.geometry:
+                probs, maps = class_probabilities_and_geometry(self.net, inp, amp=self.amp, tta=self.tta)
+                labels = probs.argmax(1).to(torch.uint8)
+                geometry = torch.cat([1.0 - probs[:, :1], maps], 1)
+                probs = probs if self.probabilities else None
+            elif self.probabilities or self.tta:
                 probs = class_probabilities(self.net, inp, amp=self.amp, tta=self.tta)
                 labels = probs.argmax(1).to(torch.uint8)
                 probs = probs if self.probabilities else None
@@ -194,11 +203,13 @@ class Predictor:
             if self.cuda:
                 labels = labels.to("cpu", non_blocking=True)
                 probs = probs.to("cpu", non_blocking=True) if probs is not None else None
+                geometry = geometry.to("cpu", non_blocking=True) if geometry is not None else None
                 event = torch.cuda.Event()
                 event.record()
                 # ``x`` travels with the result: its pinned memory must outlive the async copy.
-                return labels, probs, event, x
-        return labels.cpu(), (probs.cpu() if probs is not None else None), None, x  # CPU: no-ops; MPS: copies
+                return labels, probs, event, x, geometry
+        return (labels.cpu(), (probs.cpu() if probs is not None else None), None, x,  # CPU: no-ops; MPS: copies
+                geometry.cpu() if geometry is not None else None)
 
     def labels_of(self, logits):
         """uint8 class ids (N, H, W) of the logits, compared in fp32 (as the softmax would be)."""
@@ -206,10 +217,12 @@ class Predictor:
 
     @staticmethod
     def collect(launched):
-        labels, probs, event, _ = launched
+        """(labels, probabilities or None, geometry or None) as numpy arrays."""
+        labels, probs, event, _, geometry = launched
         if event is not None:
             event.synchronize()
-        return labels.numpy(), (probs.numpy() if probs is not None else None)
+        return (labels.numpy(), (probs.numpy() if probs is not None else None),
+                geometry.numpy() if geometry is not None else None)
 
 
 @contextmanager
@@ -230,35 +243,36 @@ def cpu_threads(threads: Optional[int]):
 
 def stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, tta: bool = False,
            amp: Optional[bool] = None, threads: Optional[int] = None, region=None, progress=None, should_stop=None,
-           state=None) -> Iterator[TileResult]:
+           state=None, geometry: bool = False) -> Iterator[TileResult]:
     """Every tile of ``units`` as a :class:`TileResult`, in an order where each unit's last tile says so.
 
-    ``threads``: torch's CPU threads while the network runs (None: torch's own setting)."""
+    ``threads``: torch's CPU threads while the network runs (None: torch's own setting).
+    ``geometry``: each tile also carries its geometry (a model with a geometry head)."""
     with cpu_threads(threads):
         yield from _stream(model, plan, units, batch=batch, probabilities=probabilities, tta=tta, amp=amp,
-                           region=region, progress=progress, should_stop=should_stop, state=state)
+                           region=region, progress=progress, should_stop=should_stop, state=state, geometry=geometry)
 
 
 def _stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, tta: bool, amp: Optional[bool],
-            region, progress, should_stop, state) -> Iterator[TileResult]:
+            region, progress, should_stop, state, geometry: bool = False) -> Iterator[TileResult]:
     progress, should_stop = resolve(progress, should_stop)
     state = state if state is not None else {}
     total = sum(len(plan.tiles(rect, region)) for _, _, rect in units)
     state.update(done=0, skipped=0, pixels=0, stopped=False, total=total)
-    predictor = Predictor(model, probabilities, tta, amp)
+    predictor = Predictor(model, probabilities, tta, amp, geometry)
     reader = Reader(plan, units, region, batch, pin=predictor.cuda)
     n_classes = predictor.net.classes
     t0 = time.perf_counter()
     level, ds = plan.level, plan.downsample
 
-    def result(unit, t, labels, probs, skipped):
+    def result(unit, t, labels, probs, skipped, geom=None):
         unit.pending -= 1
         state["done"] += 1
         state["skipped"] += skipped
         state["pixels"] += labels.size
         elapsed = max(time.perf_counter() - t0, 1e-9)
         r = TileResult(t.core[0], t.core[1], labels, level, ds, state["done"], total, probs, skipped,
-                       unit.index, unit.pending == 0)
+                       unit.index, unit.pending == 0, geom)
         progress(Progress(STAGE, state["done"], total, {"Mpx/s": state["pixels"] / elapsed / 1e6}, r))
         return r
 
@@ -268,15 +282,16 @@ def _stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, 
         if probabilities:
             probs = np.zeros((n_classes, h, w), np.float32)
             probs[0] = 1.0
-        return np.zeros((h, w), np.uint8), probs
+        return np.zeros((h, w), np.uint8), probs, (np.zeros((3, h, w), np.float32) if geometry else None)
 
     def unpack(launched, members):
-        labels, probs = predictor.collect(launched)
+        labels, probs, geom = predictor.collect(launched)
         for b, (unit, t) in enumerate(members):
             oy, ox = t.offset
             h, w = t.core[2] - t.core[0], t.core[3] - t.core[1]
             p = probs[b, :, oy : oy + h, ox : ox + w] if probs is not None else None
-            yield result(unit, t, labels[b, oy : oy + h, ox : ox + w], p, False)
+            g = geom[b, :, oy : oy + h, ox : ox + w] if geom is not None else None
+            yield result(unit, t, labels[b, oy : oy + h, ox : ox + w], p, False, g)
 
     reader.start()
     in_flight = None
@@ -288,8 +303,8 @@ def _stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, 
             if item[0] == "unit":
                 _, unit, skipped = item
                 for t in skipped:
-                    labels, probs = background(t)
-                    yield result(unit, t, labels, probs, True)
+                    labels, probs, geom = background(t)
+                    yield result(unit, t, labels, probs, True, geom)
                 continue
             _, members, x = item
             launched = (predictor.launch(x), members)
@@ -308,7 +323,7 @@ def _stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, 
 
 def run_units(model, plan: Plan, units: list, mergers=(), *, batch: int, probabilities: bool, tta: bool = False,
               amp: Optional[bool] = None, threads: Optional[int] = None, region=None, progress=None,
-              should_stop=None) -> Iterator[TileResult]:
+              should_stop=None, geometry: bool = False) -> Iterator[TileResult]:
     """Yield every finished tile of ``units``, pasting it into each of ``mergers`` first (:mod:`merge`).
 
     Returns (as a generator's value) the run's counts: ``done``, ``skipped``, ``pixels``,
@@ -319,7 +334,8 @@ def run_units(model, plan: Plan, units: list, mergers=(), *, batch: int, probabi
         m.start(plan)
     try:
         for r in stream(model, plan, units, batch=batch, probabilities=probabilities, tta=tta, amp=amp,
-                        threads=threads, region=region, progress=progress, should_stop=should_stop, state=state):
+                        threads=threads, region=region, progress=progress, should_stop=should_stop, state=state,
+                        geometry=geometry):
             for m in mergers:
                 m.paste(r)
             yield r

@@ -100,8 +100,10 @@ def segment_tiles(model, image, out=None, config: Optional[SegmentConfig] = None
     t0 = time.perf_counter()
     plan = make_plan(model, image, cfg, region=region, region0=region0, pixel_size=pixel_size,
                      override_pixel_size=override_pixel_size)
+    # A model with a geometry head hands its maps to the objects pass; without objects they are not computed.
+    geometry = plan.objects is not None and plan.objects.uses_geometry
     options = dict(batch=cfg.batch, probabilities=cfg.probabilities, tta=cfg.tta, amp=cfg.amp, threads=cfg.threads,
-                   progress=progress, should_stop=should_stop)
+                   progress=progress, should_stop=should_stop, geometry=geometry)
     extra = [merger] if merger is not None else []
     if out is None:
         state = yield from run_units(model, plan, plan.units(plan.region), extra, region=plan.region, **options)
@@ -110,8 +112,9 @@ def segment_tiles(model, image, out=None, config: Optional[SegmentConfig] = None
         state, written = yield from _write_output(Path(out), model, plan, cfg, scheduler, extra, options)
     result = _result(state, t0, plan, **written)
     labels = merger.labels if out is None and plan.objects is not None and not result.stopped else None
-    return add_objects(result, plan.objects, plan.slide, labels=labels, tissue_mm2=plan.tissue_mm2, png=cfg.png,
-                       png_max_pixels=PNG_MAX_PIXELS, progress=progress, should_stop=should_stop)
+    maps = getattr(merger, "geometry", None) if labels is not None else None
+    return add_objects(result, plan.objects, plan.slide, labels=labels, geometry=maps, tissue_mm2=plan.tissue_mm2,
+                       png=cfg.png, png_max_pixels=PNG_MAX_PIXELS, progress=progress, should_stop=should_stop)
 
 
 def _write_output(out: Path, model, plan: Plan, cfg: SegmentConfig, scheduler, extra: list, options: dict):
@@ -121,7 +124,8 @@ def _write_output(out: Path, model, plan: Plan, cfg: SegmentConfig, scheduler, e
     n_classes = model.require_segmentation().classes
     run = _run_description(model, plan, cfg)
     label_image = LabelImage.create(out, shape=plan.shape0, chunk=plan.chunk, levels=pyramid_levels(plan.shape0, plan.chunk),
-                                    run=run, probabilities=n_classes if cfg.probabilities else 0)
+                                    run=run, probabilities=n_classes if cfg.probabilities else 0,
+                                    geometry=3 if options["geometry"] else 0)
     done = label_image.done()
     units = plan.units()
     todo = [u for u in units if u[0] not in done]

@@ -5,6 +5,8 @@ Layout of ``NAME.ome.zarr`` (the root group is the label image itself)::
     zarr.json            attributes: ome {version 0.5, multiscales, image-label}, genselfdiff {run, layout}
     0/ 1/ ...            uint8 class ids (y, x); level k = level 0 [::2**k, ::2**k]
     probabilities/0      optional float32 (c, y, x) class probabilities at level-0 shape
+    geometry/0           optional float32 (3, y, x): foreground probability and the horizontal and
+                         vertical maps of a model with a geometry head (for the objects pass)
     .genselfdiff-progress/   one empty file per finished output chunk (removed when complete)
 
 Why it is safe to write in parallel and to kill at any moment:
@@ -29,6 +31,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import UserError
+from .outputs import GEOMETRY_GROUP as GEOMETRY
 
 NGFF_VERSION = "0.5"
 PROGRESS = ".genselfdiff-progress"
@@ -98,13 +101,18 @@ class LabelImage:
         self.chunk = int(layout["chunk"])
         self.levels = int(layout["levels"])
         self.classes = int(layout["probabilities"])  # 0 when no probabilities are stored
+        self.geometry = int(layout.get("geometry", 0))  # channels of the geometry map; 0 when none
         self._arrays = None
 
     # --- creating and opening --------------------------------------------------------
 
     @classmethod
-    def create(cls, path, *, shape: tuple, chunk: int, levels: int, run: dict, probabilities: int = 0) -> "LabelImage":
+    def create(cls, path, *, shape: tuple, chunk: int, levels: int, run: dict, probabilities: int = 0,
+               geometry: int = 0) -> "LabelImage":
         """Start a new output, or reopen an unfinished (or finished) one made by the same run.
+
+        ``probabilities``: classes whose probabilities are stored (0: none); ``geometry``: channels
+        of a geometry map stored beside them (0: none).
 
         ``run`` describes everything that determines the result (model, tiling, source);
         an existing output made by a different run is replaced, and a folder that is not a
@@ -116,6 +124,8 @@ class LabelImage:
         run = json.loads(json.dumps(run))
         layout = {"shape": [int(s) for s in shape[:2]], "chunk": int(chunk), "levels": int(levels),
                   "probabilities": int(probabilities)}
+        if geometry:
+            layout["geometry"] = int(geometry)
         if path.exists():
             previous = read_attributes(path)
             mine = previous.get("genselfdiff") if previous is not None else None
@@ -134,6 +144,10 @@ class LabelImage:
             probs = root.create_group("probabilities")
             probs.create_array("0", shape=(probabilities, H, W), chunks=(probabilities, chunk, chunk),
                                dtype="float32", fill_value=0.0, dimension_names=("c", "y", "x"))
+        if geometry:
+            root.create_group(GEOMETRY).create_array(
+                "0", shape=(geometry, H, W), chunks=(geometry, chunk, chunk), dtype="float32", fill_value=0.0,
+                dimension_names=("c", "y", "x"))
         # The group's own attributes last among the creation steps: they mark it as ours.
         root.attrs.put({"genselfdiff": {"run": run, "layout": layout, "complete": False}})
         return cls(path, layout)
@@ -160,7 +174,8 @@ class LabelImage:
         if self._arrays is None:
             arrays = [zarr.open_array(self.path / str(k), mode="r+") for k in range(self.levels)]
             probs = zarr.open_array(self.path / "probabilities" / "0", mode="r+") if self.classes else None
-            self._arrays = (arrays, probs)
+            geometry = zarr.open_array(self.path / GEOMETRY / "0", mode="r+") if self.geometry else None
+            self._arrays = (arrays, probs, geometry)
         return self._arrays
 
     def units(self) -> list:
@@ -183,14 +198,14 @@ class LabelImage:
         return out
 
     def write(self, index: tuple, labels: np.ndarray, probabilities: Optional[np.ndarray] = None,
-              empty: bool = False) -> None:
+              empty: bool = False, geometry: Optional[np.ndarray] = None) -> None:
         """Write one unit: its level-0 chunk of class ids, every pyramid level, then its progress file.
 
         ``empty`` units (all background, no probabilities) write no chunk at all: a missing
         chunk reads as the fill value 0.
         """
         i, j = index
-        arrays, probs = self._open_arrays()
+        arrays, probs, geom = self._open_arrays()
         y0, x0 = i * self.chunk, j * self.chunk
         if not empty:
             for k, arr in enumerate(arrays):
@@ -199,6 +214,8 @@ class LabelImage:
                 arr[y0 // f : y0 // f + part.shape[0], x0 // f : x0 // f + part.shape[1]] = part
         if probs is not None and probabilities is not None:
             probs[:, y0 : y0 + labels.shape[0], x0 : x0 + labels.shape[1]] = probabilities
+        if geom is not None and geometry is not None:
+            geom[:, y0 : y0 + labels.shape[0], x0 : x0 + labels.shape[1]] = geometry
         folder = self.path / PROGRESS
         folder.mkdir(exist_ok=True)
         (folder / f"{i}_{j}").touch()

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 INSTANCES_GROUP = "instances"  # the object ids inside a segmentation output
+GEOMETRY_GROUP = "geometry"  # foreground probability and geometry maps, for the objects pass
 _ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 
 

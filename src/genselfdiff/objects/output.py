@@ -28,8 +28,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..io.outputs import INSTANCES_GROUP, instances_png_path, objects_csv_path
+from ..io.outputs import GEOMETRY_GROUP, INSTANCES_GROUP, instances_png_path, objects_csv_path
 from ..progress import Progress, resolve
+from .hv_split import HVParameters
 from .split import (
     HALO_UM,
     SplitParameters,
@@ -38,7 +39,6 @@ from .split import (
     object_ids_fit,
     objects_in_core,
     owned_by_core,
-    split_objects,
 )
 
 STAGE = "objects"
@@ -51,13 +51,16 @@ class ObjectRequest:
 
     classes: tuple  # label values
     names: tuple  # their class names
-    params: SplitParameters = SplitParameters()
+    params: object = SplitParameters()  # SplitParameters (distance) or HVParameters (geometry map)
     halo_um: float = HALO_UM
+
+    @property
+    def uses_geometry(self) -> bool:
+        return isinstance(self.params, HVParameters)
 
     def describe(self) -> dict:
         return {"classes": list(self.classes), "names": list(self.names), "halo_um": self.halo_um,
-                "params": {"h_um": self.params.h_um, "min_area_um2": self.params.min_area_um2,
-                           "smooth_um": self.params.smooth_um}}
+                "params": self.params.describe()}
 
 
 @dataclass
@@ -74,10 +77,13 @@ class ObjectResult:
 
 
 def object_request(model, instances_of: Optional[Sequence[str]] = None, **kw) -> ObjectRequest:
-    """The classes of ``model`` to split: every foreground class, or those named in ``instances_of``.
+    """The classes of ``model`` to split: every foreground class, or those named in ``instances_of``;
+    by its geometry map when the model has one (:mod:`.hv_split`), else by distance (:mod:`.split`).
 
     A name the model does not have, or a model without foreground classes, is a :class:`UserError`.
     """
+    if "params" not in kw:
+        kw["params"] = HVParameters() if getattr(model, "has_geometry", False) else SplitParameters()
     classes = list(model.classes)
     source = model.path or "The model"
     if len(classes) < 2:
@@ -98,13 +104,18 @@ def object_request(model, instances_of: Optional[Sequence[str]] = None, **kw) ->
 
 # --- in memory ----------------------------------------------------------------------------
 
-def objects_in_memory(labels: np.ndarray, request: ObjectRequest, *, mpp: Optional[float]) -> ObjectResult:
-    """Objects of a whole class-label image: ids 1..n in raster order of their first pixel."""
+def objects_in_memory(labels: np.ndarray, request: ObjectRequest, *, mpp: Optional[float],
+                      geometry: Optional[np.ndarray] = None) -> ObjectResult:
+    """Objects of a whole class-label image: ids 1..n in raster order of their first pixel.
+
+    ``geometry`` (3, H, W): the foreground probability and the two maps of a model with a
+    geometry head, which a request by geometry needs."""
     labels = np.asarray(labels)
     ids = np.zeros(labels.shape, np.int64)
     counts = {}
+    prob, maps = _geometry_parts(request, geometry)
     for k, name in zip(request.classes, request.names):
-        local = split_objects(None, labels == k, mpp=mpp, params=request.params)
+        local = request.params.split(prob, labels == k, mpp=mpp, maps=maps)
         counts[name] = int(local.max())
         ids = np.where(local > 0, local.astype(np.int64) + ids.max(), ids)  # classes never share a pixel
     return ObjectResult(counts, first_pixel_order(ids).astype(np.uint32))
@@ -147,6 +158,10 @@ def write_instances(out, request: ObjectRequest, *, mpp: Optional[float], name: 
 
     labels = zarr.open_array(out / "0", mode="r")
     probs = zarr.open_array(out / "probabilities" / "0", mode="r") if layout.get("probabilities") else None
+    if request.uses_geometry:
+        if not layout.get("geometry"):
+            raise UserError(f"{out} holds no geometry map; segment it again with --instances to split by it.")
+        probs = zarr.open_array(out / GEOMETRY_GROUP / "0", mode="r")  # foreground probability, then the maps
     group = zarr.open_group(target, mode="w", zarr_format=3)
     arrays = [group.create_array(str(k), shape=(math.ceil(H / 2**k), math.ceil(W / 2**k)),
                                  chunks=(chunk // 2**k, chunk // 2**k), dtype="uint32", fill_value=0,
@@ -189,11 +204,17 @@ def _core_objects(labels, probs, core, shape, halo, mpp, request):
         if not core_mask.any():  # no pixel of this class in the core: none of its objects either
             counts[name] = 0
             continue
-        prob = None if probs is None else np.asarray(probs[k, win[0]:win[2], win[1]:win[3]])
+        maps = None
+        if request.uses_geometry:
+            geometry = np.asarray(probs[:, win[0]:win[2], win[1]:win[3]])
+            prob, maps = geometry[0], geometry[1:]
+        else:
+            prob = None if probs is None else np.asarray(probs[k, win[0]:win[2], win[1]:win[3]])
 
-        def read(w, k=k, prob=prob):
+        def read(w, k=k, prob=prob, maps=maps):
             a, b, c, d = (w[0] - win[0], w[1] - win[1], w[2] - win[0], w[3] - win[1])
-            return (None if prob is None else prob[a:c, b:d]), window[a:c, b:d] == k
+            found = (None if prob is None else prob[a:c, b:d]), window[a:c, b:d] == k
+            return found if maps is None else found + (maps[:, a:c, b:d],)
 
         tile = objects_in_core(read, core, shape, halo=halo, mpp=mpp, params=request.params)
         ids = np.where(tile.ids > 0, tile.ids, ids)
@@ -201,6 +222,16 @@ def _core_objects(labels, probs, core, shape, halo, mpp, request):
         counts[name] = int(owned_by_core(present, core, W).sum())
         cut += tile.cut_clumps
     return ids, counts, cut
+
+
+def _geometry_parts(request: ObjectRequest, geometry: Optional[np.ndarray]) -> tuple:
+    """(foreground probability, maps) for a request by geometry; (None, None) for one by distance."""
+    if not request.uses_geometry:
+        return None, None
+    if geometry is None:
+        raise ValueError("a split by the geometry map needs the model's geometry (foreground, maps)")
+    geometry = np.asarray(geometry)
+    return geometry[0], geometry[1:]
 
 
 def _finished(target: Path, info: dict) -> ObjectResult:
@@ -241,21 +272,23 @@ def write_summary(out, image: str, counts: dict, tissue_area: Optional[float]) -
 
 # --- after a segmentation ----------------------------------------------------------------------
 
-def add_objects(result, request: Optional[ObjectRequest], slide, *, labels=None, tissue_mm2: Optional[float] = None,
-                png: bool = False, png_max_pixels: int, progress=None, should_stop=None):
+def add_objects(result, request: Optional[ObjectRequest], slide, *, labels=None, geometry=None,
+                tissue_mm2: Optional[float] = None, png: bool = False, png_max_pixels: int, progress=None,
+                should_stop=None):
     """``result`` (a finished :class:`~genselfdiff.infer.segment.SegmentResult`) with the objects of ``request``.
 
     With an output (``result.path``) they are written beside its class labels chunk by chunk
     (:func:`write_instances`, at the pixel size of ``slide``), with ``png`` also as a 16-bit PNG,
     and counted per class and per mm² of tissue (``tissue_mm2``) in the summary CSV. Without one,
-    ``labels`` (the processing level, in memory) are split whole (:func:`objects_in_memory`).
+    ``labels`` (the processing level, in memory) are split whole (:func:`objects_in_memory`), by
+    ``geometry`` (foreground probability and maps, same level) when the request says so.
     """
     from dataclasses import replace
 
     if request is None or result.stopped:
         return result
     if result.path is None:
-        return replace(result, objects=objects_in_memory(labels, request, mpp=result.mpp))
+        return replace(result, objects=objects_in_memory(labels, request, mpp=result.mpp, geometry=geometry))
     objects = write_instances(result.path, request, mpp=slide.mpp, name=slide.name, progress=progress,
                               should_stop=should_stop)
     if objects.path is None:  # stopped

@@ -50,6 +50,18 @@ class SplitParameters:
         if self.h_um <= 0 or self.min_area_um2 < 0 or self.smooth_um < 0:
             raise ValueError(f"split parameters must be positive: {self}")
 
+    def describe(self) -> dict:
+        return {"h_um": self.h_um, "min_area_um2": self.min_area_um2, "smooth_um": self.smooth_um}
+
+    def reach_px(self, mpp: Optional[float]) -> int:
+        """How far (px) the split of a clump looks beyond it: the reach of the Gaussian smoothing."""
+        px = float(mpp) if mpp else DEFAULT_MPP
+        return int(math.ceil(4.0 * self.smooth_um / px)) + 1  # scipy's Gaussian truncates at 4 sigma
+
+    def split(self, prob, mask, *, mpp: Optional[float] = None, maps=None) -> np.ndarray:
+        """:func:`split_objects` (``maps``, a geometry map, is not used by the distance split)."""
+        return split_objects(prob, mask, mpp=mpp, params=self)
+
 
 def split_objects(prob: Optional[np.ndarray], mask: np.ndarray, *, mpp: Optional[float] = None,
                   params: SplitParameters = SplitParameters()) -> np.ndarray:
@@ -193,21 +205,23 @@ def halo_pixels(halo_um: float, mpp: Optional[float]) -> int:
 
 
 def objects_in_core(read: Callable[[Window], tuple], core: Window, shape, *, halo: int,
-                    mpp: Optional[float] = None, params: SplitParameters = SplitParameters()) -> ObjectTile:
+                    mpp: Optional[float] = None, params=SplitParameters()) -> ObjectTile:
     """Split the objects of one core from a window ``halo`` pixels wider on every side.
 
-    ``read(window)`` returns ``(prob, mask)`` of the window (``prob`` may be None). Only one
-    window is in memory. Ids are global (see the module docstring), so neighbouring cores
-    agree about the objects they share.
+    ``read(window)`` returns ``(prob, mask)`` of the window (``prob`` may be None), or
+    ``(prob, mask, maps)`` with the geometry maps (2, h, w) that
+    :class:`~genselfdiff.objects.hv_split.HVParameters` split by. ``params`` says how
+    (:class:`SplitParameters`: the distance split). Only one window is in memory. Ids are
+    global (see the module docstring), so neighbouring cores agree about the objects they share.
     """
     H, W = int(shape[0]), int(shape[1])
     if not object_ids_fit((H, W)):
         raise ValueError(f"an image of {H} x {W} pixels has more pixels than uint32 object ids")
     y0, x0, y1, x1 = core
     win = (max(y0 - halo, 0), max(x0 - halo, 0), min(y1 + halo, H), min(x1 + halo, W))
-    prob, mask = read(win)
+    prob, mask, *maps = read(win)
     mask = np.asarray(mask, bool)
-    local = split_objects(prob, mask, mpp=mpp, params=params)
+    local = params.split(prob, mask, mpp=mpp, maps=maps[0] if maps else None)
     first = first_pixels(local)
     rows, cols = np.divmod(first, mask.shape[1])
     global_ids = np.zeros(first.size + 1, np.uint32)
@@ -215,13 +229,7 @@ def objects_in_core(read: Callable[[Window], tuple], core: Window, shape, *, hal
     cy, cx = y0 - win[0], x0 - win[1]
     ids = global_ids[local[cy:cy + (y1 - y0), cx:cx + (x1 - x0)]]
     return ObjectTile(core, ids, _cut_clumps(mask, win, (H, W), (cy, cx, cy + y1 - y0, cx + x1 - x0),
-                                             _margin(mpp, params)))
-
-
-def _margin(mpp: Optional[float], params: SplitParameters) -> int:
-    """How far (px) the split of a clump looks beyond it: the reach of the Gaussian smoothing."""
-    px = float(mpp) if mpp else DEFAULT_MPP
-    return int(math.ceil(4.0 * params.smooth_um / px)) + 1  # scipy's Gaussian truncates at 4 sigma
+                                             params.reach_px(mpp)))
 
 
 def _cut_clumps(mask: np.ndarray, win: Window, shape, core_in_win: Window, margin: int) -> int:
@@ -263,19 +271,22 @@ def core_grid(shape, core: int) -> list:
 
 
 def object_tiles(read: Callable[[Window], tuple], shape, *, core: int = 1024, halo_um: float = HALO_UM,
-                 mpp: Optional[float] = None, params: SplitParameters = SplitParameters()) -> Iterator[ObjectTile]:
+                 mpp: Optional[float] = None, params=SplitParameters()) -> Iterator[ObjectTile]:
     """Yield the object ids of an image core by core (row by row), one window in memory at a time."""
     halo = halo_pixels(halo_um, mpp)
     for rect in core_grid(shape, core):
         yield objects_in_core(read, rect, shape, halo=halo, mpp=mpp, params=params)
 
 
-def array_reader(mask: np.ndarray, prob: Optional[np.ndarray] = None) -> Callable[[Window], tuple]:
-    """A ``read`` for :func:`objects_in_core` over in-memory (or lazily sliced) arrays."""
+def array_reader(mask: np.ndarray, prob: Optional[np.ndarray] = None, maps=None) -> Callable[[Window], tuple]:
+    """A ``read`` for :func:`objects_in_core` over in-memory (or lazily sliced) arrays; ``maps``
+    (2, H, W): the geometry maps, for the geometry split."""
 
     def read(win: Window):
         y0, x0, y1, x1 = win
         p = None if prob is None else np.asarray(prob[y0:y1, x0:x1])
-        return p, np.asarray(mask[y0:y1, x0:x1])
+        if maps is None:
+            return p, np.asarray(mask[y0:y1, x0:x1])
+        return p, np.asarray(mask[y0:y1, x0:x1]), np.asarray(maps[:, y0:y1, x0:x1])
 
     return read
