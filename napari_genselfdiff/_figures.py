@@ -24,7 +24,9 @@ def class_counts(values, n: int) -> np.ndarray:
 
 
 def _percent(share: float) -> str:
-    return f"{100 * share:.1f} %" if share >= 0.001 or share == 0 else f"{100 * share:.2f} %"
+    """Two significant digits below 1 % (strokes cover little), one decimal above."""
+    p = 100 * share
+    return f"{p:.1f} %" if p >= 1 else f"{p:.2g} %"
 
 
 def painted_line(counts, names: list, images: int) -> str:

@@ -471,3 +471,147 @@ def test_objects_box_adds_the_engines_objects_as_a_layer_and_the_reader_shows_sa
     assert (first_pixel_order(shown) == want).all()
     layers = read(tmp_path / "he.ome.zarr")
     assert [meta["name"] for _, meta, _ in layers] == ["he", "he objects"]
+
+
+def _class_under(layer, pixel) -> str:
+    """What napari's status bar says about ``layer`` with the cursor on its data pixel ``pixel``."""
+    world = np.asarray(layer.data_to_world(pixel))
+    return layer.get_status(world, world=True)["coordinates"]
+
+
+def _nucleus_color(layer, value) -> tuple:
+    return tuple(np.round(layer.colormap.map(np.array([value]))[0][:3], 3))
+
+
+def test_strokes_on_two_images_train_together_and_continue_counts_changed_strokes(make_napari_viewer, qtbot,
+                                                                                 tmp_path, monkeypatch):
+    """The pathologist's loop across images: strokes on two images, both ticked under 'Train on',
+    one model trained on both; the preview (outlines) under the strokes in the same colours, class
+    names on hover; Continue says how many painted pixels changed class, and refuses a model of
+    other classes without touching its file."""
+    import torch
+    from napari.utils.notifications import notification_manager
+    from qtpy.QtCore import Qt
+
+    monkeypatch.setenv("GENSELFDIFF_NAPARI_WORKER", "thread")  # no process start: a faster test
+    viewer = make_napari_viewer()
+    first = _open_sample(viewer, (128, 128), seed=1, name="first")
+    first_truth = viewer.layers[-1].data
+    second = _open_sample(viewer, (128, 128), seed=2, name="second")
+    second_truth = viewer.layers[-1].data
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    widget.out.setText(str(tmp_path / "seg.pt"))
+    widget.preset.setCurrentText("tiny")
+    widget.budget.amount.setValue(4)
+    widget.preview_every.setValue(2)
+    for image, truth in ((first, first_truth), (second, second_truth)):
+        widget.image.setCurrentText(image.name)
+        widget.new_annotation_layer()
+        _paint_strokes(viewer.layers[f"{image.name} annotation"], truth)
+    strokes = [viewer.layers[f"{im.name} annotation"] for im in (first, second)]
+    assert widget.labels.currentText() == strokes[1].name  # the selected image's own annotation
+
+    # Both images are ticked (each got its annotation layer here); unticking one leaves it out.
+    assert [(im.name, lab.name) for im, lab in widget.trainset.chosen()] == [
+        ("first", "first annotation"), ("second", "second annotation")]
+    widget.trainset.item(0).setCheckState(Qt.Unchecked)
+    assert widget.spec()["pairs"] == [("second", "second annotation")]
+    widget.trainset.item(0).setCheckState(Qt.Checked)
+    widget.image.setCurrentText(first.name)  # choosing an image chooses its annotation layer
+    assert widget.labels.currentText() == strokes[0].name
+    widget.image.setCurrentText(second.name)
+    spec = widget.spec()
+    assert len(spec["images"]) == 2 and [lab.max() for lab in spec["labels"]] == [2, 2]
+
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
+    assert widget.result.steps == 4 and not widget.result.stopped
+    painted = [int((lay.data > 0).sum()) for lay in strokes]
+    annotated = torch.load(tmp_path / "seg.pt", weights_only=True)["data"]["annotated_pixels"]
+    assert sum(annotated) == sum(painted)  # the strokes of both images, nothing else
+    assert "of 2 images" in widget.figures.text() and "Dice" not in widget.figures.text()
+
+    # The preview: outlines under the selected image's strokes, nucleus in the strokes' colour.
+    preview = viewer.layers["second preview"]
+    layers = list(viewer.layers)
+    assert preview.contour > 0 and layers.index(preview) == layers.index(strokes[1]) - 1
+    assert _nucleus_color(preview, 1) == _nucleus_color(strokes[1], 2)
+    # Hovering names the class, not only the id.
+    y, x = np.argwhere(strokes[1].data == 1)[0]
+    assert "class: background" in _class_under(strokes[1], (y, x))
+    y, x = np.argwhere(strokes[1].data == 2)[0]
+    assert "class: nucleus" in _class_under(strokes[1], (y, x))
+    if (preview.data == 1).any():
+        assert "class: nucleus" in _class_under(preview, tuple(np.argwhere(preview.data == 1)[0]))
+
+    # Correct 25 nucleus pixels of the first image to background, then Continue.
+    more = strokes[0].data.copy()
+    flip = np.argwhere(more == 2)[:25]
+    more[flip[:, 0], flip[:, 1]] = 1
+    strokes[0].data = more
+    messages = []
+    notification_manager.notification_ready.connect(lambda n: messages.append(str(n.message)))
+    widget.continue_button.click()
+    assert "25 painted pixels changed class since the last round" in widget.figures.text()
+    assert any(m.startswith("25 painted pixels changed class") for m in messages), messages
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
+    assert widget.result.steps == 4
+
+    # A model of other classes: one sentence, nothing started, its file untouched.
+    saved = (tmp_path / "seg.pt").read_bytes()
+    widget.classes.setText("background, tumour")
+    messages.clear()
+    widget.continue_button.click()
+    assert not widget.runner.running
+    assert any("segments background, nucleus" in m and "background, tumour" in m for m in messages), messages
+    assert (tmp_path / "seg.pt").read_bytes() == saved
+
+
+def test_an_implausible_preview_is_said_in_one_line(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image = _open_sample(viewer, (64, 64))
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    widget.image.setCurrentText(image.name)
+    widget.new_annotation_layer()
+    widget._preview_on = (image, 0, viewer.layers[-1])
+    payload = {"labels": np.ones((64, 64), np.uint8), "origin": (0, 0), "step": 5,
+               "classes": ["background", "nucleus"], "colors": [[0, 0, 0], [255, 0, 0]]}
+    widget._show_preview(payload)
+    assert "calls 100 % of the preview nucleus" in widget.warning.text()
+    payload["labels"] = np.zeros((64, 64), np.uint8)
+    widget._show_preview(payload)
+    assert "finds no nucleus in the preview" in widget.warning.text()
+    payload["labels"][:10] = 1
+    widget._show_preview(payload)
+    assert widget.warning.text() == ""
+
+
+def test_segment_says_area_shares_and_objects_under_the_strokes_in_their_colours(make_napari_viewer, qtbot,
+                                                                                 tiny_model, tmp_path):
+    from genselfdiff.infer.segment import segment
+    from genselfdiff.io.labels import default_colors
+    from genselfdiff.nn.model import load_model
+    from napari_genselfdiff import _figures, _layers
+
+    viewer = make_napari_viewer()
+    image = _open_sample(viewer, (128, 128))
+    strokes, _ = _layers.new_annotation_layer(viewer, image, 0, ["background", "nucleus"], default_colors(2))
+    strokes.data[10:12, 10:40] = 1
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.model.setText(str(tiny_model))
+    widget.instances.setChecked(True)
+    widget.out.setText(str(tmp_path))
+    viewer.layers.selection.active = image
+    _segment(qtbot, widget)
+    want = segment(load_model(tiny_model, "cpu"), image.data, instances=True)
+    counts = _figures.class_counts(want.labels, 2)
+    line = f"{image.name}: " + _figures.area_line(counts, ["background", "nucleus"], want.objects.counts)
+    assert line in widget.status.text().splitlines()
+    assert f"{want.objects.counts['nucleus']} nucleus object" in line
+    assert (_figures.implausible(counts, ["background", "nucleus"], image.name) or "") in widget.status.text()
+    result = viewer.layers[f"{image.name} labels"]
+    layers = list(viewer.layers)
+    assert layers.index(result) < layers.index(strokes)  # the strokes stay on top
+    assert _nucleus_color(result, 1) == _nucleus_color(strokes, 2)
+    y, x = np.argwhere(np.asarray(result.data) == want.labels.max())[0]
+    assert f"class: {['background', 'nucleus'][want.labels.max()]}" in _class_under(result, (y, x))
