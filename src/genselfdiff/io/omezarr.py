@@ -131,10 +131,12 @@ class LabelImage:
             mine = previous.get("genselfdiff") if previous is not None else None
             if mine is None:
                 raise UserError(f"{path} already exists and is not a genselfdiff output; choose another output folder.")
-            if mine.get("run") == run and mine.get("layout") == layout:
+            if mine.get("run") == run and mine.get("layout") == layout and not mine.get("creating"):
                 return cls(path, layout)
             shutil.rmtree(path)
-        root = zarr.open_group(path, mode="w", zarr_format=3)
+        # Marked ours from its first file on: a run killed before its arrays exist is started afresh.
+        mark = {"run": run, "layout": layout, "complete": False}
+        root = zarr.open_group(path, mode="w", zarr_format=3, attributes={"genselfdiff": {**mark, "creating": True}})
         H, W = layout["shape"]
         for k in range(levels):
             side = chunk // 2**k
@@ -148,8 +150,7 @@ class LabelImage:
             root.create_group(GEOMETRY).create_array(
                 "0", shape=(geometry, H, W), chunks=(geometry, chunk, chunk), dtype="float32", fill_value=0.0,
                 dimension_names=("c", "y", "x"))
-        # The group's own attributes last among the creation steps: they mark it as ours.
-        root.attrs.put({"genselfdiff": {"run": run, "layout": layout, "complete": False}})
+        root.attrs.put({"genselfdiff": mark})  # every array made
         return cls(path, layout)
 
     @classmethod
