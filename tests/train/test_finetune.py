@@ -567,8 +567,27 @@ def test_early_stopping_waits_for_min_steps(tmp_path, synthetic_pair):
     assert held.early_stopped and held.steps == 10
 
 
+def test_a_correction_round_keeps_the_previous_models_confident_answers(tmp_path, synthetic_pair, paint_strokes):
+    from genselfdiff.train.finetune import SPARSE_ANCHOR
+
+    img, truth = synthetic_pair
+    strokes = paint_strokes(truth)
+    names = ["background", "nucleus"]
+    first = finetune([img], [strokes], tmp_path / "a.pt", _cfg(sparse=True, steps=4, class_names=names), device="cpu")
+    assert torch.load(first.path, weights_only=True)["config"]["anchor"] == 0.0  # nothing to keep from scratch
+    more = strokes.copy()
+    more[150:153, 10:60] = 1
+    second = finetune([img], [more], tmp_path / "b.pt", _cfg(sparse=True, steps=2, class_names=names),
+                      pretrained=first.path, device="cpu")
+    assert torch.load(second.path, weights_only=True)["config"]["anchor"] == SPARSE_ANCHOR
+    with pytest.raises(UserError, match="a.pt segments background, nucleus but the annotations name background, gland"):
+        finetune([img], [more], tmp_path / "c.pt", _cfg(sparse=True, steps=2, class_names=["background", "gland"]),
+                 pretrained=first.path, device="cpu")
+    assert not (tmp_path / "c.pt").exists()
+
+
 def test_the_default_budget_lasts_at_least_min_steps_and_strokes_a_fixed_number_of_steps():
-    from genselfdiff.train.finetune import DEFAULT_EPOCHS, SPARSE_STEPS, _budget
+    from genselfdiff.train.finetune import DEFAULT_EPOCHS, SPARSE_CONTINUE_STEPS, SPARSE_STEPS, _budget
 
     cfg = FinetuneConfig(min_steps=2500)
     assert _budget(cfg, 23).epoch_steps == 109 * 23  # 50 epochs of 23 steps would be 1150
@@ -576,4 +595,6 @@ def test_the_default_budget_lasts_at_least_min_steps_and_strokes_a_fixed_number_
     assert _budget(FinetuneConfig(steps=100, min_steps=2500), 23).steps == 100  # a given budget is kept
     strokes = _budget(FinetuneConfig(sparse=True, min_steps=2500), 23)
     assert (strokes.steps, strokes.epochs) == (SPARSE_STEPS, None)  # longer scored no higher on strokes
+    correction = _budget(FinetuneConfig(sparse=True), 23, continuing=True)
+    assert correction.steps == SPARSE_CONTINUE_STEPS < SPARSE_STEPS  # a correction round is shorter
     assert _budget(FinetuneConfig(sparse=True, minutes=3.0), 23).minutes == 3.0

@@ -4,7 +4,7 @@
 history, the kept network, both files; budget and resume state); ``pretrain`` and
 ``finetune`` (with ``finetune_run``) are the two jobs, each with its step as an object
 (``DiffusionStep``, ``SegmentationStep``); ``config`` holds both configurations; ``patches``
-and ``annotations`` draw their training data; ``losses``, ``augment``, ``stain_prior`` and
+and ``annotations`` draw their training data; ``losses``, ``augment``, ``priors`` and
 ``recipe`` (the default and the official recipe, one object each) shape what is learned;
 ``ddp`` is torch's DistributedDataParallel under ``torchrun``.
 

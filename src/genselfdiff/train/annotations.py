@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..io.slides import LabelledLevel, open_labelled_image
-from . import stain_prior
+from . import priors
 from .losses import IGNORE
 
 # --- reading ----------------------------------------------------------------------------
@@ -202,9 +202,10 @@ class PatchSampler:
     """Draws (image, target) training patches around annotated positions of training tiles."""
 
     def __init__(self, items: list, patch: int, tile: int, sparse: bool, balance: float = 0.0,
-                 prior: Optional[list] = None):
+                 prior: Optional[list] = None, anchors: Optional[list] = None):
         self.items, self.patch, self.tile, self.sparse, self.balance = items, patch, tile, sparse, balance
-        self.prior = prior  # per image: the haematoxylin threshold of stain_prior, or None
+        self.prior = prior  # per image: the haematoxylin threshold of priors.fit, or None
+        self.anchors = anchors  # per image: the previous model's priors.AnchorMap, or None
         # Per (image, value): training positions and the number of real pixels they stand for.
         self.pools = []
         for i, it in enumerate(items):
@@ -244,8 +245,10 @@ class PatchSampler:
             x0 = min(max(x0, 0), W - P)
         image = it.image.read(y0, x0, P, P)
         target = to_targets(it.labels.read(y0, x0, P, P), self.sparse)
+        if self.anchors is not None:  # before the stain: the model the person has seen wins
+            target = priors.apply_anchor(target, self.anchors[i].read(y0, x0, P, P))
         if self.prior is not None:
-            target = stain_prior.apply(image, target, self.prior[i])
+            target = priors.apply(image, target, self.prior[i])
         target[self._outside_or_val(it, y0, x0, P)] = IGNORE
         return image, target
 

@@ -98,6 +98,9 @@ class FinetuneConfig:
     focal_gamma: float = 2.0
     affinity: Optional[float] = DEFAULT.affinity  # colour-affinity weight; default SPARSE_AFFINITY for strokes, else 0
     prior: Optional[float] = DEFAULT.prior  # haematoxylin prior; default SPARSE_PRIOR for strokes that agree, else 0
+    # The previous model's confident predictions on unpainted pixels (train.priors); default
+    # SPARSE_ANCHOR when strokes continue a segmentation model of the same classes, else 0.
+    anchor: Optional[float] = DEFAULT.anchor
     # Budget: whichever comes first; none given means DEFAULT_EPOCHS and at least min_steps
     # (strokes: SPARSE_STEPS).
     epochs: Optional[int] = DEFAULT.epochs

@@ -4,7 +4,7 @@ As in GenSelfDiff-HIS the whole pretrained U-Net is kept and trained end to end;
 the 1x1 output head is new (one logit per class) and the timestep is fixed at 0
 (:func:`genselfdiff.nn.unet.to_segmentation`). Loss by default: soft Dice + cross-entropy, plus a
 colour-affinity term and, for strokes of nuclei, a haematoxylin prior on the unlabelled pixels
-(:mod:`genselfdiff.train.stain_prior`; the paper's structural similarity + focal is ``loss="paper"``;
+(:mod:`genselfdiff.train.priors`; the paper's structural similarity + focal is ``loss="paper"``;
 :mod:`genselfdiff.train.losses`); Adam, betas (0.5, 0.999), the learning rate by start
 (:data:`LEARNING_RATES`), batch 8; patches drawn around annotated pixels
 (:mod:`genselfdiff.train.annotations`) and augmented consistently, stain included
@@ -20,7 +20,11 @@ the mean Dice of the object classes) and training stops early after ``patience``
 without improvement; for strokes, whose few held-out pixels cannot rank networks, the latest
 network is kept and the run uses its whole budget; no run stops early before ``min_steps``.
 With no budget given, masks train for ``DEFAULT_EPOCHS`` and at least ``min_steps``; strokes
-for ``SPARSE_STEPS``, since longer runs on strokes scored no higher (docs/finetuning.md).
+for ``SPARSE_STEPS``, since longer runs on strokes scored no higher (docs/finetuning.md). Strokes that
+continue a segmentation model of the same classes (a correction round) train ``SPARSE_CONTINUE_STEPS``
+and keep the previous model's confident predictions on unpainted pixels as weak targets
+(``anchor``, :mod:`genselfdiff.train.priors`), so a few new strokes correct it where they are
+without overturning what it had right elsewhere.
 As in pretraining, ``out`` holds the kept network (rewritten atomically when validation
 improves, and at the end with the full history) and ``<out>.last.pt`` the state of the last step (weights, Adam, step, RNG, early-stopping
 counters) that ``resume=True`` continues from.
@@ -47,10 +51,10 @@ from ..io.labels import default_class_names, default_colors
 from ..io.pixelsize import Resolution, tell, unknown_note, working_resolution
 from ..io.slides import open_labelled_image
 from ..nn.config import NetConfig, with_preset
-from ..nn.model import pick_device
+from ..nn.model import Model, pick_device
 from ..nn.unet import SegmentationNet, UNet, to_segmentation
 from ..progress import Progress, resolve
-from . import stain_prior
+from . import priors
 from .annotations import PatchSampler, labelled_image, scan, split_tiles, validation_set
 from .config import FinetuneConfig
 from .finetune_run import FinetuneResult, FinetuneRun, SegmentationStep
@@ -70,7 +74,11 @@ SPARSE_STEPS = 1000
 LEARNING_RATES = {"paper": (1e-4, 1e-4), "small": (3e-4, 3e-4)}  # preset: (from a trained start, from scratch)
 OTHER_LEARNING_RATES = (3e-4, 1e-3)
 SPARSE_AFFINITY = 10.0  # weight of the colour-affinity loss for strokes (losses.affinity_loss)
-SPARSE_PRIOR = 0.5  # weight of the haematoxylin prior for strokes that agree with it (stain_prior)
+SPARSE_PRIOR = 0.5  # weight of the haematoxylin prior for strokes that agree with it (priors)
+# A correction round: the weight of the previous model's confident predictions on unpainted pixels,
+# and its steps (docs/research/2026-12-08-corrections.md).
+SPARSE_ANCHOR = 1.0
+SPARSE_CONTINUE_STEPS = 400
 # Strokes keep their latest network, so the rate decays to 0 and the run ends settled rather than
 # wherever a constant rate left it: over 3 seeds the seed spread fell from 0.008 to 0.001 (docs/finetuning.md).
 SPARSE_LR_SCHEDULE = "cosine"
@@ -168,20 +176,22 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     if len(colors) < n_classes:
         raise UserError(f"{len(colors)} colours given for {n_classes} classes.")
 
-    split = split_tiles(items, cfg.val_fraction, seed=cfg.seed)
-    balance = cfg.balance if cfg.balance is not None else (1.0 if cfg.sparse else 0.0)
-    thresholds = _stain_prior(items, cfg)
-    sampler = PatchSampler(items, cfg.patch, cfg.patch, cfg.sparse, balance, prior=thresholds)
-    margin = max(mult, cfg.patch // 4 // mult * mult)
-    val = validation_set(items, cfg.patch, margin, cfg.sparse, on_train=not split, max_tiles=cfg.val_max_tiles, seed=cfg.seed)
-    spe = cfg.steps_per_epoch or _default_steps_per_epoch(items, cfg)
-
     with torch.random.fork_rng(devices=[]):  # the same initial weights for a seed; the caller's RNG untouched
         torch.manual_seed(cfg.seed)
         net = _build_net(start, n_classes, cfg.net, recipe).to(dev)
+
+    split = split_tiles(items, cfg.val_fraction, seed=cfg.seed)
+    balance = cfg.balance if cfg.balance is not None else (1.0 if cfg.sparse else 0.0)
+    margin = max(mult, cfg.patch // 4 // mult * mult)
+    anchors = _anchors(items, cfg, start, net, dev, margin, progress)
+    thresholds = _stain_prior(items, cfg)
+    sampler = PatchSampler(items, cfg.patch, cfg.patch, cfg.sparse, balance, prior=thresholds, anchors=anchors)
+    val = validation_set(items, cfg.patch, margin, cfg.sparse, on_train=not split, max_tiles=cfg.val_max_tiles, seed=cfg.seed)
+    spe = cfg.steps_per_epoch or _default_steps_per_epoch(items, cfg)
     meta = _checkpoint_meta(cfg, net, names, colors, start, items, val)
     run = FinetuneRun(cfg=cfg, step=SegmentationStep.from_config(cfg, net, dev), sampler=sampler,
-                      budget=_budget(cfg, spe), out=out, names=names, colors=colors, meta=meta, val=val, preview=preview)
+                      budget=_budget(cfg, spe, continuing=start.kind == "segmentation"), out=out, names=names,
+                      colors=colors, meta=meta, val=val, preview=preview)
     if resume:
         run.resume()
     else:
@@ -269,6 +279,9 @@ def _check_classes(items: list, cfg: FinetuneConfig, start: _Start) -> list:
     if start.kind == "segmentation" and len(start.classes) != k:
         raise UserError(f"{start.provenance['path']} segments {len(start.classes)} classes ({', '.join(start.classes)}) "
                         f"but the annotations have {k}; fine-tune from its pretrained model instead, or use matching classes.")
+    if start.kind == "segmentation" and list(start.classes) != names:
+        raise UserError(f"{start.provenance['path']} segments {', '.join(start.classes)} but the annotations name "
+                        f"{', '.join(names)}; continue it with its class names, or fine-tune from its pretrained model.")
     if k < 2:
         raise UserError("A segmentation model needs at least two classes (background and one object class).")
     for it in items:
@@ -292,9 +305,28 @@ def _stain_prior(items: list, cfg: FinetuneConfig) -> Optional[list]:
     wanted = SPARSE_PRIOR if cfg.prior is None else cfg.prior
     thresholds = None
     if wanted > 0 and cfg.sparse and cfg.classes == 2:
-        thresholds = stain_prior.fit(items, cfg.patch, seed=cfg.seed)
+        thresholds = priors.fit(items, cfg.patch, seed=cfg.seed)
     cfg.prior = wanted if thresholds else 0.0
     return thresholds
+
+
+def _anchors(items: list, cfg: FinetuneConfig, start: _Start, net, dev, margin: int, progress) -> Optional[list]:
+    """The previous model's confident classes around the strokes when they continue a segmentation
+    model of the same classes (``priors.anchor_maps``); ``cfg.anchor`` becomes the weight used."""
+    wanted = SPARSE_ANCHOR if cfg.anchor is None else cfg.anchor
+    if not (wanted > 0 and cfg.sparse and start.kind == "segmentation" and start.classes == cfg.class_names):
+        cfg.anchor = 0.0
+        return None
+    model = Model(net=net, kind="segmentation", net_config=net.unet.cfg, device=dev, classes=list(cfg.class_names),
+                  patch=cfg.patch, normalization=get_recipe(cfg.recipe).normalization, amp=cfg.amp)
+    net.eval()
+    try:
+        maps = priors.anchor_maps(items, model, cfg.patch, margin,
+                                  progress=lambda i, n: progress(Progress("finetune: reading the model's answers", i, n)))
+    finally:
+        net.train()
+    cfg.anchor = wanted
+    return maps
 
 
 def _default_steps_per_epoch(items: list, cfg: FinetuneConfig) -> int:
@@ -302,13 +334,14 @@ def _default_steps_per_epoch(items: list, cfg: FinetuneConfig) -> int:
     return int(min(250, max(10, math.ceil(tiles / cfg.batch))))
 
 
-def _budget(cfg: FinetuneConfig, steps_per_epoch: int) -> Budget:
+def _budget(cfg: FinetuneConfig, steps_per_epoch: int, continuing: bool = False) -> Budget:
     """The run's epochs, steps and minutes; none given means ``DEFAULT_EPOCHS`` and at least
-    ``min_steps``, or ``SPARSE_STEPS`` for strokes."""
+    ``min_steps``, or for strokes ``SPARSE_STEPS`` (``SPARSE_CONTINUE_STEPS`` when ``continuing``
+    a segmentation model)."""
     epochs = cfg.epochs
     if epochs is None and cfg.steps is None and cfg.minutes is None:
         if cfg.sparse:
-            return Budget(steps=SPARSE_STEPS, steps_per_epoch=steps_per_epoch)
+            return Budget(steps=SPARSE_CONTINUE_STEPS if continuing else SPARSE_STEPS, steps_per_epoch=steps_per_epoch)
         epochs = max(DEFAULT_EPOCHS, math.ceil(cfg.min_steps / steps_per_epoch))
     return Budget(steps=cfg.steps, minutes=cfg.minutes, epochs=epochs, steps_per_epoch=steps_per_epoch)
 

@@ -43,9 +43,11 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -1
-# Unlabelled pixels that carry a weak prior (genselfdiff.train.stain_prior): PRIOR - c for class c.
-# Every loss but prior_loss ignores them, as it ignores IGNORE.
+# Unlabelled pixels that carry a weak target (genselfdiff.train.priors): PRIOR - c for class c
+# from the haematoxylin prior, ANCHOR - c from the previous model's confident prediction. Every
+# loss but prior_loss and anchor_loss ignores them, as it ignores IGNORE.
 PRIOR = -2
+ANCHOR = -128  # below every PRIOR code (at most 126 classes)
 LOSSES = ("paper", "official", "ce", "dice", "dice_ce")
 
 
@@ -148,24 +150,34 @@ def affinity_loss(logits: torch.Tensor, image: torch.Tensor, radius: int = 3, si
     return total / weights
 
 
-def prior_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the pixels coded ``PRIOR - c`` toward their class c; 0 without any."""
-    prior = target <= PRIOR
-    if not bool(prior.any()):
+def _weak_loss(logits: torch.Tensor, target: torch.Tensor, code: int) -> torch.Tensor:
+    """Mean cross-entropy over the pixels coded ``code - c`` (c a class) toward c; 0 without any."""
+    weak = (target <= code) & (target > code - logits.shape[1])
+    if not bool(weak.any()):
         return logits.sum() * 0.0
     logp = logits.float().log_softmax(1)
-    cls = (PRIOR - target).clamp(0, logits.shape[1] - 1)
-    return -logp.gather(1, cls[:, None].long())[:, 0][prior].mean()
+    cls = (code - target).clamp(0, logits.shape[1] - 1)
+    return -logp.gather(1, cls[:, None].long())[:, 0][weak].mean()
+
+
+def prior_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the pixels coded ``PRIOR - c`` toward their class c; 0 without any."""
+    return _weak_loss(logits, target, PRIOR)
+
+
+def anchor_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the pixels coded ``ANCHOR - c`` toward their class c; 0 without any."""
+    return _weak_loss(logits, target, ANCHOR)
 
 
 def make_loss(name: str = "paper", *, ss_weight: float = 1.0, focal_weight: float = 1.0,
               beta: float = 0.1, c: float = 0.01, gamma: float = 2.0, affinity: float = 0.0,
-              prior: float = 0.0) -> Callable:
+              prior: float = 0.0, anchor: float = 0.0) -> Callable:
     """``loss(logits, target, image) -> scalar``: "paper" (SS + focal, 1:1 by default), "official"
     (the same with the official code's batch-mean cross-entropy in SS), "ce", "dice" or
     "dice_ce" (their sum), plus
     ``affinity`` times :func:`affinity_loss` on the input ``image`` when > 0 and ``prior``
-    times :func:`prior_loss` when > 0."""
+    times :func:`prior_loss` when > 0, ``anchor`` times :func:`anchor_loss` when > 0."""
     if name == "paper":
         base = lambda lo, t: ss_weight * ss_loss(lo, t, beta, c) + focal_weight * focal_loss(lo, t, gamma)  # noqa: E731
     elif name == "official":
@@ -185,6 +197,8 @@ def make_loss(name: str = "paper", *, ss_weight: float = 1.0, focal_weight: floa
             total = total + affinity * affinity_loss(lo, image)
         if prior:
             total = total + prior * prior_loss(lo, t)
+        if anchor:
+            total = total + anchor * anchor_loss(lo, t)
         return total
 
     return loss
