@@ -3,8 +3,10 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from genselfdiff.app.synthetic import synthetic_tissue
+from genselfdiff.errors import UserError
 from genselfdiff.infer import merge
 from genselfdiff.infer.merge import ArrayMerger, PyramidMerger
 from genselfdiff.infer.segment import load_labels, segment, segment_tiles
@@ -62,3 +64,15 @@ def test_every_merger_gets_the_same_tiles_as_segment(tmp_path, local_model):
     np.testing.assert_array_equal(pyramid.levels[1], want[::2, ::2])
     np.testing.assert_array_equal(array.finish(), want)
     np.testing.assert_array_equal(np.asarray(load_labels(tmp_path / "out.ome.zarr")[0]), want)
+
+
+def test_objects_in_memory_are_accepted_with_a_merger_that_keeps_the_labels(local_model):
+    """The napari Segment widget's path: no output folder, a display pyramid not yet started."""
+    model = local_model()
+    rgb, _ = synthetic_tissue((128, 128), seed=2)
+    pyramid = PyramidMerger(min_side=64)
+    for _ in segment_tiles(model, rgb, merger=pyramid, tile=64, overlap=16, skip_background=False, instances=True):
+        pass
+    np.testing.assert_array_equal(pyramid.labels, segment(model, rgb, tile=64, overlap=16, skip_background=False).labels)
+    with pytest.raises(UserError, match="needs an output path"):
+        next(iter(segment_tiles(model, rgb, tile=64, overlap=16, skip_background=False, instances=True)))

@@ -154,7 +154,7 @@ def _write_output(out: Path, model, plan: Plan, cfg: SegmentConfig, scheduler, e
 def _refuse_combinations(out, cfg: SegmentConfig, scheduler, region, region0, merger) -> None:
     """Options that need an output folder, or that make no sense with one, are refused, never ignored."""
     if out is None:
-        if cfg.wants_objects and not hasattr(merger, "labels"):
+        if cfg.wants_objects and not hasattr(type(merger), "labels"):  # the class: an unstarted merger has none yet
             raise UserError("Objects are split from the whole image, so instances=True needs an output path "
                             "(out=...) or a merger that keeps the labels; segment() also splits them in memory.")
         if cfg.png:
