@@ -33,6 +33,7 @@ QUICK_FORMS = {
     "readme_pipeline": ["readme_pipeline", "--quick", "--data", SYN, "--work", WORK],
     "cpu_speed": ["cpu_speed", "--quick", "--work", WORK],
     "folds": ["folds", "--quick", "--data", SYN, "--work", WORK],
+    "instances": ["instances", "--quick", "--data", SYN, "--work", WORK],
     "resume": ["resume", "--quick", "--work", WORK],
     "whole_slide": ["whole_slide", "--quick", "--work", WORK],
 }

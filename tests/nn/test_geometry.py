@@ -9,7 +9,7 @@ from genselfdiff.nn.geometry import (
     BACKGROUND,
     IGNORED,
     NUCLEUS,
-    check_instances,
+    fit_instances,
     hv_loss,
     hv_maps,
     hv_targets,
@@ -113,22 +113,31 @@ def test_old_checkpoint_without_head_loads_and_segments_objects(tmp_path):
     assert r.objects is not None and r.objects.ids.shape == (64, 64)
 
 
-def test_ids_that_do_not_fit_the_mask_are_one_sentence():
+def test_ids_are_fitted_to_their_mask_or_refused_in_one_sentence():
     ids = toy_ids()
     classes = (ids > 0).astype(np.uint8)
-    check_instances(ids, classes, "ids.png")  # fits
+    assert np.array_equal(fit_instances(ids, classes, "ids.png"), ids)  # fits as it is
+    # A rim where the two were rasterised apart is mended: a class pixel next to an id takes it,
+    # an id pixel on the background is dropped.
+    rim = classes.copy()
+    rim[1, 6] = 1  # class, no id, next to id 3
+    rim[6, 8] = 0  # id 7 on the background
+    fitted = fit_instances(ids, rim, "ids.png", mpp=0.5)
+    assert fitted[1, 6] == 3 and fitted[6, 8] == 0 and ((fitted > 0) == (rim > 0)).all()
     spans = classes.copy()
     spans[2, 2] = 2  # id 3 over class 1 and class 2
-    with pytest.raises(UserError, match=r"^ids.png: id 3 covers pixels of class 1 and 2;") as e:
-        check_instances(ids, spans, "ids.png")
+    with pytest.raises(UserError, match=r"^ids.png: id 3 covers pixels of class 1 and 2; an id must lie") as e:
+        fit_instances(ids, spans, "ids.png")
     assert "\n" not in str(e.value)
-    outside = classes.copy()
-    outside[5, 7] = 0  # id 7 on the background
-    with pytest.raises(UserError, match=r"^ids.png: id 7 covers pixels of class 0 and 1;"):
-        check_instances(ids, outside, "ids.png")
-    no_id = classes.copy()
-    no_id[0, 0] = 1
-    with pytest.raises(UserError, match=r"^ids.png gives no id to pixel \(0, 0\) of class 1;"):
-        check_instances(ids, no_id, "ids.png")
+    gone = classes.copy()
+    gone[ids == 7] = 0  # id 7 wholly on the background
+    with pytest.raises(UserError, match=r"^ids.png: id 7 lies wholly on the mask's background"):
+        fit_instances(ids, gone, "ids.png")
+    forgot = np.zeros((30, 30), np.uint8)
+    forgot[2:5, 2:5] = 1
+    forgot[15:25, 15:25] = 1  # an object-sized region (100 px = 25 µm² at 0.5 µm/px) without any id
+    some = np.where(forgot[:, :] & (np.arange(30)[:, None] < 10), 4, 0)
+    with pytest.raises(UserError, match=r"^ids.png gives no id to pixel \(15, 15\) of class 1, in a region of 100"):
+        fit_instances(some, forgot, "ids.png", mpp=0.5)
     with pytest.raises(UserError, match="ids.png is 10x8 pixels but its class mask is 9x8"):
-        check_instances(ids, classes[:, :9], "ids.png")
+        fit_instances(ids, classes[:, :9], "ids.png")

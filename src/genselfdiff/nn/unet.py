@@ -244,6 +244,15 @@ def segmentation_net(cfg: NetConfig, classes: int, unet_weights: Optional[dict] 
     return net
 
 
+def set_geometry(net: SegmentationNet, on: bool) -> SegmentationNet:
+    """``net`` with a geometry head (a new one, drawn from torch's RNG, unless it has one) or without."""
+    if on and net.geometry is None:
+        net.geometry = GeometryHead(net.unet.head.in_channels).to(net.unet.head.weight.device)
+    elif not on:
+        net.geometry = None
+    return net
+
+
 def has_geometry_weights(state_dict: dict) -> bool:
     """Whether a segmentation network's weights hold a geometry head (old checkpoints do not)."""
     return any(k.startswith("geometry.") for k in state_dict)

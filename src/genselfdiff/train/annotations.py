@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -105,6 +106,7 @@ class LabelledImage:
     points: dict = field(default_factory=dict)  # label value -> (n, 2) int32 (y, x), a uniform sample
     tile_counts: Optional[np.ndarray] = None  # annotated pixels per tile (ny, nx)
     val_tiles: Optional[np.ndarray] = None  # bool (ny, nx)
+    ids: Optional[WindowReader] = None  # instance ids on the same grid (for the geometry head), or None
 
     @property
     def shape(self) -> tuple:
@@ -196,6 +198,22 @@ def to_targets(values: np.ndarray, sparse: bool) -> np.ndarray:
     return np.where(t > 0, t - 1, IGNORE) if sparse else t
 
 
+def attach_instances(item: LabelledImage, source, mask, index: int = 0) -> None:
+    """Give ``item`` the instance ids of ``source`` (a path or an integer array of the mask's size, which
+    is ``mask``'s), on its training grid and fitted to its classes (:func:`~genselfdiff.nn.geometry.fit_instances`)."""
+    from ..io.labels import as_label_array, read_mask, require_integers, resize_labels
+    from ..nn.geometry import fit_instances
+
+    name = str(source) if isinstance(source, (str, Path)) else f"the instance ids of image #{index + 1}"
+    ids = read_mask(source) if isinstance(source, (str, Path)) else require_integers(as_label_array(source, name), name)
+    shape = tuple((read_mask(mask) if isinstance(mask, (str, Path)) else np.asarray(mask)).shape[:2])
+    if tuple(ids.shape[:2]) != shape:
+        raise UserError(f"{name} is {ids.shape[1]}x{ids.shape[0]} pixels but its mask {item.label_source} is "
+                        f"{shape[1]}x{shape[0]}; give one id image of the mask's size.")
+    ids = np.asarray(resize_labels(ids, item.shape))  # the mask's own rule, so both pick the same pixels
+    item.ids = WindowReader(fit_instances(ids, np.asarray(item.labels.array), name, mpp=item.mpp), 0)
+
+
 # --- sampling ----------------------------------------------------------------------------
 
 class PatchSampler:
@@ -232,7 +250,8 @@ class PatchSampler:
         return i, pts[rng.integers(len(pts))]
 
     def sample(self, rng: np.random.Generator) -> tuple:
-        """One patch: uint8 (P, P, 3) image and int64 (P, P) targets."""
+        """One patch: uint8 (P, P, 3) image and int64 (P, P) targets; (P, P, 2) targets and instance
+        ids where the images have ids (they then move together through augmentation)."""
         P, edge = self.patch, max(1, self.patch // 8)
         i, (py, px) = self._pick(rng)
         it = self.items[i]
@@ -250,6 +269,8 @@ class PatchSampler:
         if self.prior is not None:
             target = priors.apply(image, target, self.prior[i])
         target[self._outside_or_val(it, y0, x0, P)] = IGNORE
+        if it.ids is not None:
+            target = np.stack([target, it.ids.read(y0, x0, P, P).astype(np.int64)], -1)
         return image, target
 
     def _outside_or_val(self, it: LabelledImage, y0: int, x0: int, P: int) -> np.ndarray:

@@ -9,7 +9,8 @@ by 90 degrees and a small saturation jitter, free for histology, which has no up
 and an elastic deformation given in pixels (smoothness ``elastic_sigma``, displacement
 ``elastic_px``) so it means the same at every patch size, drawn anew for each patch.
 Labels are resampled by nearest neighbour so class indices, including the ignore value
--1, stay exact.
+-1, stay exact; labels may carry a channel axis (H, W, C), e.g. class targets and instance ids,
+which then move together.
 
 Not in the paper: HED stain augmentation (Tellez et al. 2018, 2019), which scales and
 shifts the haematoxylin, eosin and DAB concentrations of colour deconvolution
@@ -63,7 +64,7 @@ class Augment:
 
 
 def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, cfg: Augment = Augment()):
-    """Return an augmented copy of uint8 (H, W, 3) ``image`` and integer (H, W) ``labels``."""
+    """Return an augmented copy of uint8 (H, W, 3) ``image`` and integer (H, W) or (H, W, C) ``labels``."""
     if cfg.flips:
         if rng.random() < 0.5:
             image, labels = image[::-1], labels[::-1]
@@ -128,7 +129,7 @@ def _grey(v: np.ndarray) -> np.ndarray:
 
 def elastic(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, sigma: float, px: float):
     """Smooth random displacement: linear interpolation for the image, nearest for labels."""
-    h, w = labels.shape
+    h, w = labels.shape[:2]
     fields = []
     for _ in range(2):
         d = ndi.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), sigma, mode="reflect")
@@ -139,5 +140,9 @@ def elastic(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, sig
     for ch in range(image.shape[2]):
         out[..., ch] = np.clip(np.round(ndi.map_coordinates(image[..., ch].astype(np.float32), coords,
                                                             order=1, mode="reflect")), 0, 255)
-    lab = ndi.map_coordinates(labels, coords, order=0, mode="reflect")
+    if labels.ndim == 3:
+        lab = np.stack([ndi.map_coordinates(labels[..., c], coords, order=0, mode="reflect")
+                        for c in range(labels.shape[2])], -1)
+    else:
+        lab = ndi.map_coordinates(labels, coords, order=0, mode="reflect")
     return out, lab.astype(labels.dtype)

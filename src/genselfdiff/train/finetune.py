@@ -52,10 +52,10 @@ from ..io.pixelsize import Resolution, tell, unknown_note, working_resolution
 from ..io.slides import open_labelled_image
 from ..nn.config import NetConfig, with_preset
 from ..nn.model import Model, pick_device
-from ..nn.unet import SegmentationNet, UNet, to_segmentation
+from ..nn.unet import SegmentationNet, UNet, has_geometry_weights, set_geometry, to_segmentation
 from ..progress import Progress, resolve
 from . import priors
-from .annotations import PatchSampler, labelled_image, scan, split_tiles, validation_set
+from .annotations import PatchSampler, attach_instances, labelled_image, scan, split_tiles, validation_set
 from .config import FinetuneConfig
 from .finetune_run import FinetuneResult, FinetuneRun, SegmentationStep
 from .losses import LOSSES
@@ -109,7 +109,8 @@ class _Start:
 
 def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *, pretrained=None,
              device="auto", progress=None, should_stop=None, resume: bool = False, pixel_size=None,
-             override_pixel_size: bool = False, preview: Optional[Preview] = None) -> FinetuneResult:
+             override_pixel_size: bool = False, preview: Optional[Preview] = None,
+             instances: Optional[Sequence] = None) -> FinetuneResult:
     """Train a segmentation network from ``images`` and their ``labels``; see the module doc.
 
     ``images``: paths, :class:`~genselfdiff.io.slides.Slide` objects or uint8 (H, W, 3)
@@ -131,6 +132,9 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
         raise UserError("No images to fine-tune on.")
     if len(images) != len(labels):
         raise UserError(f"Got {len(images)} images but {len(labels)} label images; give one mask per image.")
+    if instances is not None and (len(instances) != len(images) or cfg.sparse):
+        raise UserError("Instance ids need one id image per image, with dense masks (not strokes)."
+                        if cfg.sparse else f"Got {len(images)} images but {len(instances)} images of instance ids.")
     if cfg.loss not in LOSSES:
         raise UserError(f"Unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}.")
     recipe = get_recipe(cfg.recipe)
@@ -164,6 +168,8 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
                                      index=i, sparse=cfg.sparse)
         notes += opened.notes
         items.append(labelled_image(opened))
+        if instances is not None:  # the geometry head learns from them (nn.geometry)
+            attach_instances(items[-1], instances[i], lab, i)
         scan(items[-1], sparse=cfg.sparse, tile=cfg.patch, seed=cfg.seed + i)
         progress(Progress("finetune: reading annotations", i + 1, len(images)))
     unknown = [it.image_source or it.name for it in items if it.mpp is None]
@@ -178,7 +184,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
 
     with torch.random.fork_rng(devices=[]):  # the same initial weights for a seed; the caller's RNG untouched
         torch.manual_seed(cfg.seed)
-        net = _build_net(start, n_classes, cfg.net, recipe).to(dev)
+        net = set_geometry(_build_net(start, n_classes, cfg.net, recipe), instances is not None).to(dev)
 
     split = split_tiles(items, cfg.val_fraction, seed=cfg.seed)
     balance = cfg.balance if cfg.balance is not None else (1.0 if cfg.sparse else 0.0)
@@ -189,6 +195,9 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     val = validation_set(items, cfg.patch, margin, cfg.sparse, on_train=not split, max_tiles=cfg.val_max_tiles, seed=cfg.seed)
     spe = cfg.steps_per_epoch or _default_steps_per_epoch(items, cfg)
     meta = _checkpoint_meta(cfg, net, names, colors, start, items, val)
+    if instances is not None:
+        meta["geometry"] = {"maps": "hv", "instances": [str(s) if isinstance(s, (str, Path)) else "array"
+                                                        for s in instances]}
     run = FinetuneRun(cfg=cfg, step=SegmentationStep.from_config(cfg, net, dev), sampler=sampler,
                       budget=_budget(cfg, spe, continuing=start.kind == "segmentation"), out=out, names=names,
                       colors=colors, meta=meta, val=val, preview=preview)
@@ -243,7 +252,8 @@ def _build_net(start: _Start, n_classes: int, net_cfg: NetConfig, recipe: Recipe
     weights (None: ``net_cfg`` from random initialisation)."""
     if start.kind != "segmentation":
         return recipe.segmentation_net(start.net_cfg if start.kind else net_cfg, n_classes, start.weights)
-    net = to_segmentation(UNet(replace(start.net_cfg, out_channels=3)), len(start.classes))
+    net = to_segmentation(UNet(replace(start.net_cfg, out_channels=3)), len(start.classes),
+                          geometry=has_geometry_weights(start.weights))
     net.load_state_dict(start.weights)
     if len(start.classes) != n_classes:
         net = to_segmentation(net.unet, n_classes)

@@ -21,6 +21,7 @@ import torch
 from ..errors import UserError
 from ..io.checkpoint import load_checkpoint
 from ..nn.config import NetConfig
+from ..nn.geometry import GEOMETRY_WEIGHT, hv_loss, hv_targets
 from ..nn.model import autocast, to_input
 from ..progress import Progress
 from .augment import augment
@@ -61,9 +62,11 @@ class SegmentationStep:
     """One fine-tuning step, as a run takes it: ``loss = step((images, targets), lr)``.
 
     ``images``: uint8 (B, P, P, 3), scaled as the recipe says (``normalization``); ``targets``:
-    int64 (B, P, P) class ids (``IGNORE`` where unlabelled). The network runs under the bf16
-    rule (:func:`genselfdiff.nn.model.autocast`); then the loss, clipping to ``grad_clip`` and
-    Adam at ``lr`` (None: the optimizer's own). Returns the loss as a number.
+    int64 (B, P, P) class ids (``IGNORE`` where unlabelled). A batch of three, ``(images, targets,
+    maps)``, also trains the geometry head on ``maps`` (B, 3, P, P) from
+    :func:`genselfdiff.nn.geometry.hv_targets`, adding ``GEOMETRY_WEIGHT`` x its loss. The network
+    runs under the bf16 rule (:func:`genselfdiff.nn.model.autocast`); then the loss, clipping to
+    ``grad_clip`` and Adam at ``lr`` (None: the optimizer's own). Returns the loss as a number.
     """
 
     def __init__(self, net, optimizer, loss_fn, device, *, normalization: str = "[-1, 1]", amp: bool = True,
@@ -77,16 +80,21 @@ class SegmentationStep:
         must be set) with its betas, its loss and weights, its recipe's input scaling, bf16 and clipping."""
         optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
         loss_fn = make_loss(cfg.loss, ss_weight=cfg.ss_weight, focal_weight=cfg.focal_weight, beta=cfg.ss_beta,
-                            c=cfg.ss_c, gamma=cfg.focal_gamma, affinity=cfg.affinity, prior=cfg.prior)
+                            c=cfg.ss_c, gamma=cfg.focal_gamma, affinity=cfg.affinity, prior=cfg.prior,
+                            anchor=cfg.anchor or 0.0)
         return cls(net, optimizer, loss_fn, device, normalization=get_recipe(cfg.recipe).normalization,
                    amp=cfg.amp, grad_clip=cfg.grad_clip)
 
     def __call__(self, batch: tuple, lr: Optional[float] = None) -> float:
-        images, targets = batch
+        images, targets, *maps = batch
         x, y = to_input(images, self.device, self.normalization), torch.from_numpy(targets).to(self.device)
         with autocast(self.device, self.amp):
-            logits = self.net(x)
+            logits = self.net(x, geometry=True) if maps else self.net(x)
+        if maps:
+            logits, predicted = logits
         loss = self.loss_fn(logits, y, x)
+        if maps:
+            loss = loss + GEOMETRY_WEIGHT * hv_loss(predicted, torch.from_numpy(maps[0]).to(self.device))
         optimise(self.optimizer, loss, self.grad_clip, lr)
         return loss.item()
 
@@ -215,7 +223,12 @@ class FinetuneRun(TrainingRun):
         def make(step):
             rng = np.random.default_rng([cfg.seed, step])  # the same batches however many threads
             pairs = [augment(*sampler.sample(rng), rng, cfg.augment) for _ in range(cfg.batch)]
-            return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+            images, targets = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+            if targets.ndim == 3:
+                return images, targets
+            # Class targets and instance ids, augmented together: the maps come from the augmented ids.
+            targets, ids = np.ascontiguousarray(targets[..., 0]), targets[..., 1]
+            return images, targets, np.stack([hv_targets(i, t >= 0) for i, t in zip(ids, targets)])
 
         return prefetch(make, self.step, cfg.workers)
 

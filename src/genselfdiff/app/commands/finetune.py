@@ -29,6 +29,10 @@ def register(sub) -> None:
     ann.add_argument("--masks", nargs="+", metavar="PATH", help="mask images (files or folders), matched by stem")
     ann.add_argument("--annotations", nargs="+", metavar="FILE.geojson",
                      help="QuPath GeoJSON exports (files or a folder), one per image, matched by stem")
+    p.add_argument("--instances", nargs="+", metavar="PATH",
+                   help="label images of nucleus ids (0 = none, one id per object, inside its class of the mask), "
+                        "files or folders matched to the images by stem as masks are: the network also learns the "
+                        "borders between touching objects (a geometry head), which segment --instances then uses")
     p.add_argument("--out", required=True, metavar="MODEL.pt", help="segmentation checkpoint to write")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--model", metavar="PRETRAINED.pt", help="pretrained (or segmentation) checkpoint to start from")
@@ -105,6 +109,7 @@ def run(args) -> int:
             print(f"warning: {w}", file=sys.stderr)
     else:
         labels = [m for _, m in pairs]
+    instances = _instance_files([i for i, _ in pairs], args) if args.instances else None
 
     overrides = dict(patch=args.patch, batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule,
                      loss=args.loss, epochs=args.epochs,
@@ -121,9 +126,24 @@ def run(args) -> int:
     with StopOnInterrupt() as stop, ProgressBar() as bar:
         result = finetune([i for i, _ in pairs], labels, args.out, cfg, pretrained=args.model, device=args.device,
                           progress=_EpochPrinter(bar), should_stop=stop, resume=args.resume,
-                          pixel_size=args.pixel_size, override_pixel_size=args.override_pixel_size)
+                          pixel_size=args.pixel_size, override_pixel_size=args.override_pixel_size,
+                          instances=instances)
     _summary(result)
     return 0
+
+
+def _instance_files(images: list, args) -> list:
+    """The instance-id image of every training image, matched by stem; one sentence for the first image without one."""
+    from ...errors import UserError
+    from ...io.files import match_by_stem
+
+    if not args.masks or args.sparse:
+        raise UserError("--instances goes with dense --masks: every pixel of a class needs the id of its object.")
+    pairs, unmatched, _ = match_by_stem(images, args.instances)
+    if unmatched:
+        raise UserError(f"No image of ids in {', '.join(args.instances)} matches {unmatched[0].name}; name it after "
+                        "its image, as masks are (a.png <- a.png or a_mask.png), or leave the image out.")
+    return [ids for _, ids in pairs]
 
 
 class _EpochPrinter:
