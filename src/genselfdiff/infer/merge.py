@@ -58,6 +58,8 @@ class ArrayMerger(Merger):
     """The class ids of the whole processing level in one numpy array (small images, tests); with
     tiles that carry a geometry map, that too (:attr:`geometry`, float32 (3, H, W))."""
 
+    labels: Optional[np.ndarray] = None  # declared on the class: segment_tiles asks the class whether it keeps labels
+
     def __init__(self, shape: Optional[tuple] = None):
         self.labels = np.zeros(tuple(shape)[:2], np.uint8) if shape is not None else None
         self.geometry = None
