@@ -103,3 +103,22 @@ def test_anchor_maps_cover_the_annotated_tiles_and_their_neighbours(synthetic_pa
     probs = model.predict(img[None, :128, :128])[0]  # the same network on a larger window: same confident answers
     agree = (sure != priors.UNSURE) & (probs.max(0) >= 0.95)
     assert agree.sum() > 1000 and (sure[agree] == probs.argmax(0)[agree]).mean() > 0.99
+
+
+def test_the_training_step_weighs_the_anchor_by_the_config(trained_unet):
+    import torch
+
+    from genselfdiff.train.config import FinetuneConfig
+    from genselfdiff.train.finetune_run import SegmentationStep
+
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 1] = 3.0  # sure of nucleus
+    target = torch.full((1, 4, 4), IGNORE)
+    target[0, 0, 0] = 0  # one painted background pixel
+    target[0, 1:] = ANCHOR  # the previous model said background here
+    losses = []
+    for weight in (0.0, 1.0):
+        cfg = FinetuneConfig(lr=1e-3, loss="ce", affinity=0.0, prior=0.0, anchor=weight)
+        step = SegmentationStep.from_config(cfg, trained_unet, "cpu")
+        losses.append(float(step.loss_fn(logits, target)))
+    assert losses[1] > losses[0] + 2  # the anchored pixels disagree with the logits, and count
