@@ -245,10 +245,13 @@ def main() -> None:
     shutil.rmtree(work / "interrupted", ignore_errors=True)
     same = sum(r["identical"] for r in results["runs"])
     killed = sum(r["killed"] for r in results["runs"])
+    kept = sum(r["killed"] and r["state_at_kill"].split()[0].isdigit() and r["state_at_kill"].split()[0] != "0"
+               for r in results["runs"])
     results["identical"] = same
     write_results(out_file, results)
     print(f"results: {out_file}")
-    print(f"summary: {same} of {kills} identical after SIGKILL and resume ({killed} killed mid-run), "
+    print(f"summary: {same} of {kills} identical after SIGKILL and resume ({killed} killed mid-run, {kept} of them "
+          f"with finished chunks kept), "
           f"{side}² slide at {SLIDE_MPP} µm/px, {units} chunks, uninterrupted {reference_s:.1f} s")
 
 

@@ -99,7 +99,9 @@ def island_slide(path: Path, width: int, height: int, cell: int, tile: int = 512
 
 def measured(cmd: list, log: Path) -> dict:
     """Run ``cmd`` with its stderr in ``log``: exit status, wall seconds and peak RSS in bytes
-    (``/usr/bin/time -v``'s maximum resident set size, else the largest VmHWM polled every 0.2 s)."""
+    (``/usr/bin/time -v``'s maximum resident set size, else the largest VmHWM polled every 0.2 s),
+    and with ``/usr/bin/time`` the CPU seconds (user + system): on a shared machine the share of a
+    core the run got says how much of the wall time was waiting."""
     time_bin = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
     report = log.with_suffix(".time")
     wrapped = [time_bin, "-v", "-o", str(report), *cmd] if time_bin else cmd
@@ -127,10 +129,13 @@ def measured(cmd: list, log: Path) -> dict:
             watcher.join()
     seconds = time.perf_counter() - t0
     peak, how = polled[0], "VmHWM polled every 0.2 s"
+    cpu = None
     if time_bin and report.exists():
-        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", report.read_text())
+        text = report.read_text()
+        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
         peak, how = (int(m.group(1)) * 1024 if m else 0), "/usr/bin/time -v"
-    return {"exit": proc.returncode, "seconds": seconds, "peak": peak, "peak_by": how}
+        cpu = sum(float(v) for v in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)) or None
+    return {"exit": proc.returncode, "seconds": seconds, "peak": peak, "peak_by": how, "cpu_seconds": cpu}
 
 
 def engine_figures(log: Path) -> dict:
@@ -175,7 +180,8 @@ def one_size(work: Path, model: Path, width: int, height: int, args) -> dict:
 def line(d: dict) -> str:
     glass = f", {d['glass_tiles']} of {d['tiles']} tiles glass" if "tiles" in d else ""
     engine = f", engine {d['engine_mpx_per_s']:.3g} Mpx/s (processing level)" if "engine_mpx_per_s" in d else ""
-    return (f"{d['width']} x {d['height']} ({d['level0_mpx']:.0f} Mpx at level 0): segment {d['seconds']:.0f} s wall, "
+    cpu = f" ({d['cpu_seconds']:.0f} CPU s)" if d.get("cpu_seconds") else ""
+    return (f"{d['width']} x {d['height']} ({d['level0_mpx']:.0f} Mpx at level 0): segment {d['seconds']:.0f} s wall{cpu}, "
             f"peak RSS {d['peak'] / 2**20:.0f} MiB, {d['wall_level0_mpx_per_s']:.3g} level-0 Mpx/s of wall{engine}"
             f"{glass}; slide {d['slide_bytes'] / 2**20:.0f} MiB written in {d['slide_written_s']:.0f} s, "
             f"output {d['output_bytes'] / 2**20:.1f} MiB")
@@ -187,7 +193,7 @@ def main() -> None:
                                                         "512-px pitch, a model trained for 5 steps")
     p.add_argument("--side", type=int, help="width of the large slide in px, its height 3/4 of it (default 80000)")
     p.add_argument("--baseline", type=int, help="side of the square baseline slide (default 4096, quick 1024)")
-    p.add_argument("--cell", type=int, help="pitch of the tissue islands in px (default 2048, quick 512)")
+    p.add_argument("--cell", type=int, help="pitch of the tissue islands in px (default 4096, quick 512)")
     p.add_argument("--steps", type=int, help="fine-tuning steps of the model (default 200, quick 5)")
     p.add_argument("--threads", type=int, default=1, help="segment --threads (default %(default)s)")
     p.add_argument("--device", default="cpu", help="segment --device (default %(default)s)")
@@ -196,7 +202,7 @@ def main() -> None:
     args = p.parse_args()
     side = args.side or (2048 if args.quick else 80000)
     baseline = args.baseline or (1024 if args.quick else 4096)
-    args.cell = args.cell or (512 if args.quick else 2048)
+    args.cell = args.cell or (512 if args.quick else 4096)
     steps = args.steps or (5 if args.quick else 200)
     if min(side * 3 // 4, baseline) < 1024 or args.cell < 64 or steps < 1 or args.threads < 1:
         fail("--side must be at least 1366 and --baseline at least 1024 px, --cell at least 64, and --steps and "
