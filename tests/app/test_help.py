@@ -65,3 +65,11 @@ def test_help_names_the_default_budget():
     for text in (parser.description, _help_of(parser, "epochs")):
         assert masks in text and strokes in text, text
     assert f"default {cfg.patience}, never before step {cfg.min_steps}" in _help_of(parser, "patience")
+
+
+def test_help_names_the_correction_rounds_budget_and_anchor():
+    parser = _finetune_parser()
+    steps, anchor = _constant("SPARSE_CONTINUE_STEPS"), _constant("SPARSE_ANCHOR")
+    assert "A correction round" in parser.description and f"): {steps} steps, keeping" in parser.description
+    assert f"{steps} in a correction round" in _help_of(parser, "epochs")
+    assert f"(default {anchor:g} when --sparse strokes continue" in _help_of(parser, "anchor")

@@ -18,6 +18,9 @@ def register(sub) -> None:
                     "+ focal loss); strokes (--sparse) add a colour-affinity term and, for nuclei, a haematoxylin "
                     "prior on the unpainted pixels. Budget, none given: masks 50 epochs and at least 2500 steps, "
                     "keeping the best validation Dice; strokes (--sparse): 1000 steps, keeping the last network. "
+                    "A correction round (--sparse with --model PREVIOUS.pt, a segmentation model of the same "
+                    "classes, and every stroke so far): 400 steps, keeping the previous model's confident answers "
+                    "on unpainted pixels (--anchor). "
                     "Masks are matched to images by file "
                     "stem (a.svs <- a.png, a_mask.tif, a_labels.png, ...). Dense masks: 0 = background, "
                     "1..K = classes. --sparse scribbles: 0 = unlabelled (ignored), 1 = background, 2.. = classes. "
@@ -45,7 +48,8 @@ def register(sub) -> None:
     cls.add_argument("--class-names", metavar="A,B,...", help="class names, background first")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, metavar="N",
-                        help="default, none given: 50 epochs and at least 2500 steps; strokes (--sparse): 1000 steps")
+                        help="default, none given: 50 epochs and at least 2500 steps; strokes (--sparse): 1000 "
+                             "steps, 400 in a correction round")
     budget.add_argument("--steps", type=int, metavar="N")
     budget.add_argument("--minutes", type=float, metavar="M")
     p.add_argument("--patch", type=int, help="patch side in pixels (default: the preset's)")
@@ -63,6 +67,9 @@ def register(sub) -> None:
     p.add_argument("--loss", choices=["paper", "official", "ce", "dice", "dice_ce"],
                    help="dice_ce = soft Dice + cross-entropy (default); paper = structural similarity + focal; "
                         "official = the same with the official code's batch-mean cross-entropy")
+    p.add_argument("--anchor", type=float, metavar="W",
+                   help="correction rounds: weight of the previous model's confident answers on unpainted pixels "
+                        "(default 1 when --sparse strokes continue a segmentation model; 0 switches it off)")
     p.add_argument("--steps-per-epoch", type=int, metavar="N", help="default: about one pass over the annotated tiles")
     p.add_argument("--val-fraction", type=float, metavar="F", help="share of annotated tiles held out (default 0.1)")
     p.add_argument("--patience", type=int, metavar="N", help="epochs without a better validation Dice before stopping (default 10, never before step 2500; masks only: "
@@ -116,7 +123,7 @@ def run(args) -> int:
                      steps=args.steps, minutes=args.minutes, steps_per_epoch=args.steps_per_epoch,
                      val_fraction=args.val_fraction, patience=args.patience, classes=args.classes,
                      class_names=names, colors=colors, workers=args.workers, amp=args.amp, seed=args.seed, sparse=args.sparse,
-                     resolution=resolution, recipe=args.recipe)
+                     resolution=resolution, recipe=args.recipe, anchor=args.anchor)
     if args.no_augment:
         overrides["augment"] = Augment.off()
     cfg = FinetuneConfig.from_preset(args.preset, **overrides)
