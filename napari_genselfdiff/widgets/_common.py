@@ -92,10 +92,13 @@ class DeviceBox(QComboBox):
 class BudgetEdit(QWidget):
     """How long to train: a number of steps or of minutes."""
 
-    def __init__(self, steps: int, parent=None):
+    def __init__(self, steps: int, parent=None, default_text: str = None):
+        """``default_text``: offer 0, shown as that text, meaning "the engine's budget" (and start there)."""
         super().__init__(parent)
         self.amount = QSpinBox()
-        self.amount.setRange(1, 10_000_000)
+        self.amount.setRange(0 if default_text else 1, 10_000_000)
+        if default_text:
+            self.amount.setSpecialValueText(default_text)
         self.amount.setValue(steps)
         self.unit = QComboBox()
         self.unit.addItems(["steps", "minutes"])

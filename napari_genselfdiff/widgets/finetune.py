@@ -72,9 +72,9 @@ class FinetuneWidget(JobWidget):
         self.preset.setCurrentText(settings.get("finetune_preset", "auto"))
         self.preset.setToolTip("Network size when training from scratch (a base model brings its own)")
         self.preset.setEnabled(not self.base.text())
-        # People paint strokes here: the engine's default for them, finetune.SPARSE_STEPS (not
-        # imported: that loads torch when the plugin's menu is built).
-        self.budget = BudgetEdit(1000)
+        # 0 = the engine's budget, which knows the start: strokes 1000 steps, a correction round
+        # (Continue) 400, masks 50 epochs and at least 2500 steps (not imported: that loads torch).
+        self.budget = BudgetEdit(0, default_text="default (strokes 1000 steps, Continue 400)")
         self.device = DeviceBox()
         self.out = PathEdit("save", "Checkpoints (*.pt)", "where to save the model (.pt)")
         self.out.setText(settings.get("finetune_out", ""))

@@ -35,11 +35,13 @@ def test_widget_docks(make_napari_viewer, name):
     assert name in dock.name
 
 
-def test_finetune_widget_trains_strokes_for_the_engines_default_budget(make_napari_viewer):
-    from genselfdiff.train.finetune import SPARSE_STEPS
+def test_finetune_widget_leaves_the_budget_to_the_engine_and_says_what_it_is(make_napari_viewer):
+    from genselfdiff.train.finetune import SPARSE_CONTINUE_STEPS, SPARSE_STEPS
+    from napari_genselfdiff._jobs import _budget
 
     _, widget = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
-    assert widget.budget.spec() == {"budget_unit": "steps", "budget": SPARSE_STEPS}
+    assert _budget(widget.budget.spec()) == {}  # the engine's: it knows a first run from a correction round
+    assert widget.budget.amount.text() == f"default (strokes {SPARSE_STEPS} steps, Continue {SPARSE_CONTINUE_STEPS})"
 
 
 def test_viewer_opens_a_slide_as_a_multiscale_image_with_its_scale(make_napari_viewer, synthetic_slide):
