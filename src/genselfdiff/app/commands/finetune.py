@@ -132,10 +132,10 @@ def run(args) -> int:
           f"on {len(pairs)} image(s), {'sparse' if cfg.sparse else 'dense'} labels, loss {cfg.loss}.", file=sys.stderr)
     with StopOnInterrupt() as stop, ProgressBar() as bar:
         result = finetune([i for i, _ in pairs], labels, args.out, cfg, pretrained=args.model, device=args.device,
-                          progress=_EpochPrinter(bar), should_stop=stop, resume=args.resume,
+                          progress=_EpochPrinter(bar, cfg.sparse), should_stop=stop, resume=args.resume,
                           pixel_size=args.pixel_size, override_pixel_size=args.override_pixel_size,
                           instances=instances)
-    _summary(result)
+    _summary(result, cfg.sparse)
     return 0
 
 
@@ -154,10 +154,11 @@ def _instance_files(images: list, args) -> list:
 
 
 class _EpochPrinter:
-    """The progress bar, plus one line per epoch with the per-class validation Dice."""
+    """The progress bar, plus one line per epoch: the per-class Dice of held-out tiles (masks), or the
+    loss on held-out strokes (a Dice on strokes along object cores reads near 1 and says nothing)."""
 
-    def __init__(self, bar):
-        self.bar = bar
+    def __init__(self, bar, sparse: bool):
+        self.bar, self.sparse = bar, sparse
 
     def __call__(self, p) -> None:
         self.bar(p)
@@ -165,19 +166,29 @@ class _EpochPrinter:
             from tqdm import tqdm
 
             d = p.payload
+            head = f"epoch {d['epoch']:3d}  step {p.done:6d}  loss {p.metrics.get('loss', float('nan')):.4f}  "
+            if self.sparse:
+                tqdm.write(head + f"held-out strokes loss {_f(d.get('val_loss', float('nan')))}", file=sys.stderr)
+                return
             per = ", ".join(f"{n} {_f(v)}" for n, v in zip(d["classes"], d["per_class_dice"]))
-            tqdm.write(f"epoch {d['epoch']:3d}  step {p.done:6d}  loss {p.metrics.get('loss', float('nan')):.4f}  "
-                       f"val Dice {_f(d['val_dice'])}{' (best)' if d['improved'] else ''}  [{per}]", file=sys.stderr)
+            tqdm.write(head + f"val Dice {_f(d['val_dice'])}{' (best)' if d['improved'] else ''}  [{per}]",
+                       file=sys.stderr)
 
 
 def _f(v) -> str:
     return "  n/a" if v != v else f"{v:.3f}"
 
 
-def _summary(result) -> None:
+def _summary(result, sparse: bool) -> None:
     what = "stopped by request" if result.stopped else ("stopped early (no improvement)" if result.early_stopped else "finished")
     print(f"\nFine-tuning {what} after {result.steps} steps in {result.seconds / 60:.1f} min.", file=sys.stderr)
-    print(f"Best validation Dice {_f(result.best_dice)} at step {result.best_step}:", file=sys.stderr)
+    if sparse:  # the latest network is kept; strokes cannot score it (see _EpochPrinter)
+        print("Strokes give no honest Dice: look at what the model does on your images (genselfdiff segment "
+              "... --png), or score it on masks it never saw (genselfdiff evaluate).", file=sys.stderr)
+        print(f"Model: {result.path}")
+        return
+    print(f"Best Dice on held-out tiles of the training images {_f(result.best_dice)} at step {result.best_step} "
+          "(optimistic for new images):", file=sys.stderr)
     for name, v in zip(result.classes, result.per_class_dice):
         print(f"  {name:<24} {_f(v)}", file=sys.stderr)
     print(f"Model: {result.path}")
