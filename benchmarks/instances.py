@@ -11,19 +11,21 @@ Arms, per fold:
 
 - ``masks``: a model trained on the masks; objects by the distance split (what users get today);
 - ``ids``: a model trained on masks and ids (with the geometry head); objects by its geometry map
-  (what users get with it), and, on the same labels, by the distance split (a paired comparison);
-  ``--borders`` also scores other border thresholds of the geometry split on the same maps (chosen
-  on these images: optimistic).
+  (what users get with it: the distance split on a surface the learnt borders cut into), and, on
+  the same labels, by the distance split alone (a paired comparison); ``--weights`` also scores
+  other depths of those cuts and ``--borders`` HoVer-Net's own markers at these thresholds, on the
+  same maps (chosen on these images: optimistic).
 
 Also, without a network: the geometry split of the *true* maps on the true masks at 0.5 µm/px (a
 bound on what the split itself loses), and the inference cost of the head (a forward pass with the
 maps over one without, on one 256-px batch of 8 tiles, median of ``--repeats``).
 
 results.json in ``--work`` is rewritten after every unit (one fold and arm), so an interrupted run keeps
-what it has and a rerun skips the units already there (and reuses their models).
+what it has and a rerun skips the units already there (and reuses their models); ``--rescore``
+scores the units already there again from their models (after a change to the objects pass).
 
     python -m benchmarks.instances [--quick] [--data DIR] [--work DIR] [--folds 0,1,2] [--arms ids,masks]
-                                   [--borders 0.2,0.3,0.4,0.5,0.6] [--threads 1]
+                                   [--weights 1,4] [--borders 0.1,0.2,0.4] [--threads 1] [--rescore]
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def parse(argv=None):
     add_data_argument(p)
     p.add_argument("--folds", default="0,1,2", help="which folds to run (of 13 images with ids: 0..3)")
     p.add_argument("--arms", default="ids,masks", help="ids (geometry head), masks (today's), or both")
-    p.add_argument("--borders", default="0.2,0.3,0.4,0.5,0.6", help="border thresholds of the geometry split to score")
+    p.add_argument("--weights", default="1,4", help="other depths of the learnt borders' cuts to score")
+    p.add_argument("--borders", default="0.1,0.2,0.4", help="HoVer-Net's markers at these border thresholds, scored")
+    p.add_argument("--rescore", action="store_true", help="score the units in results.json again from their models")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed forward passes for the head's cost")
@@ -123,15 +127,17 @@ def evaluate(args, data: Path, model_path: Path, held: list, arm: str) -> dict:
         if model.has_geometry:
             split = objects_in_memory(labels, object_request(model, params=SplitParameters()), mpp=r.mpp)
             found["distance split, same labels"] = split.ids
-            for b in args.borders:
-                if b != HVParameters.border:
-                    req = object_request(model, params=HVParameters(border=b))
-                    found[f"geometry, border {b:g}"] = objects_in_memory(labels, req, mpp=r.mpp,
-                                                                         geometry=merger.geometry).ids
+            variants = {f"geometry, weight {w:g}": HVParameters(weight=w) for w in args.weights
+                        if w != HVParameters.weight}
+            variants.update({f"geometry, HoVer-Net markers, border {b:g}": HVParameters(markers="energy", border=b)
+                             for b in args.borders})
+            for name, params in variants.items():
+                req = object_request(model, params=params)
+                found[name] = objects_in_memory(labels, req, mpp=r.mpp, geometry=merger.geometry).ids
         for way, ids in found.items():
             ways.setdefault(way, []).append(scores(enlarge(np.asarray(ids).astype(np.int64), truth.shape), truth))
         line = " | ".join(f"{w} AJI {v[-1]['aji']:.3f} n {v[-1]['objects']}/{v[-1]['true_objects']}"
-                          for w, v in ways.items() if not w.startswith("geometry, border"))
+                          for w, v in ways.items() if not w.startswith("geometry, "))
         print(f"  {arm} {p.stem[:12]}: {line}", flush=True)
     return {w: {"images": [p.stem for p in held], "scores": v, **mean_scores(v)} for w, v in ways.items()}
 
@@ -181,6 +187,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     args.borders = [float(b) for b in args.borders.split(",") if b.strip()]
+    args.weights = [float(w) for w in args.weights.split(",") if w.strip()]
     header(args.device)
     args.work.mkdir(parents=True, exist_ok=True)
     data = data_folder(args, args.work)
@@ -192,6 +199,12 @@ def main(argv=None) -> int:
     if "true_maps" not in done:
         done["true_maps"] = true_map_bound(data, images[:2] if args.quick else images)
         write_text(path, json.dumps(done, indent=1))
+    if args.rescore:
+        for unit in done["units"]:
+            model_path = args.work / f"fold{unit['fold']}_{unit['arm']}.pt"
+            held = fold(images, unit["fold"])[1]
+            unit["ways"] = evaluate(args, data, model_path, held[:2] if args.quick else held, unit["arm"])
+            write_text(path, json.dumps(done, indent=1))
     have = {(u["fold"], u["arm"]) for u in done["units"]}
     for arm in arms:  # every fold of one arm first: a short run still gives one whole row
         for k in wanted:
@@ -208,7 +221,7 @@ def main(argv=None) -> int:
             write_text(path, json.dumps(done, indent=1))
             print(f"fold {k} {arm}: " + "; ".join(f"{w} AJI {v['aji']:.3f} PQ {v['pq']:.3f} count error "
                                                   f"{v['count_error']:.3f}" for w, v in unit["ways"].items()
-                                                  if not w.startswith("geometry, border")), flush=True)
+                                                  if not w.startswith("geometry, ")), flush=True)
     print_table(done)
     cost = done.get("head_cost")
     rows = fold_means(done)

@@ -29,10 +29,14 @@ def test_maps_cut_touching_nuclei_that_distance_cannot():
     ids = two_boxes()
     mask = ids > 0
     assert split_objects(None, mask, mpp=0.5).max() == 1  # one rectangle: the distance split sees one object
-    found = hv_split(None, mask, hv_maps(ids), mpp=0.5)
-    assert found.max() == 2 and same_partition(found, ids)
-    # Without a border in the maps (one nucleus's maps), one object.
-    assert hv_split(None, mask, hv_maps(mask.astype(int)), mpp=0.5).max() == 1
+    for markers in ("distance", "energy"):
+        params = HVParameters(markers=markers)
+        found = hv_split(None, mask, hv_maps(ids), mpp=0.5, params=params)
+        assert found.max() == 2, markers
+        assert (first_pixel_order(found)[ids == 1] == 1).mean() > 0.95, markers  # cut at (about) the true border
+        assert (first_pixel_order(found)[ids == 2] == 2).mean() > 0.95, markers
+        # Without a border in the maps (one nucleus's maps), one object.
+        assert hv_split(None, mask, hv_maps(mask.astype(int)), mpp=0.5, params=params).max() == 1, markers
     with pytest.raises(ValueError, match="maps"):
         hv_split(None, mask, hv_maps(ids)[:, :10], mpp=0.5)
 
@@ -43,14 +47,15 @@ def test_geometry_split_tiled_equals_untiled():
     maps = hv_maps(ids)
     mask = truth > 0
     prob = np.clip(mask + np.random.default_rng(0).normal(0, 0.1, mask.shape), 0, 1)
-    params = HVParameters()
-    whole = hv_split(prob, mask, maps, mpp=0.5, params=params)
-    tiled = np.zeros(mask.shape, np.uint32)
-    for t in object_tiles(array_reader(mask, prob, maps), mask.shape, core=64, halo_um=32.0, mpp=0.5, params=params):
-        y0, x0, y1, x1 = t.core
-        tiled[y0:y1, x0:x1] = t.ids
-        assert t.cut_clumps == 0
-    assert whole.max() > 10 and same_partition(tiled, whole)
+    for params in (HVParameters(), HVParameters(markers="energy")):
+        whole = hv_split(prob, mask, maps, mpp=0.5, params=params)
+        tiled = np.zeros(mask.shape, np.uint32)
+        for t in object_tiles(array_reader(mask, prob, maps), mask.shape, core=64, halo_um=32.0, mpp=0.5,
+                              params=params):
+            y0, x0, y1, x1 = t.core
+            tiled[y0:y1, x0:x1] = t.ids
+            assert t.cut_clumps == 0
+        assert whole.max() > 10 and same_partition(tiled, whole), params.markers
 
 
 class GeometryNet(nn.Module):
@@ -69,7 +74,7 @@ class GeometryNet(nn.Module):
     def forward(self, x, geometry=False):
         dark = -nn.functional.avg_pool2d(x.mean(1, keepdim=True), 3, stride=1, padding=1)  # nuclei are dark
         logits = torch.cat([-dark, dark], 1) * 20 + self.head(self.body(x))
-        return (logits, torch.tanh(self.geometry(self.body(x)) * 10)) if geometry else logits
+        return (logits, torch.tanh(self.geometry(self.body(x)) * 100)) if geometry else logits
 
 
 def geometry_model():
