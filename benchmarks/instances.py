@@ -200,6 +200,7 @@ def main(argv=None) -> int:
         done["true_maps"] = true_map_bound(data, images[:2] if args.quick else images)
         write_text(path, json.dumps(done, indent=1))
     if args.rescore:
+        done["true_maps"] = true_map_bound(data, images[:2] if args.quick else images)
         for unit in done["units"]:
             model_path = args.work / f"fold{unit['fold']}_{unit['arm']}.pt"
             held = fold(images, unit["fold"])[1]
