@@ -12,8 +12,9 @@ Arms, per fold:
 - ``masks``: a model trained on the masks; objects by the distance split (what users get today);
 - ``ids``: a model trained on masks and ids (with the geometry head); objects by its geometry map
   (what users get with it: the distance split on a surface the learnt borders cut into), and, on
-  the same labels, by the distance split alone (a paired comparison); ``--weights`` also scores
-  other depths of those cuts and ``--borders`` HoVer-Net's own markers at these thresholds, on the
+  the same labels, by the distance split alone (a paired comparison) and with the foreground
+  probability (weight 0: what the maps add beyond it); ``--weights`` also scores other depths of
+  those cuts and ``--borders`` HoVer-Net's own markers at these thresholds, on the
   same maps (chosen on these images: optimistic).
 
 Also, without a network: the geometry split of the *true* maps on the true masks at 0.5 µm/px (a
@@ -25,7 +26,7 @@ what it has and a rerun skips the units already there (and reuses their models);
 scores the units already there again from their models (after a change to the objects pass).
 
     python -m benchmarks.instances [--quick] [--data DIR] [--work DIR] [--folds 0,1,2] [--arms ids,masks]
-                                   [--weights 1,4] [--borders 0.1,0.2,0.4] [--threads 1] [--rescore]
+                                   [--weights 0,1,4] [--borders 0.1,0.2,0.4] [--threads 1] [--rescore]
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def parse(argv=None):
     add_data_argument(p)
     p.add_argument("--folds", default="0,1,2", help="which folds to run (of 13 images with ids: 0..3)")
     p.add_argument("--arms", default="ids,masks", help="ids (geometry head), masks (today's), or both")
-    p.add_argument("--weights", default="1,4", help="other depths of the learnt borders' cuts to score")
+    p.add_argument("--weights", default="0,1,4",
+                   help="other depths of the learnt borders' cuts to score (0: the distance split with the "
+                        "foreground probability alone, no maps)")
     p.add_argument("--borders", default="0.1,0.2,0.4", help="HoVer-Net's markers at these border thresholds, scored")
     p.add_argument("--rescore", action="store_true", help="score the units in results.json again from their models")
     p.add_argument("--device", default="cpu")
@@ -127,8 +130,8 @@ def evaluate(args, data: Path, model_path: Path, held: list, arm: str) -> dict:
         if model.has_geometry:
             split = objects_in_memory(labels, object_request(model, params=SplitParameters()), mpp=r.mpp)
             found["distance split, same labels"] = split.ids
-            variants = {f"geometry, weight {w:g}": HVParameters(weight=w) for w in args.weights
-                        if w != HVParameters.weight}
+            variants = {(f"geometry, weight {w:g}" if w else "distance split with the probability, same labels"):
+                        HVParameters(weight=w) for w in args.weights if w != HVParameters.weight}
             variants.update({f"geometry, HoVer-Net markers, border {b:g}": HVParameters(markers="energy", border=b)
                              for b in args.borders})
             for name, params in variants.items():
