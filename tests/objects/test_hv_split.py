@@ -109,3 +109,22 @@ def test_objects_pass_with_a_head_tiled_equals_untiled(tmp_path):
     # The geometry is stored beside the labels for the objects pass, and differs from the distance split.
     assert (tmp_path / "x.ome.zarr" / "geometry" / "0").exists()
     assert not same_partition(want, split_objects(None, whole.labels == 1, mpp=None))
+
+
+def test_a_display_pyramid_without_maps_falls_back_to_the_distance_split():
+    from genselfdiff.infer.merge import PyramidMerger
+    from genselfdiff.infer.segment import segment_tiles
+
+    model = geometry_model()
+    rgb, _ = synthetic_tissue((128, 96), seed=2)
+    merger = PyramidMerger()
+    run = segment_tiles(model, rgb, merger=merger, skip_background=False, instances=True)
+    while True:
+        try:
+            next(run)
+        except StopIteration as end:
+            result = end.value
+            break
+    labels = np.asarray(merger.labels)
+    assert same_partition(result.objects.ids, split_objects(None, labels == 1, mpp=None))
+    assert any("split by distance" in n for n in result.notes)

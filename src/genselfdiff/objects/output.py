@@ -288,7 +288,14 @@ def add_objects(result, request: Optional[ObjectRequest], slide, *, labels=None,
     if request is None or result.stopped:
         return result
     if result.path is None:
-        return replace(result, objects=objects_in_memory(labels, request, mpp=result.mpp, geometry=geometry))
+        notes = []
+        if request.uses_geometry and geometry is None:  # a display pyramid keeps no maps (a slide's would be large)
+            request = replace(request, params=SplitParameters())
+            notes = ["objects: split by distance, since the display keeps no geometry map; segment into an "
+                     "output (or in memory) to split by the model's learnt borders."]
+        objects = objects_in_memory(labels, request, mpp=result.mpp, geometry=geometry)
+        objects.notes += notes
+        return replace(result, objects=objects, notes=result.notes + notes)
     objects = write_instances(result.path, request, mpp=slide.mpp, name=slide.name, progress=progress,
                               should_stop=should_stop)
     if objects.path is None:  # stopped
