@@ -32,7 +32,7 @@ def softmax_labels(model, rgb, kw):
     def launch(self, x):
         with torch.inference_mode():
             probs = class_probabilities(self.net, to_input(x.numpy(), self.device, self.normalization), amp=self.amp)
-            return probs.argmax(1).to(torch.uint8), None, None, x
+            return probs.argmax(1).to(torch.uint8), None, None, x, None  # no geometry map
 
     Predictor.launch = launch
     try:
