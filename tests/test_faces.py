@@ -124,7 +124,6 @@ def test_finetune_widget_and_cli_build_the_same_config(make_napari_viewer, _priv
     image = viewer.add_image(rgb, **meta)
     _, widget = viewer.window.add_plugin_dock_widget("napari-genselfdiff", "Fine-tune")
     widget.image.setCurrentText(image.name)
-    widget.region.setCurrentText("whole image")
     widget.new_annotation_layer()
     strokes = np.where(truth > 0, 2, 1).astype(np.uint8)
     strokes[::2] = 0
