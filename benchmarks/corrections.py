@@ -83,7 +83,7 @@ def annotate(args, strokes, truth, predicted, rng):
                                 nuclei=args.strokes - background, max_painted=MAX_PAINTED)
 
 
-def round0(args, data: Path, labelled: list, strokes: list, k: int) -> Path:
+def round0(args, labelled: list, strokes: list, k: int) -> Path:
     from genselfdiff import FinetuneConfig, finetune
 
     if args.round0 is not None and (args.round0 / f"fold{k}_strokes.pt").exists() and not args.quick:
@@ -102,7 +102,7 @@ def run_arm(args, data: Path, folds: list, k: int, anchor: float, done: dict, sa
     truths = [read_mask(data, p).astype(bool) for p in labelled]
     held_truths = [read_mask(data, p).astype(bool) for p in held]
     strokes = [simulate_strokes(t, np.random.default_rng([7, k, i])) for i, t in enumerate(truths)]
-    model_path = round0(args, data, labelled, strokes, k)
+    model_path = round0(args, labelled, strokes, k)
     key = f"{args.annotator} anchor {anchor:g}"
     runs = done.setdefault(key, {}).setdefault(str(k), [])
     score = lambda m: [dice(predict(m, p, t.shape), t) for p, t in zip(held, held_truths)]  # noqa: E731

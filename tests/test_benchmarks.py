@@ -34,6 +34,7 @@ QUICK_FORMS = {
     "cpu_speed": ["cpu_speed", "--quick", "--work", WORK],
     "folds": ["folds", "--quick", "--data", SYN, "--work", WORK],
     "instances": ["instances", "--quick", "--data", SYN, "--work", WORK],
+    "corrections": ["corrections", "--quick", "--data", SYN, "--work", WORK],
     "resume": ["resume", "--quick", "--work", WORK],
     "whole_slide": ["whole_slide", "--quick", "--work", WORK],
 }
