@@ -12,7 +12,7 @@ from genselfdiff.errors import UserError
 from genselfdiff.infer.segment import segment
 from genselfdiff.io import omezarr
 from genselfdiff.io.labels import open_label_image
-from genselfdiff.objects.output import ObjectRequest, object_request, write_instances
+from genselfdiff.objects.output import ObjectRequest, object_request, write_objects
 from genselfdiff.objects.split import first_pixel_order, split_objects
 
 
@@ -75,12 +75,12 @@ def test_objects_pass_is_seamless_with_a_small_halo_and_counts_density(tmp_path)
         image.write((i, j), truth[i * 64:(i + 1) * 64, j * 64:(j + 1) * 64].astype(np.uint8))
     image.finish("t", ["background", "nucleus"], [(0, 0, 0), (255, 0, 0)], 0.5)
     request = ObjectRequest((1,), ("nucleus",), halo_um=16.0)
-    res = write_instances(out, request, mpp=0.5)
+    res = write_objects(out, request, mpp=0.5)
     assert same_partition(res.ids, split_objects(None, truth == 1, mpp=0.5))
     assert res.counts["nucleus"] == int(split_objects(None, truth == 1, mpp=0.5).max()) > 5
     # A finished pass made with the same request is kept.
     before = (out / "instances" / "zarr.json").stat().st_mtime_ns
-    assert write_instances(out, request, mpp=0.5).counts == res.counts
+    assert write_objects(out, request, mpp=0.5).counts == res.counts
     assert (out / "instances" / "zarr.json").stat().st_mtime_ns == before
 
 

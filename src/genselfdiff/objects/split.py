@@ -264,6 +264,46 @@ def owned_by_core(ids: np.ndarray, core: Window, width: int) -> np.ndarray:
     return (first >= 0) & (y >= core[0]) & (y < core[2]) & (x >= core[1]) & (x < core[3])
 
 
+def class_objects_in_core(labels, probs, core: Window, shape, *, classes, halo: int, mpp: Optional[float] = None,
+                          params=SplitParameters(), geometry: bool = False) -> tuple:
+    """The objects of each class in ``classes`` in one core of a class-label image, split from a window
+    ``halo`` pixels wider: ``(ids, objects of each class that start in the core, clumps cut by the window)``.
+
+    ``labels`` (H, W) and ``probs`` are sliced a window at a time (zarr, dask or numpy). ``probs``: the
+    class probabilities (c, H, W) or None; with ``geometry``, the foreground probability and the two
+    maps (3, H, W) that ``params`` split by. Classes never share a pixel, so their ids share one core.
+    """
+    H, W = shape
+    y0, x0, y1, x1 = core
+    win = (max(y0 - halo, 0), max(x0 - halo, 0), min(y1 + halo, H), min(x1 + halo, W))
+    window = np.asarray(labels[win[0]:win[2], win[1]:win[3]])
+    ids = np.zeros((y1 - y0, x1 - x0), np.uint32)
+    counts, cut = [], 0
+    for k in classes:
+        core_mask = window[y0 - win[0]: y1 - win[0], x0 - win[1]: x1 - win[1]] == k
+        if not core_mask.any():  # no pixel of this class in the core: none of its objects either
+            counts.append(0)
+            continue
+        maps = None
+        if geometry:
+            found = np.asarray(probs[:, win[0]:win[2], win[1]:win[3]])
+            prob, maps = found[0], found[1:]
+        else:
+            prob = None if probs is None else np.asarray(probs[k, win[0]:win[2], win[1]:win[3]])
+
+        def read(w, k=k, prob=prob, maps=maps):
+            a, b, c, d = (w[0] - win[0], w[1] - win[1], w[2] - win[0], w[3] - win[1])
+            found = (None if prob is None else prob[a:c, b:d]), window[a:c, b:d] == k
+            return found if maps is None else found + (maps[:, a:c, b:d],)
+
+        tile = objects_in_core(read, core, shape, halo=halo, mpp=mpp, params=params)
+        ids = np.where(tile.ids > 0, tile.ids, ids)
+        present = np.unique(tile.ids[tile.ids > 0])
+        counts.append(int(owned_by_core(present, core, W).sum()))
+        cut += tile.cut_clumps
+    return ids, counts, cut
+
+
 def core_grid(shape, core: int) -> list:
     """Square cores of side ``core`` covering an image, row by row."""
     H, W = int(shape[0]), int(shape[1])
