@@ -84,6 +84,33 @@ def test_objects_pass_is_seamless_with_a_small_halo_and_counts_density(tmp_path)
     assert (out / "instances" / "zarr.json").stat().st_mtime_ns == before
 
 
+def test_a_stopped_objects_pass_leaves_nothing_finished_looking_and_a_rerun_redoes_it(tmp_path):
+    _, truth = synthetic_tissue((192, 192), seed=4)
+    out = tmp_path / "t.ome.zarr"
+    image = omezarr.LabelImage.create(out, shape=truth.shape, chunk=64, levels=2, run={})
+    for i, j in image.units():
+        image.write((i, j), truth[i * 64:(i + 1) * 64, j * 64:(j + 1) * 64].astype(np.uint8))
+    image.finish("t", ["background", "nucleus"], [(0, 0, 0), (255, 0, 0)], 0.5)
+    request = ObjectRequest((1,), ("nucleus",), halo_um=16.0)
+    asked = []
+
+    def stop_after_four_chunks():
+        asked.append(1)
+        return len(asked) > 4
+
+    stopped = write_objects(out, request, mpp=0.5, png_max_pixels=10**6, should_stop=stop_after_four_chunks)
+    assert stopped.path is None and "stopped" in stopped.notes[0]
+    with pytest.raises(UserError):  # the metadata comes last: 4 of 9 chunks do not look like a result
+        open_label_image(out / "instances")
+    assert not (tmp_path / "t_instances.png").exists() and not (tmp_path / "t_objects.csv").exists()
+    done = write_objects(out, request, mpp=0.5, png_max_pixels=10**6)
+    want = split_objects(None, truth == 1, mpp=0.5)
+    assert same_partition(done.ids, want) and same_partition(open_label_image(out / "instances").array, want)
+    assert (imread(tmp_path / "t_instances.png") == first_pixel_order(np.asarray(done.ids))).all()
+    rows = list(csv.DictReader(open(tmp_path / "t_objects.csv")))
+    assert int(rows[0]["objects"]) == done.counts["nucleus"] == int(want.max())
+
+
 def test_instances_of_and_models_without_foreground_are_one_sentence(local_model):
     model = local_model()
     assert object_request(model, ["B"]).classes == (2,)
