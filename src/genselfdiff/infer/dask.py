@@ -55,7 +55,7 @@ def model_payload(model) -> dict:
     return {"kind": "segmentation", "net": model.net_config.to_dict(),
             "state_dict": {k: v.cpu() for k, v in model.net.state_dict().items()},
             "classes": list(model.classes), "colors": list(model.colors), "resolution": model.resolution.to_dict(),
-            "config": {"patch": model.patch}, "normalization": model.normalization}
+            "config": {"patch": model.patch}, "normalization": model.normalization, "stain": model.stain}
 
 
 def worker_device(device: str, worker=None) -> str:

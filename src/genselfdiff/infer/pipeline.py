@@ -133,7 +133,8 @@ class Reader(threading.Thread):
 
     def _read(self, y0, x0, y1, x1) -> np.ndarray:
         with reading(self.plan.slide, f"level {self.plan.level} near pixel ({y0}, {x0})"):
-            return np.asarray(self.plan.array[y0:y1, x0:x1].compute(**LOCAL))
+            pixels = np.asarray(self.plan.array[y0:y1, x0:x1].compute(**LOCAL))
+        return pixels if self.plan.stain is None else self.plan.stain.apply(pixels)
 
     def _pack(self, items):
         import torch

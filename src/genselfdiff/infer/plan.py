@@ -14,6 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
+import dask
+import numpy as np
+
 from ..errors import UserError
 from ..io.slides import as_slide
 from . import tiling
@@ -49,6 +52,7 @@ class Plan:
     region: Optional[tuple] = None  # processing-level rectangle the work is limited to; None: everything
     objects: object = None  # objects.output.ObjectRequest: the classes to split into objects, or None
     tissue_mm2: Optional[float] = None  # tissue area, for the objects' densities (with objects and a pixel size)
+    stain: object = None  # nn.stain.Stain the tiles are normalised with, for a model that expects it; else None
 
     @property
     def array(self):
@@ -164,10 +168,16 @@ def make_plan(model, image, config: Optional[SegmentConfig] = None, *, region=No
 
     tissue = area = None
     if cfg.skip_background or (objects is not None and slide.mpp):
-        import dask
-
         with reading(slide, "its thumbnail"), dask.config.set(**LOCAL):
             tissue = TissueMap(slide)
         if objects is not None and slide.mpp:
             area = float(tissue.mask.sum()) * (tissue.scale * float(slide.mpp) * 1e-3) ** 2
-    return Plan(slide, level, tile, overlap, m, chunk, tissue if cfg.skip_background else None, region, objects, area)
+    stain = None
+    if model.stain:  # fitted at the level the network reads, as training fitted it (nn.stain)
+        from ..nn.stain import fit_image
+
+        array = slide.levels[level]
+        with reading(slide, "its stain"), dask.config.set(**LOCAL):
+            stain = fit_image(lambda y, x, h, w: np.asarray(array[y : y + h, x : x + w]), array.shape[:2])
+    return Plan(slide, level, tile, overlap, m, chunk, tissue if cfg.skip_background else None, region, objects, area,
+                stain)

@@ -81,6 +81,7 @@ class Model:
     meta: dict = field(default_factory=dict)  # the checkpoint without weights or optimizer
     normalization: str = "[-1, 1]"  # input scaling it was trained with ("[0, 1]": the official recipe)
     amp: bool = True  # bf16 autocast where :func:`amp_enabled` says it pays; False keeps fp32
+    stain: Optional[str] = None  # the stain normalization its input gets (:mod:`.stain`), or None: raw pixels
 
     @property
     def has_geometry(self) -> bool:
@@ -99,12 +100,19 @@ class Model:
         return self.net
 
     @torch.no_grad()
-    def predict(self, rgb: np.ndarray, tta: bool = False) -> np.ndarray:
+    def predict(self, rgb: np.ndarray, tta: bool = False, stain=None) -> np.ndarray:
         """Class probabilities (N, C, H, W) float32 for uint8 (N, H, W, 3); sides a multiple of ``multiple``.
 
-        ``tta``: average over the four flips (see :func:`class_probabilities`).
+        ``tta``: average over the four flips (see :func:`class_probabilities`). ``stain``: for a
+        model that expects stain-normalised input, the image's :class:`~.stain.Stain`
+        (:func:`~.stain.fit_image`); None fits it on ``rgb`` itself.
         """
         net = self.require_segmentation()
+        if self.stain:
+            from . import stain as stains
+
+            stain = stain or stains.fit(rgb)
+            rgb = stain.apply(rgb) if stain is not None else rgb
         return class_probabilities(net, to_input(rgb, self.device, self.normalization), amp=self.amp, tta=tta).cpu().numpy()
 
 
@@ -215,4 +223,5 @@ def load_model(checkpoint, device="auto", use_ema: bool = True) -> Model:
         resolution=Resolution(**ckpt.get("resolution", {})), patch=int(ckpt.get("config", {}).get("patch", 256)),
         path=path, meta=meta, normalization=str(ckpt.get("normalization", "[-1, 1]")),
         amp=bool((ckpt.get("config") or {}).get("amp", True)),  # a model trained in fp32 only (official) runs in fp32
+        stain=ckpt.get("stain") or None,
     )

@@ -51,9 +51,19 @@ class WindowReader:
         self.array = np.asarray(array) if isinstance(array, np.ndarray) or nbytes <= load_below else array
         self.dtype = self.array.dtype
         self.cache: OrderedDict = OrderedDict()
+        self.transform = None  # what map() set for a lazy array, applied to each cell as it is read
         self.lock = threading.Lock()  # patches may be read from several threads
         self.max_cells = max(4, max_bytes // max(1, cell * cell * (self.shape[2] if len(self.shape) == 3 else 1)
                                                  * np.dtype(self.dtype).itemsize))
+
+    def map(self, fn) -> None:
+        """From now on read ``fn(pixels)``; ``fn`` works pixel by pixel (a stain normalization)."""
+        with self.lock:
+            if isinstance(self.array, np.ndarray):
+                self.array = fn(self.array)
+            else:
+                self.transform = fn
+                self.cache.clear()
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         H, W = self.shape[:2]
@@ -81,6 +91,8 @@ class WindowReader:
                 return self.cache[key]
         c = self.cell
         block = np.asarray(self.array[cy * c : (cy + 1) * c, cx * c : (cx + 1) * c])
+        if self.transform is not None:
+            block = self.transform(block)
         with self.lock:
             self.cache[key] = block
             while len(self.cache) > self.max_cells:
@@ -119,6 +131,18 @@ def labelled_image(level: LabelledLevel) -> LabelledImage:
     return LabelledImage(name=level.name, image=WindowReader(level.image, 255), labels=WindowReader(level.labels, 0),
                          level=level.level, downsample=level.downsample, mpp=level.mpp,
                          image_source=level.image_source, label_source=level.label_source)
+
+
+def normalize_stains(items: list, seed: int = 0) -> None:
+    """Each item's image read stain-normalised from now on (:mod:`genselfdiff.nn.stain`), fitted on
+    the image at the training resolution as segmentation fits it; an image without two stains
+    (too little tissue, or not H&E) is left as it is."""
+    from ..nn.stain import fit_image
+
+    for it in items:
+        stain = fit_image(it.image.read, it.shape, seed=seed)
+        if stain is not None:
+            it.image.map(stain.apply)
 
 
 def open_labelled(image, labels, resolution, *, index: int = 0, label_name: Optional[str] = None,

@@ -101,6 +101,9 @@ class FinetuneConfig:
     # The previous model's confident predictions on unpainted pixels (train.priors); default
     # SPARSE_ANCHOR when strokes continue a segmentation model of the same classes, else 0.
     anchor: Optional[float] = DEFAULT.anchor
+    # Each image's stain mapped to one reference before the network sees it (nn.stain); a model
+    # that is continued keeps its own setting.
+    stain: bool = DEFAULT.stain
     # Budget: whichever comes first; none given means DEFAULT_EPOCHS and at least min_steps
     # (strokes: SPARSE_STEPS).
     epochs: Optional[int] = DEFAULT.epochs

@@ -52,9 +52,10 @@ from ..io.pixelsize import Resolution, tell, unknown_note, working_resolution
 from ..io.slides import open_labelled_image
 from ..nn.config import NetConfig, with_preset
 from ..nn.model import Model, pick_device
+from ..nn.stain import METHOD as STAIN_METHOD
 from ..nn.unet import SegmentationNet, UNet, has_geometry_weights, set_geometry, to_segmentation
 from ..progress import Progress, resolve
-from . import priors
+from . import annotations, priors
 from .annotations import PatchSampler, attach_instances, labelled_image, scan, split_tiles, validation_set
 from .config import FinetuneConfig
 from .finetune_run import FinetuneResult, FinetuneRun, SegmentationStep
@@ -105,6 +106,7 @@ class _Start:
     classes: Optional[list] = None
     colors: Optional[list] = None
     provenance: Optional[dict] = None
+    stain: Optional[str] = None  # the stain normalization a segmentation model's input gets (nn.stain)
 
 
 def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *, pretrained=None,
@@ -156,6 +158,8 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
         cfg.affinity = SPARSE_AFFINITY if cfg.sparse else 0.0
     if start.kind:  # the network is the checkpoint's, whatever the preset says
         cfg.net = start.net_cfg
+    if start.kind == "segmentation":  # a model goes on seeing the pixels it learnt on
+        cfg.stain = bool(start.stain)
     mult = cfg.net.downsampling
     if cfg.patch % mult or cfg.patch < 2 * mult:
         raise UserError(f"Patch size {cfg.patch} must be a multiple of {mult} (and at least {2 * mult}) for this network.")
@@ -172,6 +176,8 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
             attach_instances(items[-1], instances[i], lab, i)
         scan(items[-1], sparse=cfg.sparse, tile=cfg.patch, seed=cfg.seed + i)
         progress(Progress("finetune: reading annotations", i + 1, len(images)))
+    if cfg.stain:
+        annotations.normalize_stains(items, cfg.seed)
     unknown = [it.image_source or it.name for it in items if it.mpp is None]
     for note in notes + ([unknown_note(unknown)] if unknown else []):
         tell(note)
@@ -243,7 +249,7 @@ def _load_start(pretrained, recipe: Recipe) -> _Start:
                   "preset": (ckpt.get("config") or {}).get("preset"), "data": ckpt.get("data"),
                   "package_version": ckpt.get("package_version"),
                   "pretrained_from": ckpt.get("pretrained_from") if kind == "segmentation" else None}
-    return _Start(net_cfg, weights, kind, classes, ckpt.get("colors"), provenance)
+    return _Start(net_cfg, weights, kind, classes, ckpt.get("colors"), provenance, ckpt.get("stain") or None)
 
 
 def _build_net(start: _Start, n_classes: int, net_cfg: NetConfig, recipe: Recipe) -> SegmentationNet:
@@ -365,7 +371,7 @@ def _checkpoint_meta(cfg: FinetuneConfig, net: SegmentationNet, names: list, col
     return {"kind": "segmentation", "net": net.unet.cfg.to_dict(), "classes": list(names),
             "colors": [list(map(int, c)) for c in colors[: len(names)]], "config": cfg.to_dict(),
             "resolution": _resolution(items, cfg).to_dict(), "normalization": get_recipe(cfg.recipe).normalization,
-            "pretrained_from": start.provenance, "data": data}
+            "stain": STAIN_METHOD if cfg.stain else None, "pretrained_from": start.provenance, "data": data}
 
 
 def _pixels_per_class(items: list, sparse: bool, k: int) -> list:

@@ -185,7 +185,8 @@ class FinetuneRun(TrainingRun):
         region = self.preview_region
         model = Model(net=self.net, kind="segmentation", net_config=self.net.unet.cfg, device=dev,
                       classes=list(self.names), colors=self.colors, patch=self.cfg.patch,
-                      normalization=get_recipe(self.cfg.recipe).normalization, amp=self.cfg.amp)
+                      normalization=get_recipe(self.cfg.recipe).normalization, amp=self.cfg.amp,
+                      stain=self.meta.get("stain"))
         self.net.eval()
         try:
             with torch.random.fork_rng(devices=[]):  # inference draws nothing; this makes sure

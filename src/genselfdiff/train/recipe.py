@@ -60,7 +60,7 @@ def official_augment() -> Augment:
 # Which Recipe fields a phase's configuration holds under the same name.
 PRETRAIN_FIELDS = ("batch", "amp", "ema_decay", "grad_clip", "warmup_steps")
 FINETUNE_FIELDS = ("batch", "amp", "lr", "betas", "loss", "augment", "epochs", "patience", "grad_clip",
-                   "lr_schedule", "affinity", "prior", "anchor")
+                   "lr_schedule", "affinity", "prior", "anchor", "stain")
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ class Recipe:
     anchor: Optional[float] = None  # None: the engine's weight when strokes continue a segmentation model
     fresh: tuple = ()  # prefixes of the pretrained weights that fine-tuning drops and starts fresh
     keep_lowest_loss: bool = False  # fine-tuning keeps the lowest validation loss (else the best Dice)
+    stain: bool = True  # each image's stain normalised before the network (nn.stain); the official code has none
 
     def pretrain_fields(self) -> dict:
         """The PretrainConfig values of this recipe (``None``: left to the preset)."""
@@ -134,7 +135,8 @@ OFFICIAL = Recipe(
     name="official", normalization="[0, 1]", official_init=True, final_time=False, amp=False, batch=8,
     ema_decay=0.0, warmup_steps=0, pretrain_grad_clip=0.0, sum_loss=True,
     lr=1e-4, betas=(0.5, 0.999), loss="official", augment=official_augment(), epochs=150, patience=0,
-    lr_schedule="constant", affinity=0.0, prior=0.0, anchor=0.0, fresh=("final.", "head."), keep_lowest_loss=True)
+    lr_schedule="constant", affinity=0.0, prior=0.0, anchor=0.0, fresh=("final.", "head."), keep_lowest_loss=True,
+    stain=False)
 RECIPES = {r.name: r for r in (DEFAULT, OFFICIAL)}
 
 

@@ -70,6 +70,9 @@ def register(sub) -> None:
     p.add_argument("--anchor", type=float, metavar="W",
                    help="correction rounds: weight of the previous model's confident answers on unpainted pixels "
                         "(default 1 when --sparse strokes continue a segmentation model; 0 switches it off)")
+    p.add_argument("--no-stain-normalization", dest="stain", action="store_false", default=None,
+                   help="feed the network each image's own colours; by default every image's H&E stain is mapped "
+                        "to one reference first (Macenko), which the model then expects when it segments")
     p.add_argument("--steps-per-epoch", type=int, metavar="N", help="default: about one pass over the annotated tiles")
     p.add_argument("--val-fraction", type=float, metavar="F", help="share of annotated tiles held out (default 0.1)")
     p.add_argument("--patience", type=int, metavar="N", help="epochs without a better validation Dice before stopping (default 10, never before step 2500; masks only: "
@@ -123,7 +126,8 @@ def run(args) -> int:
                      steps=args.steps, minutes=args.minutes, steps_per_epoch=args.steps_per_epoch,
                      val_fraction=args.val_fraction, patience=args.patience, classes=args.classes,
                      class_names=names, colors=colors, workers=args.workers, amp=args.amp, seed=args.seed, sparse=args.sparse,
-                     resolution=resolution, recipe=args.recipe, anchor=args.anchor)
+                     resolution=resolution, recipe=args.recipe, anchor=args.anchor,
+                     stain=args.stain)
     if args.no_augment:
         overrides["augment"] = Augment.off()
     cfg = FinetuneConfig.from_preset(args.preset, **overrides)
