@@ -17,7 +17,8 @@ fold's mean over its 6 images and, at the end, the mean and standard deviation o
 results.json in --work is rewritten after every fold, so an interrupted run keeps what it has and
 a rerun skips the folds already there.
 
-Run: python -m benchmarks.folds --work DIR [--annotations masks,strokes] [--folds 0,1,2,3,4] [--quick]
+Run: python -m benchmarks.folds --work DIR [--annotations masks,strokes] [--folds 0,1,2,3,4] [--steps N]
+[--no-stain-normalization] [--quick]
 ``--quick`` runs one fold with 20 steps on synthetic tissue (a smoke test, seconds).
 """
 
@@ -54,6 +55,9 @@ def parse(argv=None):
     p.add_argument("--annotations", default="masks,strokes", help="masks, strokes or both (comma-separated)")
     p.add_argument("--folds", default="0,1,2,3,4", help="which folds to run")
     p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, metavar="N", help="a training budget other than the engine's default")
+    p.add_argument("--no-stain-normalization", dest="stain", action="store_false",
+                   help="train (and so segment) on each image's own colours, as models before stain normalization")
     p.add_argument("--quick", action="store_true", help="one fold, 20 steps, synthetic tissue when no --data")
     return p.parse_args(argv)
 
@@ -97,6 +101,10 @@ def run_fold(args, data: Path, folds: list, k: int, annotation: str) -> dict:
     else:
         labels = [read_mask(data, p).astype(np.uint8) for p in labelled]
     overrides = dict(sparse=annotation == "strokes", class_names=["background", "nucleus"])
+    if args.steps:
+        overrides["steps"] = args.steps
+    if not args.stain:
+        overrides["stain"] = False
     if args.quick:
         overrides["steps"] = 20
     cfg = FinetuneConfig.from_preset("auto", **overrides)
