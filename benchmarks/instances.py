@@ -117,7 +117,8 @@ def segment_with_geometry(model, path: Path):
 def evaluate(args, data: Path, model_path: Path, held: list, arm: str) -> dict:
     from genselfdiff import load_model
     from genselfdiff.objects.hv_split import HVParameters
-    from genselfdiff.objects.output import object_request, objects_in_memory
+    from genselfdiff.objects.output import objects_in_memory
+    from genselfdiff.objects.request import object_request
     from genselfdiff.objects.split import SplitParameters
 
     model = load_model(model_path, args.device)

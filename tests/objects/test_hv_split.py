@@ -9,7 +9,7 @@ from genselfdiff.app.synthetic import synthetic_tissue
 from genselfdiff.infer.segment import segment
 from genselfdiff.nn.geometry import hv_maps
 from genselfdiff.objects.hv_split import HVParameters, hv_split
-from genselfdiff.objects.output import object_request
+from genselfdiff.objects.request import object_request
 from genselfdiff.objects.split import array_reader, first_pixel_order, object_tiles, split_objects
 
 

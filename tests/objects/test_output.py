@@ -12,7 +12,8 @@ from genselfdiff.errors import UserError
 from genselfdiff.infer.segment import segment
 from genselfdiff.io import omezarr
 from genselfdiff.io.labels import open_label_image
-from genselfdiff.objects.output import ObjectRequest, object_request, write_objects
+from genselfdiff.objects.output import write_objects
+from genselfdiff.objects.request import ObjectRequest, object_request
 from genselfdiff.objects.split import first_pixel_order, split_objects
 
 

@@ -72,7 +72,7 @@ def test_finetune_with_ids_trains_and_saves_the_geometry_head(tmp_path):
     # Without ids the same command makes a model without the head (as before).
     plain = [a for a in cli_args(folder, tmp_path / "plain.pt") if a not in ("--instances", str(folder / "ids"))]
     assert main(plain) == 0 and not load_model(tmp_path / "plain.pt", "cpu").has_geometry
-    from genselfdiff.objects.output import object_request
+    from genselfdiff.objects.request import object_request
 
     assert isinstance(object_request(model).params, HVParameters)
 

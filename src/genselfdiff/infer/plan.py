@@ -50,7 +50,7 @@ class Plan:
     chunk: int  # level-0 output chunk side
     tissue: object = None  # TissueMap, or None to compute every tile
     region: Optional[tuple] = None  # processing-level rectangle the work is limited to; None: everything
-    objects: object = None  # objects.output.ObjectRequest: the classes to split into objects, or None
+    objects: object = None  # objects.request.ObjectRequest: the classes to split into objects, or None
     tissue_mm2: Optional[float] = None  # tissue area, for the objects' densities (with objects and a pixel size)
     stain: object = None  # nn.stain.Stain the tiles are normalised with, for a model that expects it; else None
 
@@ -105,8 +105,8 @@ def reading(slide, where: str):
 def check_model(model, config: SegmentConfig):
     """The model checked against a configuration before any image is opened (a segmentation model
     of RGB input and uint8 classes, having the classes to split); returns the classes to split into
-    objects (an :class:`~genselfdiff.objects.output.ObjectRequest`), or None without instances."""
-    from ..objects.output import object_request
+    objects (an :class:`~genselfdiff.objects.request.ObjectRequest`), or None without instances."""
+    from ..objects.request import object_request
 
     net = model.require_segmentation()
     if model.net_config.in_channels != 3:

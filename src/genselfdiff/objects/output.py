@@ -25,45 +25,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
-from ..errors import UserError
 from ..io.outputs import open_objects_pass, write_objects_files
 from ..progress import Progress, resolve
-from .hv_split import HVParameters
 from .measure import object_summary, summary_csv
-from .split import (
-    HALO_UM,
-    MAX_ID,
-    SplitParameters,
-    class_objects_in_core,
-    core_grid,
-    first_pixel_order,
-    halo_pixels,
-)
+from .request import ObjectRequest
+from .split import MAX_ID, SplitParameters, class_objects_in_core, core_grid, first_pixel_order, halo_pixels
 
 STAGE = "objects"
 PNG_MAX_OBJECTS = 2**16 - 1  # a 16-bit PNG holds this many ids
-
-
-@dataclass(frozen=True)
-class ObjectRequest:
-    """Which classes to split into objects, and how."""
-
-    classes: tuple  # label values
-    names: tuple  # their class names
-    params: object = SplitParameters()  # SplitParameters (distance) or HVParameters (geometry map)
-    halo_um: float = HALO_UM
-
-    @property
-    def uses_geometry(self) -> bool:
-        return isinstance(self.params, HVParameters)
-
-    def describe(self) -> dict:
-        return {"classes": list(self.classes), "names": list(self.names), "halo_um": self.halo_um,
-                "params": self.params.describe()}
 
 
 @dataclass
@@ -77,32 +50,6 @@ class ObjectResult:
     summary: Optional[Path] = None  # OUT/NAME_objects.csv
     cut_clumps: int = 0  # clumps wider than the halo (may differ from an untiled split)
     notes: list = field(default_factory=list)
-
-
-def object_request(model, instances_of: Optional[Sequence[str]] = None, **kw) -> ObjectRequest:
-    """The classes of ``model`` to split: every foreground class, or those named in ``instances_of``;
-    by its geometry map when the model has one (:mod:`.hv_split`), else by distance (:mod:`.split`).
-
-    A name the model does not have, or a model without foreground classes, is a :class:`UserError`.
-    """
-    if "params" not in kw:
-        kw["params"] = HVParameters() if getattr(model, "has_geometry", False) else SplitParameters()
-    classes = list(model.classes)
-    source = model.path or "The model"
-    if len(classes) < 2:
-        raise UserError(f"{source} has no foreground class to split into objects; segment without --instances.")
-    if not instances_of:
-        chosen = list(range(1, len(classes)))
-    else:
-        lookup = {str(n).lower(): k for k, n in enumerate(classes)}
-        chosen = []
-        for name in instances_of:
-            k = lookup.get(str(name).strip().lower())
-            if not k:  # unknown, or the background
-                raise UserError(f"{source} has no foreground class {str(name).strip()!r} to split into objects; "
-                                f"its classes are {', '.join(map(str, classes[1:]))}.")
-            chosen += [k] if k not in chosen else []
-    return ObjectRequest(tuple(chosen), tuple(str(classes[k]) for k in chosen), **kw)
 
 
 # --- in memory ----------------------------------------------------------------------------
