@@ -4,7 +4,8 @@ Folders are only listed, never opened, so a folder of thousands of slides costs 
 walk. An image's *stem* is its name without image suffixes (``a/b.ome.tif`` -> ``b``); masks
 and QuPath GeoJSON exports are matched to images by stem (:func:`match_by_stem`), with or
 without one of :data:`MASK_SUFFIXES` (``a.svs`` <- ``a.png``, ``a_mask.tif``, ``a.geojson``);
-:func:`pair_annotations` is that matching for a training run, with what to tell the user.
+:func:`pair_annotations` is that matching for a training run, with what to tell the user, and
+:func:`training_files` all of a run's files in one call (its images of instance ids too).
 :func:`fingerprint` and :func:`same_slides` say whether two lists of files are the same slides
 wherever they are kept (a resumed run checks its data with them).
 
@@ -127,6 +128,22 @@ def pair_annotations(images: Sequence, sources: Sequence, *, geojson: bool = Fal
     if unused:
         notes.append(f"note: {len(unused)} {kind}(s) match no image: {_listed(unused)}.")
     return pairs, notes
+
+
+def training_files(image_sources: Sequence, sources: Sequence, *, geojson: bool = False,
+                   instances: Optional[Sequence] = None) -> tuple:
+    """The images found in ``image_sources`` (:func:`image_paths`) that have a mask (or, with
+    ``geojson``, a QuPath GeoJSON export) in ``sources`` (:func:`pair_annotations`), and, given
+    ``instances`` (files or folders), each one's image of instance ids, matched by stem as masks are.
+    ``(pairs, ids or None, notes)``; a :class:`UserError` for the first image without ids."""
+    pairs, notes = pair_annotations(image_paths(image_sources), sources, geojson=geojson)
+    if not instances:
+        return pairs, None, notes
+    matched, unmatched, _ = match_by_stem([image for image, _ in pairs], instances)
+    if unmatched:
+        raise UserError(f"No image of ids in {', '.join(map(str, instances))} matches {unmatched[0].name}; name it "
+                        "after its image, as masks are (a.png <- a.png or a_mask.png), or leave the image out.")
+    return pairs, [ids for _, ids in matched], notes
 
 
 def _listed(paths: list) -> str:

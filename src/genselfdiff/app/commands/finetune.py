@@ -94,7 +94,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ...errors import UserError
-    from ...io.files import image_paths, pair_annotations
+    from ...io.files import training_files
     from ...io.pixelsize import Resolution
     from ...io.rasterize import training_labels
     from ...train.augment import Augment
@@ -102,12 +102,14 @@ def run(args) -> int:
     from ...train.finetune import finetune
     from ..cli import ProgressBar, StopOnInterrupt
 
-    images = image_paths(args.images)
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     if names is not None and (len(names) < 2 or not all(names)):
         raise UserError("--class-names needs at least two non-empty names, background first (e.g. background,nucleus).")
+    if args.instances and (not args.masks or args.sparse):
+        raise UserError("--instances goes with dense --masks: every pixel of a class needs the id of its object.")
     resolution = Resolution(level=args.level or 0, mpp=args.mpp) if args.level is not None or args.mpp else None
-    pairs, notes = pair_annotations(images, args.masks or args.annotations, geojson=not args.masks)
+    pairs, instances, notes = training_files(args.images, args.masks or args.annotations, geojson=not args.masks,
+                                             instances=args.instances)
     for note in notes:
         print(note, file=sys.stderr)
     colors = None
@@ -119,7 +121,6 @@ def run(args) -> int:
             print(f"warning: {w}", file=sys.stderr)
     else:
         labels = [m for _, m in pairs]
-    instances = _instance_files([i for i, _ in pairs], args) if args.instances else None
 
     overrides = dict(patch=args.patch, batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule,
                      loss=args.loss, epochs=args.epochs,
@@ -141,20 +142,6 @@ def run(args) -> int:
                           instances=instances)
     _summary(result, cfg.sparse)
     return 0
-
-
-def _instance_files(images: list, args) -> list:
-    """The instance-id image of every training image, matched by stem; one sentence for the first image without one."""
-    from ...errors import UserError
-    from ...io.files import match_by_stem
-
-    if not args.masks or args.sparse:
-        raise UserError("--instances goes with dense --masks: every pixel of a class needs the id of its object.")
-    pairs, unmatched, _ = match_by_stem(images, args.instances)
-    if unmatched:
-        raise UserError(f"No image of ids in {', '.join(args.instances)} matches {unmatched[0].name}; name it after "
-                        "its image, as masks are (a.png <- a.png or a_mask.png), or leave the image out.")
-    return [ids for _, ids in pairs]
 
 
 class _EpochPrinter:
