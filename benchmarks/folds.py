@@ -113,14 +113,16 @@ def run_fold(args, data: Path, folds: list, k: int, annotation: str) -> dict:
     res = finetune([str(p) for p in labelled], labels, out, cfg, device=args.device, pixel_size=MPP)
     seconds = time.perf_counter() - t0
     model = load_model(out, args.device)
-    scores = []
+    scores, called, true = [], [], []
     for p in held:
         truth = read_mask(data, p)
-        labels_out = np.asarray(segment(model, str(p), pixel_size=MPP).labels)
-        scores.append(dice(enlarge(labels_out, truth.shape) == 1, truth))
+        nucleus = enlarge(np.asarray(segment(model, str(p), pixel_size=MPP).labels), truth.shape) == 1
+        scores.append(dice(nucleus, truth))
+        called.append(float(nucleus.mean()))  # over- or under-calling shows here, beside the Dice
+        true.append(float(truth.mean()))
     painted = float(np.mean([(lab > 0).mean() for lab in labels])) if annotation == "strokes" else 1.0
     return dict(fold=k, annotation=annotation, labelled=[p.stem for p in labelled], held=[p.stem for p in held],
-                dice=scores, mean=float(np.mean(scores)), steps=res.steps, seconds=round(seconds, 1),
+                dice=scores, mean=float(np.mean(scores)), called=called, true_share=true, steps=res.steps, seconds=round(seconds, 1),
                 painted=painted)
 
 
