@@ -62,7 +62,7 @@ def test_finetune_with_ids_trains_and_saves_the_geometry_head(tmp_path):
     model = load_model(out, "cpu")
     assert model.has_geometry and isinstance(model.meta.get("geometry"), dict)
     # The head learnt: its weights moved from a fresh head's drawn with the same seed.
-    from genselfdiff.nn.geometry import GeometryHead
+    from genselfdiff.nn.unet import GeometryHead
 
     torch.manual_seed(0)
     assert any(not torch.equal(v, model.net.geometry.state_dict()[k]) for k, v in GeometryHead(16).state_dict().items())

@@ -8,7 +8,8 @@ Between two touching nuclei the horizontal map jumps from +1 to -1 (or the verti
 does), which is where the objects pass (:mod:`genselfdiff.objects.hv_split`) cuts them.
 
 Here the map is a small head on the segmentation network's last decoder features, beside
-the class head (:class:`GeometryHead`); it learns from instance ids (:func:`hv_targets`,
+the class head (:class:`genselfdiff.nn.unet.GeometryHead`, with the network's other layers);
+it learns from instance ids (:func:`hv_targets`,
 computed per training patch after augmentation, so flips, rotations and elastic warps move
 the maps exactly) with HoVer-Net's loss (:func:`hv_loss`): the mean squared error of the maps
 plus the mean squared error of their Sobel gradients on nucleus pixels.
@@ -25,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from torch import nn
 
 from ..errors import UserError
 
@@ -34,19 +34,6 @@ CHANNELS = 2  # horizontal, vertical
 IGNORED, BACKGROUND, NUCLEUS = 0, 1, 2
 SOBEL_SIZE = 5  # HoVer-Net's kernel of the gradient loss
 GEOMETRY_WEIGHT = 1.0  # the maps' loss beside the class loss (HoVer-Net weighs its terms 1 : 1)
-
-
-class GeometryHead(nn.Module):
-    """A light regression head: 3x3 convolution, GroupNorm, SiLU, 1x1 to the two maps."""
-
-    def __init__(self, width: int, groups: int = 8):
-        super().__init__()
-        self.conv = nn.Conv2d(width, width, 3, padding=1)
-        self.norm = nn.GroupNorm(min(groups, width), width)
-        self.out = nn.Conv2d(width, CHANNELS, 1)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.out(F.silu(self.norm(self.conv(features))))
 
 
 # --- targets -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ the official recipe) and its fine-tuning starts that block and the head afresh
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NetConfig
-from .geometry import GeometryHead
+from .geometry import CHANNELS as GEOMETRY_CHANNELS
 
 
 class TimeEmbedding(nn.Module):
@@ -172,10 +173,24 @@ class UNet(nn.Module):
         return self.head(self.features(x, t))
 
 
+class GeometryHead(nn.Module):
+    """A light regression head to the geometry maps (:mod:`genselfdiff.nn.geometry`): 3x3
+    convolution, GroupNorm, SiLU, 1x1 to the horizontal and vertical map."""
+
+    def __init__(self, width: int, groups: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.norm = nn.GroupNorm(min(groups, width), width)
+        self.out = nn.Conv2d(width, GEOMETRY_CHANNELS, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(F.silu(self.norm(self.conv(features))))
+
+
 class SegmentationNet(nn.Module):
     """The whole diffusion U-Net with a new head of ``classes`` logits and t fixed at 0.
 
-    ``geometry``: also a :class:`~genselfdiff.nn.geometry.GeometryHead` on the same features
+    ``geometry``: also a :class:`GeometryHead` on the same features
     (HoVer-Net's horizontal and vertical maps); ``forward(x, geometry=True)`` then returns
     ``(logits, maps)`` from one pass. Without it the network is the one of old checkpoints.
     """
@@ -242,6 +257,14 @@ def segmentation_net(cfg: NetConfig, classes: int, unet_weights: Optional[dict] 
         if net.geometry is not None:
             normal_init(net.geometry, init_std)
     return net
+
+
+def continued_net(cfg: NetConfig, weights: dict, weight_classes: int, classes: int) -> SegmentationNet:
+    """A segmentation network of ``weight_classes`` with its ``weights`` (its geometry head too, if they
+    hold one), its head renewed (drawn from torch's RNG, without a geometry head) when ``classes`` differ."""
+    net = to_segmentation(UNet(replace(cfg, out_channels=3)), weight_classes, geometry=has_geometry_weights(weights))
+    net.load_state_dict(weights)
+    return net if weight_classes == classes else to_segmentation(net.unet, classes)
 
 
 def set_geometry(net: SegmentationNet, on: bool) -> SegmentationNet:
