@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import UserError
+from ..io.labels import default_class_names
 from ..io.slides import LabelledLevel, open_labelled_image
 from . import priors
 from .losses import IGNORE
@@ -236,6 +237,57 @@ def attach_instances(item: LabelledImage, source, mask, index: int = 0) -> None:
                         f"{shape[1]}x{shape[0]}; give one id image of the mask's size.")
     ids = np.asarray(resize_labels(ids, item.shape))  # the mask's own rule, so both pick the same pixels
     item.ids = WindowReader(fit_instances(ids, np.asarray(item.labels.array), name, mpp=item.mpp), 0)
+
+
+def check_classes(items: list, cfg, start) -> list:
+    """Class names (index 0 = background), after checking every label file against them and against
+    the model a run starts from (``start``: its ``kind``, ``classes`` and ``provenance``).
+    ``cfg``: a :class:`~genselfdiff.train.config.FinetuneConfig` (``sparse``, ``class_names``, ``classes``)."""
+    sparse = cfg.sparse
+    offset = 1 if sparse else 0  # label value = class index + offset
+    for it in items:
+        annotated = it.counts[1:].sum() if sparse else it.counts.sum()
+        if sparse and annotated == 0:
+            raise UserError(f"{it.label_source} has no annotated pixel (all 0 = unlabelled); paint at least a few "
+                            "strokes, or leave this image out.")
+    present = sorted({int(v) for it in items for v in np.nonzero(it.counts)[0] if v >= offset})
+    if not sparse and present == [0]:
+        where = items[0].label_source if len(items) == 1 else "every mask"
+        raise UserError(f"{where} contains only background (0): there is nothing to learn; "
+                        "label the objects with 1, 2, ...")
+    if cfg.class_names:
+        names = [str(n) for n in cfg.class_names]
+        if cfg.classes is not None and cfg.classes != len(names):
+            raise UserError(f"{cfg.classes} classes requested but {len(names)} class names given.")
+    elif cfg.classes is not None:
+        names = default_class_names(cfg.classes)
+    else:
+        inferred = max(2, present[-1] + 1 - offset)
+        # A segmentation model is continued only if the labels use exactly its classes
+        # (give the number of classes to continue with a subset of them annotated).
+        names = list(start.classes) if start.classes and inferred == len(start.classes) else default_class_names(inferred)
+    k = len(names)
+    if start.kind == "segmentation" and len(start.classes) != k:
+        raise UserError(f"{start.provenance['path']} segments {len(start.classes)} classes ({', '.join(start.classes)}) "
+                        f"but the annotations have {k}; fine-tune from its pretrained model instead, or use matching classes.")
+    if start.kind == "segmentation" and list(start.classes) != names:
+        raise UserError(f"{start.provenance['path']} segments {', '.join(start.classes)} but the annotations name "
+                        f"{', '.join(names)}; continue it with its class names, or fine-tune from its pretrained model.")
+    if k < 2:
+        raise UserError("A segmentation model needs at least two classes (background and one object class).")
+    for it in items:
+        top = int(np.nonzero(it.counts)[0].max())
+        if top - offset >= k:
+            convention = (f"sparse labels: 1 = {names[0]} ... {k} = {names[-1]}, 0 = unlabelled" if sparse
+                          else f"dense labels: 0 = {names[0]} ... {k - 1} = {names[-1]}")
+            hint = " (a 0/255 mask? divide it by 255)" if top == 255 else ""
+            raise UserError(f"{it.label_source} contains label {top}, beyond the {k} classes ({convention}){hint}; "
+                            "set the number of classes or fix the mask.")
+    if len(present) < 2:
+        label = names[present[0] - offset] if present else "?"
+        raise UserError(f"The annotations contain only the class {label!r}; annotate at least one more class "
+                        f"(e.g. background{' = 1' if sparse else ' = 0'}).")
+    return names
 
 
 # --- sampling ----------------------------------------------------------------------------

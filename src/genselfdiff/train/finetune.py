@@ -47,16 +47,24 @@ import torch
 
 from ..errors import UserError
 from ..io.checkpoint import load_checkpoint
-from ..io.labels import default_class_names, default_colors
+from ..io.labels import default_colors
 from ..io.pixelsize import Resolution, tell, unknown_note, working_resolution
 from ..io.slides import open_labelled_image
 from ..nn.config import NetConfig, with_preset
 from ..nn.model import Model, pick_device
 from ..nn.stain import METHOD as STAIN_METHOD
-from ..nn.unet import SegmentationNet, UNet, has_geometry_weights, set_geometry, to_segmentation
+from ..nn.unet import SegmentationNet
 from ..progress import Progress, resolve
 from . import annotations, priors
-from .annotations import PatchSampler, attach_instances, labelled_image, scan, split_tiles, validation_set
+from .annotations import (
+    PatchSampler,
+    attach_instances,
+    check_classes,
+    labelled_image,
+    scan,
+    split_tiles,
+    validation_set,
+)
 from .config import FinetuneConfig
 from .finetune_run import FinetuneResult, FinetuneRun, SegmentationStep
 from .losses import LOSSES
@@ -144,11 +152,11 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
         cfg.lr_schedule = SPARSE_LR_SCHEDULE if cfg.sparse else "constant"  # the official recipe sets its own
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"Unknown learning-rate schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
-    dev = pick_device(device) if not isinstance(device, torch.device) else device
     if preview is not None:
         _check_preview(preview)
-
     start = _load_start(pretrained, recipe) if pretrained is not None else None
+
+    dev = pick_device(device) if not isinstance(device, torch.device) else device
     cfg = with_preset(cfg, dev, start.provenance["preset"] if start else None)  # the base model's preset wins
     start = start or _Start(cfg.net)
     if cfg.lr is None:
@@ -181,7 +189,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     unknown = [it.image_source or it.name for it in items if it.mpp is None]
     for note in notes + ([unknown_note(unknown)] if unknown else []):
         tell(note)
-    names = _check_classes(items, cfg, start)
+    names = check_classes(items, cfg, start)
     n_classes = len(names)
     cfg.class_names, cfg.classes = names, n_classes
     colors = [list(c) for c in (cfg.colors or (start.colors if start.classes == names else None) or default_colors(n_classes))]
@@ -190,7 +198,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
 
     with torch.random.fork_rng(devices=[]):  # the same initial weights for a seed; the caller's RNG untouched
         torch.manual_seed(cfg.seed)
-        net = set_geometry(_build_net(start, n_classes, cfg.net, recipe), instances is not None).to(dev)
+        net = recipe.start_net(start, n_classes, cfg.net, geometry=instances is not None).to(dev)
 
     split = split_tiles(items, cfg.val_fraction, seed=cfg.seed)
     balance = cfg.balance if cfg.balance is not None else (1.0 if cfg.sparse else 0.0)
@@ -199,19 +207,12 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
     thresholds = _stain_prior(items, cfg)
     sampler = PatchSampler(items, cfg.patch, cfg.patch, cfg.sparse, balance, prior=thresholds, anchors=anchors)
     val = validation_set(items, cfg.patch, margin, cfg.sparse, on_train=not split, max_tiles=cfg.val_max_tiles, seed=cfg.seed)
-    spe = cfg.steps_per_epoch or _default_steps_per_epoch(items, cfg)
-    meta = _checkpoint_meta(cfg, net, names, colors, start, items, val)
-    if instances is not None:
-        meta["geometry"] = {"maps": "hv", "instances": [str(s) if isinstance(s, (str, Path)) else "array"
-                                                        for s in instances]}
-    run = FinetuneRun(cfg=cfg, step=SegmentationStep.from_config(cfg, net, dev), sampler=sampler,
-                      budget=_budget(cfg, spe, continuing=start.kind == "segmentation"), out=out, names=names,
-                      colors=colors, meta=meta, val=val, preview=preview)
-    if resume:
-        run.resume()
-    else:
-        run.validate(dev)  # the untrained start, as a baseline and a first "best"
-    return run.train(progress, should_stop)
+    budget = _budget(cfg, cfg.steps_per_epoch or _default_steps_per_epoch(items, cfg),
+                     continuing=start.kind == "segmentation")
+    meta = _checkpoint_meta(cfg, net, names, colors, start, items, val, instances)
+    run = FinetuneRun(cfg=cfg, step=SegmentationStep.from_config(cfg, net, dev), sampler=sampler, budget=budget,
+                      out=out, names=names, colors=colors, meta=meta, val=val, preview=preview)
+    return run.train(progress, should_stop, resume=resume)
 
 
 # --- setting up ----------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def _load_start(pretrained, recipe: Recipe) -> _Start:
     # A pretrained model's EMA weights, when it has them, are its better weights (as for sampling).
     weights = (ckpt.get("ema_state_dict") if kind == "pretrained" else None) or ckpt["state_dict"]
     try:  # build once to fail early, naming the file, if the weights do not fit
-        _build_net(_Start(net_cfg, weights, kind, classes), len(classes) if classes else 2, net_cfg, recipe)
+        recipe.start_net(_Start(net_cfg, weights, kind, classes), len(classes) if classes else 2, net_cfg)
     except (RuntimeError, KeyError, ValueError, TypeError):
         raise UserError(f"{path} holds weights of another architecture than the genselfdiff U-Net it describes; "
                         "use a model pretrained with this version of genselfdiff.") from None
@@ -250,69 +251,6 @@ def _load_start(pretrained, recipe: Recipe) -> _Start:
                   "package_version": ckpt.get("package_version"),
                   "pretrained_from": ckpt.get("pretrained_from") if kind == "segmentation" else None}
     return _Start(net_cfg, weights, kind, classes, ckpt.get("colors"), provenance, ckpt.get("stain") or None)
-
-
-def _build_net(start: _Start, n_classes: int, net_cfg: NetConfig, recipe: Recipe) -> SegmentationNet:
-    """The network a run starts from: a segmentation model's own (its head renewed for other
-    classes), else the recipe's network (:meth:`Recipe.segmentation_net`) with the pretrained
-    weights (None: ``net_cfg`` from random initialisation)."""
-    if start.kind != "segmentation":
-        return recipe.segmentation_net(start.net_cfg if start.kind else net_cfg, n_classes, start.weights)
-    net = to_segmentation(UNet(replace(start.net_cfg, out_channels=3)), len(start.classes),
-                          geometry=has_geometry_weights(start.weights))
-    net.load_state_dict(start.weights)
-    if len(start.classes) != n_classes:
-        net = to_segmentation(net.unet, n_classes)
-    return net
-
-
-def _check_classes(items: list, cfg: FinetuneConfig, start: _Start) -> list:
-    """Class names (index 0 = background), after checking every label file against them."""
-    sparse = cfg.sparse
-    offset = 1 if sparse else 0  # label value = class index + offset
-    for it in items:
-        annotated = it.counts[1:].sum() if sparse else it.counts.sum()
-        if sparse and annotated == 0:
-            raise UserError(f"{it.label_source} has no annotated pixel (all 0 = unlabelled); paint at least a few "
-                            "strokes, or leave this image out.")
-    present = sorted({int(v) for it in items for v in np.nonzero(it.counts)[0] if v >= offset})
-    if not sparse and present == [0]:
-        where = items[0].label_source if len(items) == 1 else "every mask"
-        raise UserError(f"{where} contains only background (0): there is nothing to learn; "
-                        "label the objects with 1, 2, ...")
-    if cfg.class_names:
-        names = [str(n) for n in cfg.class_names]
-        if cfg.classes is not None and cfg.classes != len(names):
-            raise UserError(f"{cfg.classes} classes requested but {len(names)} class names given.")
-    elif cfg.classes is not None:
-        names = default_class_names(cfg.classes)
-    else:
-        inferred = max(2, present[-1] + 1 - offset)
-        # A segmentation model is continued only if the labels use exactly its classes
-        # (give the number of classes to continue with a subset of them annotated).
-        names = list(start.classes) if start.classes and inferred == len(start.classes) else default_class_names(inferred)
-    k = len(names)
-    if start.kind == "segmentation" and len(start.classes) != k:
-        raise UserError(f"{start.provenance['path']} segments {len(start.classes)} classes ({', '.join(start.classes)}) "
-                        f"but the annotations have {k}; fine-tune from its pretrained model instead, or use matching classes.")
-    if start.kind == "segmentation" and list(start.classes) != names:
-        raise UserError(f"{start.provenance['path']} segments {', '.join(start.classes)} but the annotations name "
-                        f"{', '.join(names)}; continue it with its class names, or fine-tune from its pretrained model.")
-    if k < 2:
-        raise UserError("A segmentation model needs at least two classes (background and one object class).")
-    for it in items:
-        top = int(np.nonzero(it.counts)[0].max())
-        if top - offset >= k:
-            convention = (f"sparse labels: 1 = {names[0]} ... {k} = {names[-1]}, 0 = unlabelled" if sparse
-                          else f"dense labels: 0 = {names[0]} ... {k - 1} = {names[-1]}")
-            hint = " (a 0/255 mask? divide it by 255)" if top == 255 else ""
-            raise UserError(f"{it.label_source} contains label {top}, beyond the {k} classes ({convention}){hint}; "
-                            "set the number of classes or fix the mask.")
-    if len(present) < 2:
-        label = names[present[0] - offset] if present else "?"
-        raise UserError(f"The annotations contain only the class {label!r}; annotate at least one more class "
-                        f"(e.g. background{' = 1' if sparse else ' = 0'}).")
-    return names
 
 
 def _stain_prior(items: list, cfg: FinetuneConfig) -> Optional[list]:
@@ -363,15 +301,20 @@ def _budget(cfg: FinetuneConfig, steps_per_epoch: int, continuing: bool = False)
 
 
 def _checkpoint_meta(cfg: FinetuneConfig, net: SegmentationNet, names: list, colors: list, start: _Start,
-                     items: list, val) -> dict:
-    """What every checkpoint of the run says about the model, where it started and its data."""
+                     items: list, val, instances: Optional[Sequence]) -> dict:
+    """What every checkpoint of the run says about the model, where it started and its data (and,
+    with ``instances``, the geometry maps it learnt)."""
     data = {"images": [it.image_source or it.name for it in items], "labels": [it.label_source for it in items],
             "annotated_pixels": _pixels_per_class(items, cfg.sparse, len(names)),
             "sparse": cfg.sparse, "val_tiles": int(len(val.images)), "val_on_train": val.on_train}
-    return {"kind": "segmentation", "net": net.unet.cfg.to_dict(), "classes": list(names),
+    meta = {"kind": "segmentation", "net": net.unet.cfg.to_dict(), "classes": list(names),
             "colors": [list(map(int, c)) for c in colors[: len(names)]], "config": cfg.to_dict(),
             "resolution": _resolution(items, cfg).to_dict(), "normalization": get_recipe(cfg.recipe).normalization,
             "stain": STAIN_METHOD if cfg.stain else None, "pretrained_from": start.provenance, "data": data}
+    if instances is not None:
+        meta["geometry"] = {"maps": "hv", "instances": [str(s) if isinstance(s, (str, Path)) else "array"
+                                                        for s in instances]}
+    return meta
 
 
 def _pixels_per_class(items: list, sparse: bool, k: int) -> list:

@@ -233,8 +233,13 @@ class FinetuneRun(TrainingRun):
 
         return prefetch(make, self.step, cfg.workers)
 
-    def train(self, progress, should_stop) -> FinetuneResult:
+    def train(self, progress, should_stop, resume: bool = False) -> FinetuneResult:
+        """Train from the saved state (``resume``) or from the start, scored first as a baseline and a first "best"."""
         cfg = self.cfg
+        if resume:
+            self.resume()
+        else:
+            self.validate(self.device)
         loop = TrainLoop(self.budget, should_stop, since=time.perf_counter() - self.seconds)
         early = self.fit(loop, progress)
         if self.last_val_step != self.step:

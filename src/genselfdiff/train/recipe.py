@@ -40,7 +40,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..nn.config import NetConfig
-from ..nn.unet import SegmentationNet, normal_init, segmentation_net
+from ..nn.unet import SegmentationNet, continued_net, normal_init, segmentation_net, set_geometry
 from .augment import Augment
 
 OFFICIAL_INIT_STD = 0.01  # the official code draws conv and norm weights from N(0, 0.01)
@@ -125,6 +125,17 @@ class Recipe:
         U-Net weights (None: none) except those under :attr:`fresh`, and a new head of ``classes``."""
         return segmentation_net(self.net_config(net_cfg), classes, pretrained, fresh=self.fresh,
                                 init_std=OFFICIAL_INIT_STD if self.official_init else None)
+
+    def start_net(self, start, classes: int, net_cfg: NetConfig, geometry: bool = False) -> SegmentationNet:
+        """The network a fine-tuning run starts from, drawn from torch's RNG: a segmentation model's
+        own (``start.kind``; its head renewed for other ``classes``), else :meth:`segmentation_net` with
+        the pretrained ``start.weights`` (no start: ``net_cfg`` from random initialisation); then with a
+        geometry head (a new one unless the model has one) or without."""
+        if start.kind != "segmentation":
+            net = self.segmentation_net(start.net_cfg if start.kind else net_cfg, classes, start.weights)
+        else:
+            net = continued_net(start.net_cfg, start.weights, len(start.classes), classes)
+        return set_geometry(net, geometry)
 
 
 DEFAULT = Recipe(
