@@ -128,12 +128,11 @@ def stages(model, slide_path: Path, out: Path, batch: int) -> tuple:
     merger = OmeZarrMerger(image)
     merger.start(plan)
     predictor = Predictor(model, probabilities=False)
-    reader = Reader(plan, [], None, batch, pin=False)  # its _read only: this thread does every stage
+    reader = Reader(plan, [], batch, pin=False)  # its _read only: this thread does every stage
     pixels = 0
-    for index, rect0, rect in plan.units():
-        tiles = plan.tiles(rect)
+    for unit in plan.units:
         with clock("tissue check"):
-            live = [t for t in tiles if plan.has_tissue(t)]
+            live = [t for t in unit.tiles if plan.has_tissue(t)]
         if not live:
             continue
         h, w = plan.shape
@@ -158,7 +157,7 @@ def stages(model, slide_path: Path, out: Path, batch: int) -> tuple:
                     ch, cw = t.core[2] - t.core[0], t.core[3] - t.core[1]
                     last = t is live[-1]
                     merger.paste(TileResult(t.core[0], t.core[1], labels[b, oy : oy + ch, ox : ox + cw], plan.level,
-                                            plan.downsample, 0, 0, chunk=index, chunk_done=last))
+                                            plan.downsample, 0, 0, chunk=unit.index, chunk_done=last))
                     pixels += ch * cw
     with clock("write"):
         merger.close()  # waits for the writer thread: the writes of the last units
@@ -187,7 +186,7 @@ def tiles_of(model, slide_path: Path, tile=None) -> tuple:
     from genselfdiff.io.slides import as_slide
 
     plan = make_plan(model, as_slide(slide_path), tile=tile, skip_background=False)
-    tiles = [t for _, _, rect in plan.units() for t in plan.tiles(rect)]
+    tiles = [t for unit in plan.units for t in unit.tiles]
     image = np.asarray(plan.array)
     crops = np.stack([crop(image, (0, 0), t.window, plan.shape) for t in tiles])
     return crops, sum((t.core[2] - t.core[0]) * (t.core[3] - t.core[1]) for t in tiles)

@@ -172,7 +172,7 @@ def units_of(model: Path, slide: Path, device: str) -> int:
     from genselfdiff.infer.plan import make_plan
     from genselfdiff.nn.model import load_model
 
-    return len(make_plan(load_model(model, device), str(slide), skip_background=False).units())
+    return len(make_plan(load_model(model, device), str(slide), skip_background=False).units)
 
 
 def write_results(path: Path, results: dict) -> None:

@@ -129,7 +129,7 @@ def raw_forward(model, slide_path, tile, overlap, batch, repeats=1) -> dict:
 
     slide = as_slide(slide_path)
     plan = make_plan(model, slide, tile=tile, overlap=overlap, skip_background=True)
-    tiles = [t for _, _, rect in plan.units() for t in plan.tiles(rect) if plan.has_tissue(t)]
+    tiles = [t for unit in plan.units for t in unit.tiles if plan.has_tissue(t)]
     image = np.asarray(plan.array)
     crops = [crop(image, (0, 0), t.window, plan.shape) for t in tiles]
     pixels = sum((t.core[2] - t.core[0]) * (t.core[3] - t.core[1]) for t in tiles)

@@ -119,3 +119,19 @@ def test_check_tiling_rejects_what_the_network_cannot_take():
     for tile, overlap in ((250, 32, ), (256, 256), (256, 31), (0, 0)):
         with pytest.raises(ValueError):
             tiling.check_tiling(tile, overlap, 8)
+
+
+def test_work_units_are_the_chunks_with_their_tiles_and_a_region_keeps_what_meets_it():
+    shape0, shape, chunk, tile, overlap, multiple = (1001, 777), (500, 388), 256, 64, 16, 4
+    units = tiling.work_units(shape0, shape, chunk, tile, overlap, multiple)
+    assert [u.index for u in units] == [i for i, _ in tiling.chunk_grid(shape0, chunk)]
+    for u in units:
+        assert u.rect == tiling.unit_region(u.rect0, shape0, shape)
+        assert list(u.tiles) == tiling.unit_tiles(u.rect, shape, tile, overlap, multiple)
+    region = (100, 150, 180, 260)
+    inside = tiling.work_units(shape0, shape, chunk, tile, overlap, multiple, region)
+    assert 0 < len(inside) < len(units)
+    assert {u.index for u in inside} == {u.index for u in units if tiling.intersects(u.rect, region)}
+    whole = {u.index: u.tiles for u in units}
+    for u in inside:
+        assert u.tiles and list(u.tiles) == [t for t in whole[u.index] if tiling.intersects(t.core, region)]

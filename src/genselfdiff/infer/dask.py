@@ -116,7 +116,7 @@ def segment_chunk(spec: dict, index: tuple, model_source) -> dict:
     device = worker_device(spec["device"])
     model = worker_model(model_source, device, spec["amp"])
     plan = worker_plan(spec, model, (_source_key(model_source), device))
-    units = [u for u in plan.units() if u[0] == tuple(index)]
+    units = [u for u in plan.units if u.index == tuple(index)]
     merger = OmeZarrMerger(LabelImage.open(spec["out"]), spec["probabilities"])
     tiles = run_units(model, plan, units, [merger], batch=spec["batch"], probabilities=spec["probabilities"],
                       tta=spec["tta"], geometry=spec.get("geometry", False))
@@ -149,7 +149,7 @@ def run_on_cluster(model, plan: Plan, image: LabelImage, todo: list, scheduler, 
         raise UserError("Segmenting on a dask cluster needs an image file that the workers can open.")
     client, own = _client(scheduler)
     state = dict(done=0, skipped=0, pixels=0, written=0, stopped=False)
-    total = sum(len(plan.tiles(rect)) for _, _, rect in todo)
+    total = sum(len(u.tiles) for u in todo)
     state["total"] = total
     t0 = time.perf_counter()
     try:
@@ -166,7 +166,7 @@ def run_on_cluster(model, plan: Plan, image: LabelImage, todo: list, scheduler, 
         pending = iter(todo)
         ac = as_completed()
         for u in _take(pending, window):
-            ac.add(client.submit(segment_chunk, spec, u[0], source, pure=False))
+            ac.add(client.submit(segment_chunk, spec, u.index, source, pure=False))
         for fut in ac:
             counts = fut.result()
             for k in COUNTS:
@@ -179,7 +179,7 @@ def run_on_cluster(model, plan: Plan, image: LabelImage, todo: list, scheduler, 
                     other.cancel()
                 break
             for u in _take(pending, 1):
-                ac.add(client.submit(segment_chunk, spec, u[0], source, pure=False))
+                ac.add(client.submit(segment_chunk, spec, u.index, source, pure=False))
     finally:
         if own:
             client.close()

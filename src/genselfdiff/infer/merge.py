@@ -212,7 +212,7 @@ class OmeZarrMerger(Merger):
         return self.writer.written if self.writer is not None else 0
 
     def start(self, plan) -> None:
-        self.units = {index: (rect0, rect) for index, rect0, rect in plan.units()}
+        self.units = {u.index: (u.rect0, u.rect) for u in plan.units}
         self.writer = Writer(self.image, plan)
         self.writer.start()
 

@@ -8,7 +8,8 @@
                      pyramid, or an OME-Zarr output whose writer thread upsamples a finished unit
                      to level 0 and writes its chunks
 
-A *unit* is one level-0 output chunk and the tiles that cover it (:mod:`plan`). Memory
+A *unit* is one level-0 output chunk and the tiles that cover it (:class:`~.tiling.Unit`, listed by
+the :class:`~.plan.Plan`). Memory
 stays flat: at most a few units are alive at once, whatever the slide size. Batches never
 span units: which tiles share a forward pass depends only on the output chunk, so a resumed
 run computes every chunk exactly as an uninterrupted one (bf16 and some CPU kernels round
@@ -51,16 +52,6 @@ class TileResult:
     geometry: Optional[np.ndarray] = None  # float32 (3, h, w): foreground probability, horizontal, vertical map
 
 
-
-@dataclass
-class Unit:
-    index: tuple
-    rect0: tuple
-    rect: tuple
-    tiles: list
-    pending: int = 0
-
-
 _END = object()
 
 
@@ -77,11 +68,11 @@ def crop(region: np.ndarray, origin: tuple, window: tuple, shape: tuple) -> np.n
 
 
 class Reader(threading.Thread):
-    """Reads units ahead of the network: ("unit", Unit) then ("batch", [(unit, tile)], array) items."""
+    """Reads units ahead of the network: ("unit", Unit, glass tiles) then ("batch", [(unit, tile)], array) items."""
 
-    def __init__(self, plan: Plan, units: list, region, batch: int, pin: bool, depth: int = 3):
+    def __init__(self, plan: Plan, units: list, batch: int, pin: bool, depth: int = 3):
         super().__init__(daemon=True, name="genselfdiff-reader")
-        self.plan, self.units, self.region, self.batch, self.pin = plan, units, region, batch, pin
+        self.plan, self.units, self.batch, self.pin = plan, units, batch, pin
         self.queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
 
@@ -104,11 +95,10 @@ class Reader(threading.Thread):
 
     def _run(self):
         plan, pending = self.plan, []  # (unit, tile, pixels) of the batch being filled
-        for index, rect0, rect in self.units:
-            tiles = plan.tiles(rect, self.region)
+        for unit in self.units:
+            tiles = unit.tiles
             if not tiles:
                 continue
-            unit = Unit(index, rect0, rect, tiles, len(tiles))
             flags = [plan.has_tissue(t) for t in tiles]
             live = [t for t, f in zip(tiles, flags) if f]
             if not self.put(("unit", unit, [t for t, f in zip(tiles, flags) if not f])):
@@ -243,37 +233,38 @@ def cpu_threads(threads: Optional[int]):
 
 
 def stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, tta: bool = False,
-           amp: Optional[bool] = None, threads: Optional[int] = None, region=None, progress=None, should_stop=None,
-           state=None, geometry: bool = False) -> Iterator[TileResult]:
+           amp: Optional[bool] = None, threads: Optional[int] = None, progress=None, should_stop=None, state=None,
+           geometry: bool = False) -> Iterator[TileResult]:
     """Every tile of ``units`` as a :class:`TileResult`, in an order where each unit's last tile says so.
 
     ``threads``: torch's CPU threads while the network runs (None: torch's own setting).
     ``geometry``: each tile also carries its geometry (a model with a geometry head)."""
     with cpu_threads(threads):
         yield from _stream(model, plan, units, batch=batch, probabilities=probabilities, tta=tta, amp=amp,
-                           region=region, progress=progress, should_stop=should_stop, state=state, geometry=geometry)
+                           progress=progress, should_stop=should_stop, state=state, geometry=geometry)
 
 
 def _stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, tta: bool, amp: Optional[bool],
-            region, progress, should_stop, state, geometry: bool = False) -> Iterator[TileResult]:
+            progress, should_stop, state, geometry: bool = False) -> Iterator[TileResult]:
     progress, should_stop = resolve(progress, should_stop)
     state = state if state is not None else {}
-    total = sum(len(plan.tiles(rect, region)) for _, _, rect in units)
+    total = sum(len(u.tiles) for u in units)
+    left = {u.index: len(u.tiles) for u in units}  # tiles not yet finished, per unit
     state.update(done=0, skipped=0, pixels=0, stopped=False, total=total)
     predictor = Predictor(model, probabilities, tta, amp, geometry)
-    reader = Reader(plan, units, region, batch, pin=predictor.cuda)
+    reader = Reader(plan, units, batch, pin=predictor.cuda)
     n_classes = predictor.net.classes
     t0 = time.perf_counter()
     level, ds = plan.level, plan.downsample
 
     def result(unit, t, labels, probs, skipped, geom=None):
-        unit.pending -= 1
+        left[unit.index] -= 1
         state["done"] += 1
         state["skipped"] += skipped
         state["pixels"] += labels.size
         elapsed = max(time.perf_counter() - t0, 1e-9)
         r = TileResult(t.core[0], t.core[1], labels, level, ds, state["done"], total, probs, skipped,
-                       unit.index, unit.pending == 0, geom)
+                       unit.index, left[unit.index] == 0, geom)
         progress(Progress(STAGE, state["done"], total, {"Mpx/s": state["pixels"] / elapsed / 1e6}, r))
         return r
 
@@ -323,9 +314,9 @@ def _stream(model, plan: Plan, units: list, *, batch: int, probabilities: bool, 
 
 
 def run_units(model, plan: Plan, units: list, mergers=(), *, batch: int, probabilities: bool, tta: bool = False,
-              amp: Optional[bool] = None, threads: Optional[int] = None, region=None, progress=None,
-              should_stop=None, geometry: bool = False) -> Iterator[TileResult]:
-    """Yield every finished tile of ``units``, pasting it into each of ``mergers`` first (:mod:`merge`).
+              amp: Optional[bool] = None, threads: Optional[int] = None, progress=None, should_stop=None,
+              geometry: bool = False) -> Iterator[TileResult]:
+    """Yield every finished tile of ``units`` (:class:`~.tiling.Unit`), pasting it into each of ``mergers`` first (:mod:`merge`).
 
     Returns (as a generator's value) the run's counts: ``done``, ``skipped``, ``pixels``,
     ``total``, ``written`` (output chunks the mergers wrote), ``stopped``, ``seconds``.
@@ -335,8 +326,7 @@ def run_units(model, plan: Plan, units: list, mergers=(), *, batch: int, probabi
         m.start(plan)
     try:
         for r in stream(model, plan, units, batch=batch, probabilities=probabilities, tta=tta, amp=amp,
-                        threads=threads, region=region, progress=progress, should_stop=should_stop, state=state,
-                        geometry=geometry):
+                        threads=threads, progress=progress, should_stop=should_stop, state=state, geometry=geometry):
             for m in mergers:
                 m.paste(r)
             yield r

@@ -1,7 +1,9 @@
 """Planning a segmentation: which pyramid level the model runs on, the tiles, the output chunks.
 
 A :class:`Plan` is everything about one image that decides which tiles are computed, where
-their labels go and which classes become objects; :mod:`tiling` does the arithmetic.
+their labels go and which classes become objects; :mod:`tiling` does the arithmetic, and the
+work units (one per level-0 output chunk, with their tiles) are computed once, here, for every
+stage to read.
 :func:`make_plan` is the one place that checks the model against the configuration and the
 image (channels, classes, the classes to split, µm/px) and makes the choices, all before a
 tile is read. Every face (the CLI, napari, a dask worker) asks the plan, so none re-derives
@@ -48,6 +50,7 @@ class Plan:
     overlap: int
     multiple: int
     chunk: int  # level-0 output chunk side
+    units: list  # the work: tiling.Unit (a chunk and its tiles), row by row; with a region only what meets it
     tissue: object = None  # TissueMap, or None to compute every tile
     region: Optional[tuple] = None  # processing-level rectangle the work is limited to; None: everything
     objects: object = None  # objects.request.ObjectRequest: the classes to split into objects, or None
@@ -69,19 +72,6 @@ class Plan:
     @property
     def downsample(self) -> float:
         return self.slide.downsample(self.level)
-
-    def units(self, region: Optional[tuple] = None) -> list:
-        """[(chunk index, level-0 rectangle, processing rectangle)], optionally only those meeting ``region``."""
-        out = []
-        for index, rect0 in tiling.chunk_grid(self.shape0, self.chunk):
-            rect = tiling.unit_region(rect0, self.shape0, self.shape)
-            if region is None or tiling.intersects(rect, region):
-                out.append((index, rect0, rect))
-        return out
-
-    def tiles(self, rect: tuple, region: Optional[tuple] = None) -> list:
-        tiles = tiling.unit_tiles(rect, self.shape, self.tile, self.overlap, self.multiple)
-        return tiles if region is None else [t for t in tiles if tiling.intersects(t.core, region)]
 
     def has_tissue(self, t: tiling.Tile) -> bool:
         if self.tissue is None:
@@ -165,6 +155,7 @@ def make_plan(model, image, config: Optional[SegmentConfig] = None, *, region=No
         y0, x0, y1, x1 = region0
         region = (y0 // d, x0 // d, -(-y1 // d), -(-x1 // d))
     region = tuple(int(v) for v in region) if region is not None else None
+    units = tiling.work_units(slide.levels[0].shape[:2], slide.levels[level].shape[:2], chunk, tile, overlap, m, region)
 
     tissue = area = None
     if cfg.skip_background or (objects is not None and slide.mpp):
@@ -179,5 +170,5 @@ def make_plan(model, image, config: Optional[SegmentConfig] = None, *, region=No
         array = slide.levels[level]
         with reading(slide, "its stain"), dask.config.set(**LOCAL):
             stain = fit_image(lambda y, x, h, w: np.asarray(array[y : y + h, x : x + w]), array.shape[:2])
-    return Plan(slide, level, tile, overlap, m, chunk, tissue if cfg.skip_background else None, region, objects, area,
+    return Plan(slide, level, tile, overlap, m, chunk, units, tissue if cfg.skip_background else None, region, objects, area,
                 stain)

@@ -106,7 +106,7 @@ def segment_tiles(model, image, out=None, config: Optional[SegmentConfig] = None
                    progress=progress, should_stop=should_stop, geometry=geometry)
     extra = [merger] if merger is not None else []
     if out is None:
-        state = yield from run_units(model, plan, plan.units(plan.region), extra, region=plan.region, **options)
+        state = yield from run_units(model, plan, plan.units, extra, **options)
         written = {}
     else:
         state, written = yield from _write_output(Path(out), model, plan, cfg, scheduler, extra, options)
@@ -127,8 +127,8 @@ def _write_output(out: Path, model, plan: Plan, cfg: SegmentConfig, scheduler, e
                                     run=run, probabilities=n_classes if cfg.probabilities else 0,
                                     geometry=3 if options["geometry"] else 0)
     done = label_image.done()
-    units = plan.units()
-    todo = [u for u in units if u[0] not in done]
+    units = plan.units
+    todo = [u for u in units if u.index not in done]
     if scheduler is not None:
         from .dask import run_on_cluster
 

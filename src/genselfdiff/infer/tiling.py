@@ -42,6 +42,17 @@ class Tile:
         return self.core[0] - self.window[0], self.core[1] - self.window[1]
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One work unit: a level-0 output chunk, the processing-level rectangle its labels come from,
+    and the tiles whose cores cover that rectangle."""
+
+    index: tuple  # (row, col) of the chunk
+    rect0: tuple  # the chunk, level 0
+    rect: tuple  # processing level
+    tiles: tuple  # Tile, row by row
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-int(n) // multiple) * multiple
 
@@ -139,6 +150,20 @@ def unit_region(rect0: tuple, shape0: tuple, shape: tuple) -> tuple:
     return a, c, b, d
 
 
+def work_units(shape0: tuple, shape: tuple, chunk: int, tile: int, overlap: int, multiple: int,
+               region=None) -> list:
+    """The :class:`Unit` of every level-0 chunk, row by row; with ``region`` (processing level) only
+    the units, and in them the tiles, that meet it."""
+    out = []
+    for index, rect0 in chunk_grid(shape0, chunk):
+        rect = unit_region(rect0, shape0, shape)
+        if region is not None and not intersects(rect, region):
+            continue
+        tiles = unit_tiles(rect, shape, tile, overlap, multiple)
+        if region is not None:
+            tiles = [t for t in tiles if intersects(t.core, region)]
+        out.append(Unit(index, rect0, rect, tuple(tiles)))
+    return out
 
 
 def intersects(a: tuple, b: tuple) -> bool:
