@@ -268,7 +268,7 @@ def _anchors(items: list, cfg: FinetuneConfig, start: _Start, net, dev, margin: 
     """The previous model's confident classes around the strokes when they continue a segmentation
     model of the same classes (``priors.anchor_maps``); ``cfg.anchor`` becomes the weight used."""
     wanted = SPARSE_ANCHOR if cfg.anchor is None else cfg.anchor
-    if not (wanted > 0 and cfg.sparse and start.kind == "segmentation"):  # its classes are ours (_check_classes)
+    if not (wanted > 0 and cfg.sparse and start.kind == "segmentation"):  # its classes are ours (check_classes)
         cfg.anchor = 0.0
         return None
     model = Model(net=net, kind="segmentation", net_config=net.unet.cfg, device=dev, classes=list(cfg.class_names),
