@@ -102,14 +102,24 @@ def segment_tiles(model, image, out=None, config: Optional[SegmentConfig] = None
                      override_pixel_size=override_pixel_size)
     # A model with a geometry head hands its maps to the objects pass; without objects they are not computed.
     geometry = plan.objects is not None and plan.objects.uses_geometry
-    options = dict(batch=cfg.batch, probabilities=cfg.probabilities, tta=cfg.tta, amp=cfg.amp, threads=cfg.threads,
-                   progress=progress, should_stop=should_stop, geometry=geometry)
-    extra = [merger] if merger is not None else []
-    if out is None:
-        state = yield from run_units(model, plan, plan.units, extra, **options)
-        written = {}
+    mergers = [merger] if merger is not None else []
+    units, label_image, done = plan.units, None, set()
+    if out is not None:  # only the chunks that an earlier run left missing
+        out = Path(out)
+        label_image = _open_output(out, model, plan, cfg, geometry)
+        done = label_image.done()
+        units = [u for u in units if u.index not in done]
+        mergers.insert(0, OmeZarrMerger(label_image, cfg.probabilities))
+    if scheduler is None:
+        state = yield from run_units(model, plan, units, mergers, batch=cfg.batch, probabilities=cfg.probabilities,
+                                     tta=cfg.tta, amp=cfg.amp, threads=cfg.threads, progress=progress,
+                                     should_stop=should_stop, geometry=geometry)
     else:
-        state, written = yield from _write_output(Path(out), model, plan, cfg, scheduler, extra, options)
+        from .dask import run_on_cluster
+
+        state = run_on_cluster(model, plan, label_image, units, scheduler, cfg, progress=progress,
+                               should_stop=should_stop)
+    written = _finish_output(out, label_image, done, model, plan, cfg, state) if out is not None else {}
     result = _result(state, t0, plan, **written)
     labels = merger.labels if out is None and plan.objects is not None and not result.stopped else None
     maps = getattr(merger, "geometry", None) if labels is not None else None
@@ -117,38 +127,34 @@ def segment_tiles(model, image, out=None, config: Optional[SegmentConfig] = None
                        png=cfg.png, png_max_pixels=PNG_MAX_PIXELS, progress=progress, should_stop=should_stop)
 
 
-def _write_output(out: Path, model, plan: Plan, cfg: SegmentConfig, scheduler, extra: list, options: dict):
-    """The tiles merged into the OME-Zarr output ``out``, only its missing chunks (yielded as they finish);
-    returns the run's counts and what :class:`SegmentResult` says about the output."""
-    slide = plan.slide
-    n_classes = model.require_segmentation().classes
+def _open_output(out: Path, model, plan: Plan, cfg: SegmentConfig, geometry: bool) -> LabelImage:
+    """The OME-Zarr output ``out``, started, or reopened with its finished chunks when an earlier run
+    made it with the same :func:`_run_description`."""
     run = _run_description(model, plan, cfg)
-    label_image = LabelImage.create(out, shape=plan.shape0, chunk=plan.chunk, levels=pyramid_levels(plan.shape0, plan.chunk),
-                                    run=run, probabilities=n_classes if cfg.probabilities else 0,
-                                    geometry=3 if options["geometry"] else 0)
-    done = label_image.done()
-    units = plan.units
-    todo = [u for u in units if u.index not in done]
-    if scheduler is not None:
-        from .dask import run_on_cluster
+    n_classes = model.require_segmentation().classes
+    return LabelImage.create(out, shape=plan.shape0, chunk=plan.chunk, levels=pyramid_levels(plan.shape0, plan.chunk),
+                             run=run, probabilities=n_classes if cfg.probabilities else 0,
+                             geometry=3 if geometry else 0)
 
-        state = run_on_cluster(model, plan, label_image, todo, scheduler, cfg, progress=options["progress"],
-                               should_stop=options["should_stop"])
-    else:
-        mergers = [OmeZarrMerger(label_image, cfg.probabilities)] + extra
-        state = yield from run_units(model, plan, todo, mergers, **options)
+
+def _finish_output(out: Path, label_image: LabelImage, done: set, model, plan: Plan, cfg: SegmentConfig,
+                   state: dict) -> dict:
+    """Once every chunk is written, the output's metadata and then its PNG; returns what
+    :class:`SegmentResult` says about the output. ``done``: the chunks an earlier run had finished."""
     notes = []
-    stopped = state.get("stopped", False) or len(label_image.done()) < len(units)
+    stopped = state.get("stopped", False) or len(label_image.done()) < len(plan.units)
     png_file = None
     if not stopped:
-        label_image.finish(slide.name, model.classes or default_class_names(n_classes),
-                           model.colors, slide.mpp, info={"source": str(slide.path), "model": str(model.path)})
+        slide = plan.slide
+        names = model.classes or default_class_names(model.require_segmentation().classes)
+        label_image.finish(slide.name, names, model.colors, slide.mpp,
+                           info={"source": str(slide.path), "model": str(model.path)})
         if cfg.png:
-            png_file, note = _write_png(out, plan.shape0)
+            png_file, note = _write_png(out)
             notes += [note] if note else []
     labels = load_labels(out)[0] if not stopped else None
-    return state, dict(labels=labels, path=out, chunks_computed=state.get("written", 0), chunks_resumed=len(done),
-                       png=png_file, notes=notes, stopped=stopped)
+    return dict(labels=labels, path=out, chunks_computed=state.get("written", 0), chunks_resumed=len(done),
+                png=png_file, notes=notes, stopped=stopped)
 
 
 def _refuse_combinations(out, cfg: SegmentConfig, scheduler, region, region0, merger) -> None:
@@ -200,15 +206,17 @@ def _result(state: dict, t0: float, plan: Plan, labels=None, **kw) -> SegmentRes
                          **{"path": None, "stopped": state.get("stopped", False), **kw})
 
 
-def _write_png(out: Path, shape0: tuple):
+def _write_png(out: Path):
+    """The finished output's level-0 class ids as ``OUT/NAME.png``, for images of at most ``PNG_MAX_PIXELS``."""
     from skimage.io import imsave
 
     from ..io.atomic import atomic_path
 
     path = png_path(out)
-    if shape0[0] * shape0[1] > PNG_MAX_PIXELS:
+    labels = load_labels(out)[0]
+    if labels.shape[0] * labels.shape[1] > PNG_MAX_PIXELS:
         return None, f"{path.name} not written: the image has more than {PNG_MAX_PIXELS // 10**6} Mpx."
-    labels = load_labels(out)[0].compute(**LOCAL)
+    labels = labels.compute(**LOCAL)
     with atomic_path(path) as tmp:
         imsave(tmp, labels, check_contrast=False)
     return path, None
