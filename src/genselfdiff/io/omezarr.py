@@ -31,9 +31,11 @@ from typing import Optional
 import numpy as np
 
 from ..errors import UserError
-from .outputs import GEOMETRY_GROUP as GEOMETRY
 
 NGFF_VERSION = "0.5"
+# The groups a segmentation output holds beside its class labels (io.outputs names them for readers).
+INSTANCES_GROUP = "instances"  # the object ids
+GEOMETRY_GROUP = "geometry"  # foreground probability and geometry maps, for the objects pass
 PROGRESS = ".genselfdiff-progress"
 
 
@@ -147,7 +149,7 @@ class LabelImage:
             probs.create_array("0", shape=(probabilities, H, W), chunks=(probabilities, chunk, chunk),
                                dtype="float32", fill_value=0.0, dimension_names=("c", "y", "x"))
         if geometry:
-            root.create_group(GEOMETRY).create_array(
+            root.create_group(GEOMETRY_GROUP).create_array(
                 "0", shape=(geometry, H, W), chunks=(geometry, chunk, chunk), dtype="float32", fill_value=0.0,
                 dimension_names=("c", "y", "x"))
         root.attrs.put({"genselfdiff": mark})  # every array made
@@ -175,7 +177,7 @@ class LabelImage:
         if self._arrays is None:
             arrays = [zarr.open_array(self.path / str(k), mode="r+") for k in range(self.levels)]
             probs = zarr.open_array(self.path / "probabilities" / "0", mode="r+") if self.classes else None
-            geometry = zarr.open_array(self.path / GEOMETRY / "0", mode="r+") if self.geometry else None
+            geometry = zarr.open_array(self.path / GEOMETRY_GROUP / "0", mode="r+") if self.geometry else None
             self._arrays = (arrays, probs, geometry)
         return self._arrays
 

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
+from .omezarr import GEOMETRY_GROUP, INSTANCES_GROUP
 
-INSTANCES_GROUP = "instances"  # the object ids inside a segmentation output
-GEOMETRY_GROUP = "geometry"  # foreground probability and geometry maps, for the objects pass
 _ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 
 
