@@ -66,15 +66,20 @@ def test_tiled_chunked_objects_equal_the_whole_image_split(tmp_path, local_model
     assert all(row["objects_per_mm2"] == "" for row in rows)  # no pixel size: no density
 
 
-def test_objects_pass_is_seamless_with_a_small_halo_and_counts_density(tmp_path):
-    from genselfdiff.app.synthetic import synthetic_tissue
-
-    _, truth = synthetic_tissue((256, 256), seed=3)
-    out = tmp_path / "t.ome.zarr"
+def finished_labels(out, truth):
+    """A finished class-label output of ``truth`` (nucleus = 1) in 64-px chunks, as segment leaves one."""
     image = omezarr.LabelImage.create(out, shape=truth.shape, chunk=64, levels=2, run={})
     for i, j in image.units():
         image.write((i, j), truth[i * 64:(i + 1) * 64, j * 64:(j + 1) * 64].astype(np.uint8))
     image.finish("t", ["background", "nucleus"], [(0, 0, 0), (255, 0, 0)], 0.5)
+    return out
+
+
+def test_objects_pass_is_seamless_with_a_small_halo_and_counts_density(tmp_path):
+    from genselfdiff.app.synthetic import synthetic_tissue
+
+    _, truth = synthetic_tissue((256, 256), seed=3)
+    out = finished_labels(tmp_path / "t.ome.zarr", truth)
     request = ObjectRequest((1,), ("nucleus",), halo_um=16.0)
     res = write_objects(out, request, mpp=0.5)
     assert same_partition(res.ids, split_objects(None, truth == 1, mpp=0.5))
@@ -87,11 +92,7 @@ def test_objects_pass_is_seamless_with_a_small_halo_and_counts_density(tmp_path)
 
 def test_a_stopped_objects_pass_leaves_nothing_finished_looking_and_a_rerun_redoes_it(tmp_path):
     _, truth = synthetic_tissue((192, 192), seed=4)
-    out = tmp_path / "t.ome.zarr"
-    image = omezarr.LabelImage.create(out, shape=truth.shape, chunk=64, levels=2, run={})
-    for i, j in image.units():
-        image.write((i, j), truth[i * 64:(i + 1) * 64, j * 64:(j + 1) * 64].astype(np.uint8))
-    image.finish("t", ["background", "nucleus"], [(0, 0, 0), (255, 0, 0)], 0.5)
+    out = finished_labels(tmp_path / "t.ome.zarr", truth)
     request = ObjectRequest((1,), ("nucleus",), halo_um=16.0)
     asked = []
 
