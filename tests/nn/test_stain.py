@@ -74,12 +74,6 @@ def test_fit_image_is_the_same_every_time_and_skips_glass():
     assert len(calls) <= 2 * 4 * stains.FIT_TILES  # a bounded number of windows, tissue or not
 
 
-def test_a_stain_survives_its_dict():
-    s = stains.fit(stained(tissue(4), OTHER))
-    assert stains.from_dict(s.to_dict()) == s
-    assert stains.from_dict(None) is None
-
-
 def test_a_model_that_expects_it_predicts_and_segments_normalised_pixels(local_model):
     from genselfdiff import segment
 

@@ -59,10 +59,6 @@ class Stain:
             out[..., c] = np.clip(np.rint(np.float32(LIGHT) * np.exp(-density)), 0, 255)
         return out
 
-    def to_dict(self) -> dict:
-        return {"method": METHOD, "stains": [list(map(float, r)) for r in self.stains],
-                "max_amount": list(map(float, self.max_amount))}
-
 
 def fit(rgb: np.ndarray) -> Optional[Stain]:
     """The :class:`Stain` of uint8 RGB pixels (any shape ending in 3), or None when they hold too
@@ -109,9 +105,3 @@ def fit_image(read: Callable, shape: tuple, *, seed: int = 0) -> Optional[Stain]
             if len(kept) == FIT_TILES:
                 break
     return fit(np.concatenate(kept)) if kept else None
-
-
-def from_dict(d: Optional[dict]) -> Optional[Stain]:
-    if not d:
-        return None
-    return Stain(tuple(map(tuple, d["stains"])), tuple(d["max_amount"]))
