@@ -134,14 +134,14 @@ def labelled_image(level: LabelledLevel) -> LabelledImage:
                          image_source=level.image_source, label_source=level.label_source)
 
 
-def normalize_stains(items: list, seed: int = 0) -> None:
+def normalize_stains(items: list) -> None:
     """Each item's image read stain-normalised from now on (:mod:`genselfdiff.nn.stain`), fitted on
-    the image at the training resolution as segmentation fits it; an image without two stains
-    (too little tissue, or not H&E) is left as it is."""
+    the image at the training resolution as segmentation fits it (the same windows, whatever the
+    run's seed); an image without two stains (too little tissue, or not H&E) is left as it is."""
     from ..nn.stain import fit_image
 
     for it in items:
-        stain = fit_image(it.image.read, it.shape, seed=seed)
+        stain = fit_image(it.image.read, it.shape)
         if stain is not None:
             it.image.map(stain.apply)
 

@@ -185,7 +185,7 @@ def finetune(images: Sequence, labels: Sequence, out, config: FinetuneConfig, *,
         scan(items[-1], sparse=cfg.sparse, tile=cfg.patch, seed=cfg.seed + i)
         progress(Progress("finetune: reading annotations", i + 1, len(images)))
     if cfg.stain:
-        annotations.normalize_stains(items, cfg.seed)
+        annotations.normalize_stains(items)
     unknown = [it.image_source or it.name for it in items if it.mpp is None]
     for note in notes + ([unknown_note(unknown)] if unknown else []):
         tell(note)
